@@ -1,0 +1,155 @@
+//! Building blocks shared by the VISTA3D modules, named and computed exactly as MONAI's.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+/// Conv3d with a cubic kernel, MONAI/PyTorch parameter names (`weight`, optional `bias`).
+pub fn conv3d(
+    p: nn::Path,
+    c_in: i64,
+    c_out: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+    bias: bool,
+) -> nn::Conv3D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding,
+        bias,
+        ..Default::default()
+    };
+    nn::conv3d(p, c_in, c_out, k, cfg)
+}
+
+/// ConvTranspose3d with kernel 3, stride 2, padding 1, output padding 1: doubles every spatial dim.
+pub fn upsample_conv3d(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> nn::ConvTranspose3D {
+    let cfg = nn::ConvTransposeConfig {
+        stride: 2,
+        padding: 1,
+        output_padding: 1,
+        bias,
+        ..Default::default()
+    };
+    nn::conv_transpose3d(p, c_in, c_out, 3, cfg)
+}
+
+/// Linear layer with PyTorch's names.
+pub fn linear(p: nn::Path, c_in: i64, c_out: i64) -> nn::Linear {
+    nn::linear(p, c_in, c_out, Default::default())
+}
+
+/// InstanceNorm (eps 1e-5, statistics of the input, no running stats), with or without an affine transform.
+#[derive(Debug)]
+pub struct InstanceNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+impl InstanceNorm {
+    /// `affine=True`: parameters `weight` (ones) and `bias` (zeros) under `p`.
+    pub fn affine(p: nn::Path, channels: i64) -> Self {
+        let weight = p.var("weight", &[channels], nn::Init::Const(1.0));
+        let bias = p.var("bias", &[channels], nn::Init::Const(0.0));
+        Self {
+            weight: Some(weight),
+            bias: Some(bias),
+        }
+    }
+
+    /// `affine=False`: no parameters.
+    pub fn plain() -> Self {
+        Self {
+            weight: None,
+            bias: None,
+        }
+    }
+}
+
+impl Module for InstanceNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.instance_norm(
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            None::<&Tensor>,
+            None::<&Tensor>,
+            true,
+            0.1,
+            1e-5,
+            true,
+        )
+    }
+}
+
+/// MONAI `SegResBlock`: pre-activation residual block IN -> ReLU -> conv3 -> IN -> ReLU -> conv3, plus input.
+#[derive(Debug)]
+pub struct SegResBlock {
+    norm1: InstanceNorm,
+    conv1: nn::Conv3D,
+    norm2: InstanceNorm,
+    conv2: nn::Conv3D,
+}
+
+impl SegResBlock {
+    pub fn new(p: nn::Path, channels: i64) -> Self {
+        Self {
+            norm1: InstanceNorm::affine(&p / "norm1", channels),
+            conv1: conv3d(&p / "conv1", channels, channels, 3, 1, 1, false),
+            norm2: InstanceNorm::affine(&p / "norm2", channels),
+            conv2: conv3d(&p / "conv2", channels, channels, 3, 1, 1, false),
+        }
+    }
+}
+
+impl Module for SegResBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.conv1.forward(&self.norm1.forward(x).relu());
+        let y = self.conv2.forward(&self.norm2.forward(&y).relu());
+        y + x
+    }
+}
+
+/// MONAI `UnetResBlock` (inside `UnetrBasicBlock(res_block=True)`, same in/out channels, stride 1):
+/// conv -> IN -> LeakyReLU(0.01) -> conv -> IN, plus input, LeakyReLU(0.01).
+#[derive(Debug)]
+pub struct UnetResBlock {
+    conv1: nn::Conv3D,
+    conv2: nn::Conv3D,
+    norm: InstanceNorm,
+}
+
+impl UnetResBlock {
+    /// `p` is the `UnetrBasicBlock`; parameters live under `layer.conv1.conv` and `layer.conv2.conv`.
+    pub fn new(p: nn::Path, channels: i64) -> Self {
+        let layer = &p / "layer";
+        Self {
+            conv1: conv3d(
+                &layer / "conv1" / "conv",
+                channels,
+                channels,
+                3,
+                1,
+                1,
+                false,
+            ),
+            conv2: conv3d(
+                &layer / "conv2" / "conv",
+                channels,
+                channels,
+                3,
+                1,
+                1,
+                false,
+            ),
+            norm: InstanceNorm::plain(),
+        }
+    }
+}
+
+impl Module for UnetResBlock {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.norm.forward(&self.conv1.forward(x)).leaky_relu();
+        let y = self.norm.forward(&self.conv2.forward(&y));
+        (y + x).leaky_relu()
+    }
+}
