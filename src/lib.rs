@@ -5,7 +5,9 @@
 
 pub mod checkpoint;
 pub mod model;
+pub mod prompts;
 pub mod runtime;
+pub mod volume;
 
 use std::path::Path;
 

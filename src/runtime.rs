@@ -15,7 +15,8 @@ static CUDA_INIT: Once = Once::new();
 /// On a machine without it (or without CUDA libraries) this does nothing and everything runs on the CPU.
 pub fn init_cuda() {
     CUDA_INIT.call_once(|| {
-        for name in ["libtorch_cuda.so"] {
+        {
+            let name = "libtorch_cuda.so";
             let c_name = CString::new(name).expect("library name has no NUL byte");
             // SAFETY: dlopen with a valid C string; the handle is intentionally kept for the process lifetime.
             let handle =

@@ -638,10 +638,10 @@ fn writer_tensors() -> Vec<(String, RawTensor)> {
         ),
     ];
     // Enough entries for several SETITEMS batches and 4-byte memo indices.
-    for i in 0..1100 {
+    for i in 0..1100i32 {
         v.push((
             format!("extra.{i}"),
-            t(DType::I32, vec![1], (i as i32).to_le_bytes().to_vec()),
+            t(DType::I32, vec![1], i.to_le_bytes().to_vec()),
         ));
     }
     v
@@ -741,7 +741,8 @@ fn writer_matches_torch_save_byte_for_byte() {
     let id = za.by_name("archive/.data/serialization_id").unwrap();
     let (id_start, id_crc) = (id.data_start() as usize, id.crc32());
     drop(id);
-    let mut allowed: Vec<std::ops::Range<usize>> = vec![id_start..id_start + 40];
+    let mut allowed = Vec::new();
+    allowed.push(id_start..id_start + 40);
     for i in 0..theirs.len().saturating_sub(3) {
         if theirs[i..i + 4] == id_crc.to_le_bytes() {
             allowed.push(i..i + 4);

@@ -358,10 +358,9 @@ fn resolve_global(module: &str, name: &str) -> Result<Global> {
         ) => Ok(Global::TorchDtype),
         ("_codecs", "encode") => Ok(Global::CodecsEncode),
         ("builtins" | "__builtin__", "set" | "frozenset") => Ok(Global::Set),
-        _ if module.starts_with("__torch__") => bail!(
-            "unsupported pickle global '{module}.{name}': this is a TorchScript archive \
-             (torch.jit.save); save the weights with torch.save(model.state_dict()) instead"
-        ),
+        _ if module.starts_with("__torch__") => {
+            bail!("unsupported pickle global '{module}.{name}' (a TorchScript class)")
+        }
         _ => bail!(
             "unsupported pickle global '{module}.{name}': only tensors, storages and plain \
              containers can be loaded (no Python code is executed); save the weights with \
@@ -1228,7 +1227,7 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("os.system"), "{msg}");
         let err = unpickle(b"\x80\x02c__torch__.Net\nNet\n.").unwrap_err();
-        assert!(format!("{err:#}").contains("TorchScript"));
+        assert!(format!("{err:#}").contains("TorchScript class"));
         let err = unpickle(b"\x80\x02i").unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("INST") && msg.contains("0x69"), "{msg}");
