@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs the Python environment (libtorch for tch, plus the MONAI
-# oracle), generates MONAI's golden fixtures when they are missing or out of date, then runs every cargo test.
+# oracle), fetches the real test data (scripts/fetch_data.sh), generates MONAI's golden fixtures when they are
+# missing or out of date, then runs every cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh test
+export VISTA3D_DATA="${VISTA3D_DATA:-$PWD/target/data}"
+bash scripts/fetch_data.sh > /dev/null
 
 fixtures="${VISTA3D_FIXTURES:-$PWD/target/fixtures}"
 export VISTA3D_FIXTURES="$fixtures"
-stamp_value="$(cat tests/fixtures/make_fixtures.py scripts/requirements.txt scripts/requirements-test.txt | sha256sum | cut -c1-16)"
-if [ "$(cat "$fixtures/network/.stamp" 2>/dev/null)" != "$stamp_value" ]; then
-    echo "[test] generating MONAI golden fixtures in $fixtures/network" >&2
-    rm -rf "$fixtures/network"
+
+# generate NAME INPUTS... -- COMMAND...: reruns COMMAND (which writes $fixtures/NAME) when INPUTS changed.
+generate() {
+    local name="$1"; shift
+    local inputs=()
+    while [ "$1" != "--" ]; do inputs+=("$1"); shift; done
+    shift
+    local stamp
+    stamp="$(cat "${inputs[@]}" scripts/requirements.txt scripts/requirements-test.txt | sha256sum | cut -c1-16)"
+    if [ "$(cat "$fixtures/$name/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        echo "[test] generating MONAI fixtures: $name" >&2
+        rm -rf "${fixtures:?}/$name"
+        "$@"
+        echo "$stamp" > "$fixtures/$name/.stamp"
+    fi
+}
+
+generate network tests/fixtures/make_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_fixtures.py --out "$fixtures/network"
-    echo "$stamp_value" > "$fixtures/network/.stamp"
-fi
+generate pipeline tests/fixtures/make_fixtures.py tests/fixtures/make_pipeline_fixtures.py tests/fixtures/monai_reference.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_pipeline_fixtures.py --data "$VISTA3D_DATA" \
+    --weights "$fixtures/network/weights_e16.pt" --out "$fixtures/pipeline"
+generate transforms tests/fixtures/make_transform_fixtures.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_transform_fixtures.py --data "$VISTA3D_DATA" --out "$fixtures/transforms"
 
 cargo test --release --no-fail-fast "$@"

@@ -4,9 +4,15 @@
 //! [`model`] (the network on libtorch, MONAI's names and semantics) ; [`runtime`] sets up libtorch.
 
 pub mod checkpoint;
+pub mod config;
+pub mod fsutil;
+pub mod inference;
+pub mod io;
 pub mod model;
+pub mod pipeline;
 pub mod prompts;
 pub mod runtime;
+pub mod transforms;
 pub mod volume;
 
 use std::path::Path;

@@ -7,6 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tch::{nn, Device};
 
+use vista3d::config::{output_path, Config};
+use vista3d::pipeline::{self, Engine, Settings, Weights};
+use vista3d::prompts::{self, RequestPrompts};
 use vista3d::{checkpoint, model, runtime, Vista3d, Vista3dConfig};
 
 #[derive(Parser)]
@@ -22,6 +25,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Segment one CT (NIfTI) as the MONAI bundle does; writes <output_dir>/<stem>/<stem>_trans.nii.gz.
+    Infer {
+        /// Input image (.nii or .nii.gz).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[command(flatten)]
+        request: RequestArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Segment every image of a folder (everything by default); skips images whose output exists.
+    Batch {
+        /// Folder of images.
+        #[arg(long, conflicts_with = "input_list")]
+        input_dir: Option<PathBuf>,
+        /// File name suffix of the images in --input-dir.
+        #[arg(long)]
+        input_suffix: Option<String>,
+        /// A text file with one image path per line, or a JSON list of paths or input_dict objects.
+        #[arg(long)]
+        input_list: Option<PathBuf>,
+        /// Recompute images whose output already exists.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        request: RequestArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Describe a checkpoint: format, detected width, parameter counts per module.
     Info {
         /// The bundle's model.pt (torch.save of a state dict) or a .safetensors file.
@@ -50,6 +82,94 @@ enum Command {
     },
 }
 
+/// Prompts on the command line (they override `input_dict` of the configuration).
+#[derive(clap::Args, Clone, Default)]
+struct RequestArgs {
+    /// Class ids or names, e.g. 3,5 or "spleen,left kidney" (default: the 117 "everything" classes).
+    #[arg(long)]
+    label_prompt: Option<String>,
+    /// Points "x,y,z;x,y,z" in voxel indices of the input image.
+    #[arg(long)]
+    points: Option<String>,
+    /// One label per point: 1 positive, 0 negative (2/3 for special classes, -1 ignore).
+    #[arg(long)]
+    point_labels: Option<String>,
+}
+
+/// Options shared by the inference subcommands.
+#[derive(clap::Args, Clone)]
+struct CommonArgs {
+    /// The bundle's model.pt or a .safetensors checkpoint (default: ckpt_path of the configuration).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Use seeded random weights of width 16 instead of a checkpoint (demo only: the output is meaningless).
+    #[arg(long, conflicts_with = "checkpoint")]
+    demo_weights: bool,
+    /// Output folder (default: output_dir of the configuration).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// JSON configuration files, layered in order over configs/inference.json.
+    #[arg(long = "config")]
+    configs: Vec<PathBuf>,
+    /// Overrides applied last, e.g. --set overlap=0.5 --set patch_size=[96,96,96].
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long)]
+    device: Option<String>,
+    /// CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+}
+
+impl CommonArgs {
+    /// The layered configuration with the command-line options applied as the last layer.
+    fn config(&self, extra_sets: &[String]) -> Result<Config> {
+        let mut sets = extra_sets.to_vec();
+        sets.extend(self.sets.iter().cloned());
+        let mut cfg = Config::load(&self.configs, &sets)?;
+        if let Some(d) = &self.output_dir {
+            cfg.set(&format!(
+                "output_dir={}",
+                serde_json::Value::String(d.display().to_string())
+            ))?;
+        }
+        if let Some(d) = &self.device {
+            cfg.set(&format!("device={d}"))?;
+        }
+        Ok(cfg)
+    }
+
+    fn weights(&self, settings: &Settings) -> Result<Weights> {
+        if self.demo_weights {
+            return Ok(Weights::Random { width: 16, seed: 0 });
+        }
+        match self.checkpoint.clone().or_else(|| settings.ckpt_path.clone()) {
+            Some(p) => Ok(Weights::Checkpoint(p)),
+            None => anyhow::bail!(
+                "no checkpoint: pass --checkpoint model.pt (the bundle's models/model.pt), set ckpt_path in a config, \
+                 or use --demo-weights for seeded random weights (meaningless output)"
+            ),
+        }
+    }
+}
+
+impl RequestArgs {
+    /// Command-line prompts over the configuration's `input_dict`.
+    fn apply(&self, mut req: RequestPrompts) -> Result<RequestPrompts> {
+        if let Some(l) = &self.label_prompt {
+            req.label_prompt = Some(prompts::parse_label_prompt(l)?);
+        }
+        if let Some(p) = &self.points {
+            req.points = Some(prompts::parse_points(p)?);
+        }
+        if let Some(l) = &self.point_labels {
+            req.point_labels = Some(prompts::parse_point_labels(l)?);
+        }
+        Ok(req)
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     runtime::init_cuda();
@@ -71,7 +191,212 @@ fn run(cli: Cli) -> Result<()> {
             width,
         } => info(&checkpoint, !non_strict, json, width),
         Command::InitCheckpoint { width, seed, out } => init_checkpoint(width, seed, &out),
+        Command::Infer {
+            image,
+            request,
+            common,
+        } => infer(image, &request, &common),
+        Command::Batch {
+            input_dir,
+            input_suffix,
+            input_list,
+            overwrite,
+            request,
+            common,
+        } => batch(
+            input_dir,
+            input_suffix,
+            input_list,
+            overwrite,
+            &request,
+            &common,
+        ),
     }
+}
+
+fn prepare(common: &CommonArgs, extra_sets: &[String]) -> Result<(Config, Settings, Engine)> {
+    if let Some(n) = common.threads {
+        anyhow::ensure!(n > 0, "--threads must be positive");
+        tch::set_num_threads(n);
+    }
+    let cfg = common.config(extra_sets)?;
+    let settings = Settings::from_config(&cfg)?;
+    let engine = Engine::load(&common.weights(&settings)?, settings.device()?)?;
+    Ok((cfg, settings, engine))
+}
+
+fn infer(image: Option<PathBuf>, request: &RequestArgs, common: &CommonArgs) -> Result<()> {
+    let cfg = common.config(&[])?;
+    let (cfg_image, req) = cfg.input_dict()?;
+    let image = image
+        .or(cfg_image)
+        .context("no image: pass --image CT.nii.gz (or input_dict#image in a config)")?;
+    let req = request.apply(req)?;
+    // Check the prompts before loading anything.
+    pipeline::resolve_prompts(&req, &Settings::from_config(&cfg)?)?;
+    let (_, settings, engine) = prepare(common, &[])?;
+    let out = pipeline::run_one(&engine, &image, &req, &settings)?;
+    println!("wrote {} ({:.1} s)", out.output.display(), out.seconds);
+    Ok(())
+}
+
+/// One batch item: an image and its prompts.
+struct BatchItem {
+    image: PathBuf,
+    request: RequestPrompts,
+}
+
+fn batch_items(
+    input_dir: Option<PathBuf>,
+    input_suffix: Option<String>,
+    input_list: Option<PathBuf>,
+    cfg: &Config,
+    request: &RequestArgs,
+) -> Result<Vec<BatchItem>> {
+    let (_, base_req) = cfg.input_dict()?;
+    let base_req = request.apply(base_req)?;
+    if let Some(list) = input_list {
+        let text = std::fs::read_to_string(&list)
+            .with_context(|| format!("cannot read --input-list {}", list.display()))?;
+        let base = list.parent().unwrap_or(std::path::Path::new("."));
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                base.join(p)
+            }
+        };
+        if let Ok(serde_json::Value::Array(items)) =
+            serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    serde_json::Value::String(s) => Ok(BatchItem { image: resolve(s), request: base_req.clone() }),
+                    serde_json::Value::Object(_) => {
+                        let c = Config { value: serde_json::json!({ "input_dict": item }) };
+                        let (image, req) = c.input_dict()?;
+                        let image = image.with_context(|| format!("--input-list item {i} has no \"image\""))?;
+                        Ok(BatchItem { image: resolve(&image.to_string_lossy()), request: req })
+                    }
+                    other => anyhow::bail!("--input-list item {i} must be a path or an object with \"image\", got {other}"),
+                })
+                .collect();
+        }
+        return Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| BatchItem {
+                image: resolve(l),
+                request: base_req.clone(),
+            })
+            .collect());
+    }
+    let dir = input_dir
+        .or(cfg.path("input_dir")?)
+        .context("no input: pass --input-dir DIR or --input-list FILE")?;
+    let suffix = input_suffix
+        .or(cfg.string("input_suffix")?)
+        .unwrap_or_else(|| ".nii.gz".into());
+    let mut images: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list --input-dir {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(suffix.as_str()))
+        })
+        .collect();
+    images.sort();
+    anyhow::ensure!(
+        !images.is_empty(),
+        "no '*{suffix}' images in {}",
+        dir.display()
+    );
+    Ok(images
+        .into_iter()
+        .map(|image| BatchItem {
+            image,
+            request: base_req.clone(),
+        })
+        .collect())
+}
+
+fn batch(
+    input_dir: Option<PathBuf>,
+    input_suffix: Option<String>,
+    input_list: Option<PathBuf>,
+    overwrite: bool,
+    request: &RequestArgs,
+    common: &CommonArgs,
+) -> Result<()> {
+    let cfg = common.config(&[])?;
+    let items = batch_items(input_dir, input_suffix, input_list, &cfg, request)?;
+    let (_, settings, engine) = prepare(common, &[])?;
+    let total = items.len();
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} images, elapsed {elapsed}, ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let (mut done, mut skipped, mut failed) = (0usize, 0usize, Vec::new());
+    for (i, item) in items.iter().enumerate() {
+        let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
+        if !overwrite && out.is_file() {
+            skipped += 1;
+            log::info!(
+                "[{}/{total}] {}: output exists, skipped",
+                i + 1,
+                item.image.display()
+            );
+        } else {
+            match pipeline::run_one(&engine, &item.image, &item.request, &settings) {
+                Ok(o) => {
+                    done += 1;
+                    if bar.is_none() {
+                        log::info!(
+                            "[{}/{total}] {} -> {} ({:.1} s)",
+                            i + 1,
+                            item.image.display(),
+                            o.output.display(),
+                            o.seconds
+                        );
+                    }
+                }
+                Err(e) => {
+                    log::error!("[{}/{total}] {}: {e:#}", i + 1, item.image.display());
+                    failed.push((item.image.clone(), format!("{e:#}")));
+                }
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    println!(
+        "{done} segmented, {skipped} skipped (output exists), {} failed, of {total}",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        for (image, err) in &failed {
+            eprintln!("failed: {}: {err}", image.display());
+        }
+        anyhow::bail!("{} of {total} images failed", failed.len());
+    }
+    Ok(())
 }
 
 /// Formats an integer with thousands separators.

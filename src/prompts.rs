@@ -16,7 +16,9 @@ pub const LAST_SUPPORTED: i64 = 132;
 const UNSUPPORTED_WITHOUT_POINTS: [i64; 5] = [16, 18, 129, 130, 131];
 
 /// `configs/inference.json` `everything_labels` excludes these from 1..132 (117 ids remain).
-const NOT_IN_EVERYTHING: [i64; 15] = [2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132];
+const NOT_IN_EVERYTHING: [i64; 15] = [
+    2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132,
+];
 
 /// `VistaPreTransformd`'s default `special_index`: if the first label prompt is one of these and points are
 /// given, point labels 0/1 become 2/3 (the bundle's tuple; MONAI's sampler uses another, see SPEC).
@@ -24,7 +26,9 @@ pub const SPECIAL_POINT_CLASSES: [i64; 6] = [25, 26, 27, 28, 29, 117];
 
 /// The 117 ids segmented when no prompt is given, ascending.
 pub fn everything_labels() -> Vec<i64> {
-    (1..=LAST_SUPPORTED).filter(|i| !NOT_IN_EVERYTHING.contains(i)).collect()
+    (1..=LAST_SUPPORTED)
+        .filter(|i| !NOT_IN_EVERYTHING.contains(i))
+        .collect()
 }
 
 /// The bundle's `subclass` expansion: kidney, lung and bone prompts become their parts.
@@ -43,10 +47,16 @@ pub struct LabelTable {
 impl LabelTable {
     /// The bundle's table of 132 classes plus background.
     pub fn bundle() -> Self {
-        let map: BTreeMap<String, String> = serde_json::from_str(LABELS_JSON).expect("embedded labels.json is valid");
-        let names: BTreeMap<i64, String> =
-            map.into_iter().map(|(k, v)| (k.parse::<i64>().expect("labels.json keys are ids"), v)).collect();
-        let ids = names.iter().map(|(&id, n)| (n.to_lowercase(), id)).collect();
+        let map: BTreeMap<String, String> =
+            serde_json::from_str(LABELS_JSON).expect("embedded labels.json is valid");
+        let names: BTreeMap<i64, String> = map
+            .into_iter()
+            .map(|(k, v)| (k.parse::<i64>().expect("labels.json keys are ids"), v))
+            .collect();
+        let ids = names
+            .iter()
+            .map(|(&id, n)| (n.to_lowercase(), id))
+            .collect();
         Self { names, ids }
     }
 
@@ -60,22 +70,52 @@ impl LabelTable {
         self.ids.get(&name.trim().to_lowercase()).copied()
     }
 
-    /// Known names that contain `query` or share its first word, for "did you mean" hints.
+    /// Known names close to `query` (a substring, or a few typing errors away), for "did you mean" hints.
     fn suggestions(&self, query: &str) -> Vec<&str> {
         let q = query.trim().to_lowercase();
-        let first = q.split_whitespace().next().unwrap_or("");
-        let mut out: Vec<&str> = self
+        if q.is_empty() {
+            return Vec::new();
+        }
+        let tolerance = (q.chars().count() / 4).max(2);
+        let mut scored: Vec<(usize, &str)> = self
             .names
             .values()
-            .filter(|n| {
-                let n = n.to_lowercase();
-                (!q.is_empty() && n.contains(&q)) || (!first.is_empty() && n.split_whitespace().any(|w| w == first))
+            .filter_map(|n| {
+                let lower = n.to_lowercase();
+                let whole = edit_distance(&q, &lower);
+                let word = lower
+                    .split_whitespace()
+                    .map(|w| edit_distance(&q, w))
+                    .min()
+                    .unwrap_or(usize::MAX);
+                let close = whole.min(word);
+                let score = if lower.contains(&q) {
+                    close.min(tolerance)
+                } else {
+                    close
+                };
+                (score <= tolerance).then_some((score, n.as_str()))
             })
-            .map(String::as_str)
             .collect();
-        out.truncate(6);
-        out
+        scored.sort();
+        scored.into_iter().take(6).map(|(_, n)| n).collect()
     }
+}
+
+/// Levenshtein distance between two strings (in characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// One entry of a label prompt as the user gave it.
@@ -125,7 +165,11 @@ pub fn parse_point_labels(text: &str) -> Result<Vec<i64>> {
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|v| v.parse::<i64>().with_context(|| format!("point label '{v}' is not an integer (use -1, 0, 1, 2 or 3)")))
+        .map(|v| {
+            v.parse::<i64>().with_context(|| {
+                format!("point label '{v}' is not an integer (use -1, 0, 1, 2 or 3)")
+            })
+        })
         .collect()
 }
 
@@ -152,7 +196,9 @@ pub struct Prompts {
 impl Prompts {
     /// True when the class head runs (some label prompt, none of them zero-shot).
     pub fn uses_class_head(&self) -> bool {
-        self.label_prompt.as_ref().is_some_and(|l| l.iter().all(|&c| c <= LAST_SUPPORTED))
+        self.label_prompt
+            .as_ref()
+            .is_some_and(|l| l.iter().all(|&c| c <= LAST_SUPPORTED))
     }
 }
 
@@ -196,11 +242,16 @@ pub fn resolve(
 
     // Subclass expansion (kidney, lung, bone -> parts), then special point labels from the first prompt.
     let expanded: Option<Vec<i64>> = label_prompt.as_ref().map(|ids| {
-        ids.iter().flat_map(|id| subclass.get(id).cloned().unwrap_or_else(|| vec![*id])).collect()
+        ids.iter()
+            .flat_map(|id| subclass.get(id).cloned().unwrap_or_else(|| vec![*id]))
+            .collect()
     });
     let mut point_labels = req.point_labels.clone();
     if let (Some(ids), Some(pl)) = (&label_prompt, &mut point_labels) {
-        if ids.first().is_some_and(|id| SPECIAL_POINT_CLASSES.contains(id)) {
+        if ids
+            .first()
+            .is_some_and(|id| SPECIAL_POINT_CLASSES.contains(id))
+        {
             for l in pl.iter_mut() {
                 *l = match *l {
                     0 => 2,
@@ -216,7 +267,11 @@ pub fn resolve(
         if point_labels.is_some() {
             bail!("point labels were given without points: add --points \"x,y,z;...\" or drop --point-labels");
         }
-        return Ok(Prompts { label_prompt: Some(everything.to_vec()), points: None, point_labels: None });
+        return Ok(Prompts {
+            label_prompt: Some(everything.to_vec()),
+            points: None,
+            point_labels: None,
+        });
     }
     if let Some(ids) = &expanded {
         if let Some(&bad) = ids.iter().find(|&&id| id >= 255) {
@@ -231,11 +286,16 @@ pub fn resolve(
                     if hint.is_empty() { String::new() } else { format!(" (did you mean: {})", hint.join(", ")) }
                 );
             }
-            if let Some(&bad) = ids.iter().find(|&&id| !(1..=LAST_SUPPORTED).contains(&id) || UNSUPPORTED_WITHOUT_POINTS.contains(&id)) {
+            if let Some(&bad) = ids.iter().find(|&&id| {
+                !(1..=LAST_SUPPORTED).contains(&id) || UNSUPPORTED_WITHOUT_POINTS.contains(&id)
+            }) {
                 let why = if bad > LAST_SUPPORTED {
                     "is a zero-shot class (above 132) and needs point prompts".to_string()
                 } else {
-                    format!("({}) cannot be segmented from a class prompt alone; add point prompts", table.name(bad).unwrap_or("?"))
+                    format!(
+                        "({}) cannot be segmented from a class prompt alone; add point prompts",
+                        table.name(bad).unwrap_or("?")
+                    )
                 };
                 bail!("label prompt {bad} {why}");
             }
@@ -247,7 +307,11 @@ pub fn resolve(
                 bail!("no points given: --points needs at least one x,y,z");
             }
             if p.len() != l.len() {
-                bail!("{} points but {} point labels: give one label per point", p.len(), l.len());
+                bail!(
+                    "{} points but {} point labels: give one label per point",
+                    p.len(),
+                    l.len()
+                );
             }
             if let Some(bad) = l.iter().find(|v| !(-1..=3).contains(*v)) {
                 bail!("point label {bad} is invalid: use 1 (positive), 0 (negative), -1 (ignore), or 3/2 for special classes");
@@ -262,24 +326,41 @@ pub fn resolve(
                 }
             }
         }
-        (Some(_), None) => bail!("points were given without point labels: add --point-labels (1 positive, 0 negative)"),
-        (None, Some(_)) => bail!("point labels were given without points: add --points \"x,y,z;...\""),
+        (Some(_), None) => bail!(
+            "points were given without point labels: add --point-labels (1 positive, 0 negative)"
+        ),
+        (None, Some(_)) => {
+            bail!("point labels were given without points: add --points \"x,y,z;...\"")
+        }
         (None, None) => {}
     }
-    Ok(Prompts { label_prompt: expanded, points, point_labels })
+    Ok(Prompts {
+        label_prompt: expanded,
+        points,
+        point_labels,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn resolve_str(labels: Option<&str>, points: Option<&str>, point_labels: Option<&str>) -> Result<Prompts> {
+    fn resolve_str(
+        labels: Option<&str>,
+        points: Option<&str>,
+        point_labels: Option<&str>,
+    ) -> Result<Prompts> {
         let req = RequestPrompts {
             label_prompt: labels.map(|s| parse_label_prompt(s).unwrap()),
             points: points.map(|s| parse_points(s).unwrap()),
             point_labels: point_labels.map(|s| parse_point_labels(s).unwrap()),
         };
-        resolve(&req, &LabelTable::bundle(), &default_subclass(), &everything_labels())
+        resolve(
+            &req,
+            &LabelTable::bundle(),
+            &default_subclass(),
+            &everything_labels(),
+        )
     }
 
     #[test]
@@ -287,22 +368,40 @@ mod tests {
         let e = everything_labels();
         assert_eq!(e.len(), 117);
         assert_eq!(&e[..4], &[1, 3, 4, 5]);
-        assert_eq!(resolve_str(None, None, None).unwrap().label_prompt.unwrap(), e);
+        assert_eq!(
+            resolve_str(None, None, None).unwrap().label_prompt.unwrap(),
+            e
+        );
     }
 
     #[test]
     fn names_subclasses_and_special_points() {
         let p = resolve_str(Some("Spleen, left kidney,6"), None, None).unwrap();
         assert_eq!(p.label_prompt.unwrap(), vec![3, 14, 6]);
-        assert_eq!(resolve_str(Some("kidney"), None, None).unwrap().label_prompt.unwrap(), vec![14, 5]);
-        assert_eq!(resolve_str(Some("21"), None, None).unwrap().label_prompt.unwrap().len(), 62);
+        assert_eq!(
+            resolve_str(Some("kidney"), None, None)
+                .unwrap()
+                .label_prompt
+                .unwrap(),
+            vec![14, 5]
+        );
+        assert_eq!(
+            resolve_str(Some("21"), None, None)
+                .unwrap()
+                .label_prompt
+                .unwrap()
+                .len(),
+            62
+        );
         // Hepatic tumour (26) is special: point labels 0/1 -> 2/3.
         let p = resolve_str(Some("26"), Some("1,2,3;4,5,6;7,8,9"), Some("1,0,-1")).unwrap();
         assert_eq!(p.point_labels.unwrap(), vec![3, 2, -1]);
         // Unknown names become zero-shot ids 133, 134... and need points.
         let p = resolve_str(Some("my tumour"), Some("1,2,3"), Some("1")).unwrap();
         assert_eq!(p.label_prompt.unwrap(), vec![133]);
-        assert!(!resolve_str(Some("140"), Some("1,2,3"), Some("1")).unwrap().uses_class_head());
+        assert!(!resolve_str(Some("140"), Some("1,2,3"), Some("1"))
+            .unwrap()
+            .uses_class_head());
     }
 
     #[test]
@@ -312,7 +411,9 @@ mod tests {
         assert!(err(Some("140"), None, None).contains("zero-shot"));
         assert!(err(Some("16"), None, None).contains("prostate or uterus"));
         assert!(err(Some("300"), Some("1,2,3"), Some("1")).contains("below 255"));
-        assert!(err(Some("3"), Some("1,2,3;4,5,6"), Some("1")).contains("2 points but 1 point labels"));
+        assert!(
+            err(Some("3"), Some("1,2,3;4,5,6"), Some("1")).contains("2 points but 1 point labels")
+        );
         assert!(err(Some("3"), Some("1,2,3"), Some("5")).contains("point label 5"));
         assert!(err(Some("kidney"), Some("1,2,3"), Some("1")).contains("exactly one label prompt"));
         assert!(err(Some("3,5"), Some("1,2,3"), Some("1")).contains("exactly one label prompt"));

@@ -9,7 +9,12 @@ use ndarray::Array3;
 pub type Affine = [[f64; 4]; 4];
 
 /// The identity affine.
-pub const IDENTITY: Affine = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+pub const IDENTITY: Affine = [
+    [1.0, 0.0, 0.0, 0.0],
+    [0.0, 1.0, 0.0, 0.0],
+    [0.0, 0.0, 1.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0],
+];
 
 /// A scalar volume with its affine.
 #[derive(Debug, Clone)]
@@ -85,7 +90,12 @@ mod tests {
 
     #[test]
     fn inverse_of_an_affine_round_trips() {
-        let a: Affine = [[-0.9, 0.1, 0.0, 10.0], [0.0, 1.1, 0.2, -5.0], [0.05, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]];
+        let a: Affine = [
+            [-0.9, 0.1, 0.0, 10.0],
+            [0.0, 1.1, 0.2, -5.0],
+            [0.05, 0.0, 2.5, 3.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let inv = inverse(&a).unwrap();
         let id = matmul(&a, &inv);
         for i in 0..4 {

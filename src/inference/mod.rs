@@ -1,0 +1,419 @@
+//! The bundle's inference on one volume: preprocessing, prompts in the processed grid, sliding-window or
+//! point-window inference, postprocessing, and inversion to the original grid.
+
+pub mod point_window;
+pub mod postprocess;
+pub mod window;
+
+use std::ops::Range;
+
+use anyhow::{Context, Result};
+use ndarray::Array3;
+use tch::{Device, Kind, Tensor};
+
+use crate::model::Vista3d;
+use crate::prompts::{Prompts, LAST_SUPPORTED};
+use crate::transforms::{self, PreprocessConfig, SpatialTrace};
+use crate::volume::{self, Volume};
+use point_window::{point_window_inference, PointWindowPrompts};
+use window::{BlendMode, CellSink, Stitcher, WindowGrid};
+
+/// Sliding-window and point-window settings (the bundle's `patch_size`, `overlap`, ... keys).
+#[derive(Debug, Clone)]
+pub struct WindowSettings {
+    pub patch_size: [usize; 3],
+    /// Effective bundle value 0.25 (the config's 0.3 never reaches MONAI's inferer).
+    pub overlap: f64,
+    pub mode: BlendMode,
+    pub sw_batch_size: usize,
+    /// Run point prompts in windows centred on the points (the bundle's default).
+    pub use_point_window: bool,
+}
+
+impl Default for WindowSettings {
+    fn default() -> Self {
+        Self {
+            patch_size: [128; 3],
+            overlap: 0.25,
+            mode: BlendMode::Constant,
+            sw_batch_size: 1,
+            use_point_window: true,
+        }
+    }
+}
+
+/// Prompts as the network takes them, in the processed grid.
+pub struct NetworkPrompts {
+    /// `[B, 1]` ids for the class head (`None` for point-only and zero-shot requests).
+    pub class_vector: Option<Tensor>,
+    /// `[B, 1]` ids for the point head and the output mapping.
+    pub prompt_class: Option<Tensor>,
+    /// `[1, N, 3]` float64 coordinates in the processed grid.
+    pub point_coords: Option<Tensor>,
+    /// `[1, N]` labels.
+    pub point_labels: Option<Tensor>,
+    /// Ids naming the output channels.
+    pub label_prompt: Option<Vec<i64>>,
+    /// Points in the processed grid (for postprocessing).
+    pub points: Vec<[f64; 3]>,
+}
+
+impl NetworkPrompts {
+    /// Maps resolved prompts into the processed grid (`M = inv(A_processed) * A_original`, not rounded) and
+    /// applies the inferer's zero-shot rule: any id above 132 turns the class head off.
+    pub fn new(prompts: &Prompts, original_to_processed: &volume::Affine) -> Self {
+        let ids = prompts.label_prompt.clone();
+        let as_column = |v: &[i64]| Tensor::from_slice(v).view([-1, 1]);
+        let prompt_class = ids.as_deref().map(as_column);
+        let class_vector = ids
+            .as_deref()
+            .filter(|v| v.iter().all(|&c| c <= LAST_SUPPORTED))
+            .map(as_column);
+        let points: Vec<[f64; 3]> = prompts
+            .points
+            .iter()
+            .flatten()
+            .map(|p| volume::apply(original_to_processed, *p).map(snap_to_integer))
+            .collect();
+        let point_coords = prompts.points.as_ref().map(|_| {
+            let flat: Vec<f64> = points.iter().flatten().copied().collect();
+            Tensor::from_slice(&flat).view([1, -1, 3])
+        });
+        let point_labels = prompts
+            .point_labels
+            .as_deref()
+            .map(|l| Tensor::from_slice(l).view([1, -1]));
+        Self {
+            class_vector,
+            prompt_class,
+            point_coords,
+            point_labels,
+            label_prompt: ids,
+            points,
+        }
+    }
+
+    fn labels(&self) -> Vec<i64> {
+        self.point_labels
+            .as_ref()
+            .map(|t| Vec::<i64>::try_from(t.flatten(0, -1)).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// Removes floating-point noise of the affine chain from a mapped coordinate: a value within 1e-9 of an integer
+/// becomes that integer. MONAI's numpy chain gives exact integers where the mapping is exact (e.g. 3 mm -> 1.5
+/// mm), and the point-window rules compare coordinates exactly (`int(p)`, strictly inside a window), so
+/// 122.00000000000001 instead of 122 would move a window or keep a point MONAI drops.
+fn snap_to_integer(c: f64) -> f64 {
+    let r = c.round();
+    if (c - r).abs() < 1e-9 {
+        r
+    } else {
+        c
+    }
+}
+
+/// What inference on the processed grid produced.
+pub enum Stitched {
+    /// Final label ids `[X, Y, Z]` (NaN where not computed), already postprocessed.
+    Labels(Tensor),
+    /// Raw stitched logits `[B, X, Y, Z]` (NaN where not computed).
+    Logits(Tensor),
+}
+
+/// Writes finished cells into a full-size tensor, either as labels (postprocessed per cell) or as logits.
+struct FullSink<'a> {
+    out: Tensor,
+    pad: [(usize, usize); 3],
+    size: [usize; 3],
+    labels: Option<&'a [i64]>,
+    as_labels: bool,
+}
+
+impl CellSink for FullSink<'_> {
+    fn finish(&mut self, region: [Range<usize>; 3], logits: Tensor) -> Result<()> {
+        // Crop the part of the cell that lies inside the unpadded volume.
+        let mut src = if self.as_labels {
+            postprocess::logits_to_labels(&logits, self.labels).unsqueeze(0)
+        } else {
+            logits
+        };
+        let mut dst = self.out.shallow_clone();
+        for a in 0..3 {
+            let (before, _) = self.pad[a];
+            let lo = region[a].start.max(before);
+            let hi = region[a].end.min(before + self.size[a]);
+            if lo >= hi {
+                return Ok(());
+            }
+            src = src.narrow(
+                1 + a as i64,
+                (lo - region[a].start) as i64,
+                (hi - lo) as i64,
+            );
+            dst = dst.narrow(1 + a as i64, (lo - before) as i64, (hi - lo) as i64);
+        }
+        dst.copy_(&src.to_device(Device::Cpu).to_kind(Kind::Float));
+        Ok(())
+    }
+}
+
+/// MONAI's sliding-window inference over `image` `[1, 1, X, Y, Z]`. With `as_labels`, cells are
+/// postprocessed as they finish and only the label map `[X, Y, Z]` is kept (bounded memory); otherwise the
+/// logits `[B, X, Y, Z]` are returned. Returns the result and the peak number of cells in flight.
+pub fn sliding_window(
+    net: &Vista3d,
+    image: &Tensor,
+    prompts: &NetworkPrompts,
+    settings: &WindowSettings,
+    as_labels: bool,
+) -> Result<(Stitched, usize)> {
+    let size_i = image.size();
+    let size: [usize; 3] = std::array::from_fn(|a| size_i[2 + a] as usize);
+    let grid = WindowGrid::new(size, settings.patch_size, settings.overlap)?;
+    let p = grid.pad;
+    let padded = if p.iter().any(|&(a, b)| a > 0 || b > 0) {
+        image.replication_pad3d([p[2].0, p[2].1, p[1].0, p[1].1, p[0].0, p[0].1].map(|v| v as i64))
+    } else {
+        image.shallow_clone()
+    };
+    let device = image.device();
+    let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device));
+    let (class_vector, prompt_class) = (dev(&prompts.class_vector), dev(&prompts.prompt_class));
+    let (point_coords, point_labels) = (dev(&prompts.point_coords), dev(&prompts.point_labels));
+    let n_out = class_vector
+        .as_ref()
+        .or(prompt_class.as_ref())
+        .map_or(1, |t| t.size()[0]);
+    let out_shape: Vec<i64> = if as_labels {
+        size.iter().map(|&s| s as i64).collect()
+    } else {
+        std::iter::once(n_out)
+            .chain(size.iter().map(|&s| s as i64))
+            .collect()
+    };
+    let fill = if as_labels { 0.0 } else { f64::NAN };
+    let mut sink = FullSink {
+        out: Tensor::full(out_shape.as_slice(), fill, (Kind::Float, Device::Cpu)),
+        pad: p,
+        size,
+        labels: prompts.label_prompt.as_deref(),
+        as_labels,
+    };
+    if as_labels {
+        sink.out = sink.out.unsqueeze(0);
+    }
+    let mut stitcher = Stitcher::new(&grid, settings.mode, device);
+    // Points make the batch size 1 (MONAI localises points with the first window of a batch only).
+    let batch = if point_coords.is_some() {
+        1
+    } else {
+        settings.sw_batch_size.max(1)
+    };
+    let windows = grid.windows();
+    log::debug!(
+        "sliding window over {size:?} (padded {:?}): {} windows of {:?}, {} prompts, batch {batch}",
+        grid.padded,
+        windows.len(),
+        grid.roi,
+        n_out
+    );
+    let index_of = |start: [usize; 3]| -> [usize; 3] {
+        std::array::from_fn(|a| {
+            grid.starts[a]
+                .iter()
+                .position(|&s| s == start[a])
+                .expect("start on the grid")
+        })
+    };
+    for chunk in windows.chunks(batch) {
+        let inputs: Vec<Tensor> = chunk
+            .iter()
+            .map(|&start| {
+                let r = grid.ranges(start);
+                padded
+                    .narrow(2, r[0].start as i64, grid.roi[0] as i64)
+                    .narrow(3, r[1].start as i64, grid.roi[1] as i64)
+                    .narrow(4, r[2].start as i64, grid.roi[2] as i64)
+            })
+            .collect();
+        let input = Tensor::cat(&inputs, 0);
+        let r = grid.ranges(chunk[0]);
+        let args = crate::model::ForwardArgs {
+            point_coords: point_coords.as_ref(),
+            point_labels: point_labels.as_ref(),
+            class_vector: class_vector.as_ref(),
+            prompt_class: prompt_class.as_ref(),
+            patch_coords: Some(r.map(|r| r.start as i64..r.end as i64)),
+            prev_mask: None,
+            radius: None,
+            transpose: true,
+        };
+        let t = std::time::Instant::now();
+        let out = tch::no_grad(|| net.forward(&input, &args))?;
+        let t_net = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for (i, &start) in chunk.iter().enumerate() {
+            stitcher.add(
+                index_of(start),
+                &out.get(i as i64).to_kind(Kind::Float),
+                &mut sink,
+            )?;
+        }
+        log::trace!(
+            "window {:?}: network {t_net:.3} s, stitching {:.3} s",
+            chunk[0],
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let peak = stitcher.peak_cells();
+    let out = if as_labels {
+        sink.out.squeeze_dim(0)
+    } else {
+        sink.out
+    };
+    Ok((
+        if as_labels {
+            Stitched::Labels(out)
+        } else {
+            Stitched::Logits(out)
+        },
+        peak,
+    ))
+}
+
+/// Runs the network on a preprocessed image `[1, 1, X, Y, Z]` as the bundle's inferer does and returns
+/// the raw stitched logits `[B, X, Y, Z]` (NaN where not computed). Used for parity checks.
+pub fn infer_logits(
+    net: &Vista3d,
+    image: &Tensor,
+    prompts: &NetworkPrompts,
+    settings: &WindowSettings,
+) -> Result<Tensor> {
+    if settings.use_point_window && prompts.point_coords.is_some() {
+        let out = point_window_inference(
+            net,
+            image,
+            settings.patch_size,
+            &point_window_prompts(prompts),
+        )?;
+        return Ok(out.squeeze_dim(0));
+    }
+    match sliding_window(net, image, prompts, settings, false)?.0 {
+        Stitched::Logits(l) | Stitched::Labels(l) => Ok(l),
+    }
+}
+
+fn point_window_prompts(prompts: &NetworkPrompts) -> PointWindowPrompts<'_> {
+    PointWindowPrompts {
+        point_coords: prompts.point_coords.as_ref().expect("point prompts"),
+        point_labels: prompts
+            .point_labels
+            .as_ref()
+            .expect("point labels with points"),
+        class_vector: prompts.class_vector.as_ref(),
+        prompt_class: prompts.prompt_class.as_ref(),
+        prev_mask: None,
+    }
+}
+
+/// Label ids on the processed grid `[X, Y, Z]` (NaN where not computed): inference plus the bundle's
+/// postprocessing. Class-only requests stream through the stitcher and never hold all logits.
+pub fn infer_labels(
+    net: &Vista3d,
+    image: &Tensor,
+    prompts: &NetworkPrompts,
+    settings: &WindowSettings,
+) -> Result<Tensor> {
+    let point_only = prompts.label_prompt.is_none() && prompts.point_coords.is_some();
+    let logits = if settings.use_point_window && prompts.point_coords.is_some() {
+        point_window_inference(
+            net,
+            image,
+            settings.patch_size,
+            &point_window_prompts(prompts),
+        )?
+        .squeeze_dim(0)
+    } else {
+        match sliding_window(net, image, prompts, settings, !point_only)?.0 {
+            Stitched::Labels(labels) => return Ok(labels),
+            Stitched::Logits(logits) => logits,
+        }
+    };
+    let logits = if point_only {
+        postprocess::keep_components_with_positive_points(
+            &logits,
+            &prompts.points,
+            &prompts.labels(),
+        )?
+    } else {
+        logits
+    };
+    Ok(postprocess::logits_to_labels(
+        &logits,
+        prompts.label_prompt.as_deref(),
+    ))
+}
+
+/// The result of segmenting one volume.
+pub struct Segmentation {
+    /// Labels on the original grid (float32 ids, 255 where not computed).
+    pub labels: Array3<f32>,
+    /// Seconds per stage.
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+/// Segments a volume end to end: preprocess, infer, postprocess, invert to the original grid, NaN -> 255.
+pub fn segment(
+    net: &Vista3d,
+    device: Device,
+    volume: &Volume,
+    prompts: &Prompts,
+    preprocess: &PreprocessConfig,
+    settings: &WindowSettings,
+) -> Result<Segmentation> {
+    let mut timings = Vec::new();
+    let t = std::time::Instant::now();
+    let (processed, trace): (Volume, SpatialTrace) = transforms::preprocess(volume, preprocess)?;
+    timings.push(("preprocess", t.elapsed().as_secs_f64()));
+
+    let t = std::time::Instant::now();
+    let net_prompts = NetworkPrompts::new(prompts, &trace.original_to_processed());
+    let image = volume_to_tensor(&processed)?.to_device(device);
+    let labels = infer_labels(net, &image, &net_prompts, settings)?;
+    timings.push(("inference", t.elapsed().as_secs_f64()));
+
+    let t = std::time::Instant::now();
+    let labels = tensor_to_array(&labels)?;
+    let mut original = transforms::invert_to_original(&labels, &trace)?;
+    original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
+    timings.push(("postprocess", t.elapsed().as_secs_f64()));
+    Ok(Segmentation {
+        labels: original,
+        timings,
+    })
+}
+
+/// A volume as a `[1, 1, X, Y, Z]` CPU tensor.
+pub fn volume_to_tensor(v: &Volume) -> Result<Tensor> {
+    let d = v.dims();
+    let data = v.data.as_slice().context("volume data is not contiguous")?;
+    Ok(Tensor::from_slice(data).view([1, 1, d[0] as i64, d[1] as i64, d[2] as i64]))
+}
+
+/// A `[X, Y, Z]` tensor as an array.
+pub fn tensor_to_array(t: &Tensor) -> Result<Array3<f32>> {
+    let s = t.size();
+    anyhow::ensure!(s.len() == 3, "expected a 3-D tensor, got {s:?}");
+    let data: Vec<f32> = Vec::try_from(
+        t.to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+            .flatten(0, -1),
+    )?;
+    Ok(Array3::from_shape_vec(
+        (s[0] as usize, s[1] as usize, s[2] as usize),
+        data,
+    )?)
+}

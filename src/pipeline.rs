@@ -1,0 +1,196 @@
+//! Request-level orchestration shared by `vista3d infer` and `vista3d batch`: model selection, one image in,
+//! one label map (plus a JSON record of what was done) out.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Device};
+
+use crate::config::{output_path, Config};
+use crate::inference::{self, WindowSettings};
+use crate::io::{read_nifti, write_nifti, OutputDtype};
+use crate::model::Vista3d;
+use crate::prompts::{self, LabelTable, Prompts, RequestPrompts};
+use crate::transforms::PreprocessConfig;
+use crate::{runtime, Vista3dConfig};
+
+/// Where the weights come from.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// A checkpoint file (`model.pt` or `.safetensors`).
+    Checkpoint(PathBuf),
+    /// Seeded random weights of the given width: for demos and tests only, the output means nothing.
+    Random { width: i64, seed: i64 },
+}
+
+/// A loaded network ready for requests.
+pub struct Engine {
+    pub net: Vista3d,
+    pub device: Device,
+    pub weights: Weights,
+    _vs: nn::VarStore,
+}
+
+impl Engine {
+    /// Loads the weights on `device` (strict checkpoint loading).
+    pub fn load(weights: &Weights, device: Device) -> Result<Self> {
+        let (vs, net) = match weights {
+            Weights::Checkpoint(path) => {
+                let m = crate::load_model(path, device, true)?;
+                (m.vs, m.net)
+            }
+            Weights::Random { width, seed } => {
+                log::warn!("using seeded RANDOM weights (width {width}, seed {seed}): the segmentation is meaningless");
+                tch::manual_seed(*seed);
+                let vs = nn::VarStore::new(device);
+                let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(*width))?;
+                (vs, net)
+            }
+        };
+        Ok(Self {
+            net,
+            device,
+            weights: weights.clone(),
+            _vs: vs,
+        })
+    }
+}
+
+/// Everything the inference subcommands read from the layered configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub window: WindowSettings,
+    pub preprocess: PreprocessConfig,
+    pub everything: Vec<i64>,
+    pub subclass: std::collections::BTreeMap<i64, Vec<i64>>,
+    pub output_dir: PathBuf,
+    pub output_postfix: String,
+    pub output_dtype: OutputDtype,
+    pub device: String,
+    pub ckpt_path: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        let preprocess = PreprocessConfig {
+            spacing: cfg.resample_spacing()?,
+            ..PreprocessConfig::default()
+        };
+        Ok(Self {
+            window: cfg.window_settings()?,
+            preprocess,
+            everything: cfg.everything_labels()?,
+            subclass: cfg.subclass()?,
+            output_dir: cfg
+                .path("output_dir")?
+                .unwrap_or_else(|| PathBuf::from("eval")),
+            output_postfix: cfg
+                .string("output_postfix")?
+                .unwrap_or_else(|| "trans".into()),
+            output_dtype: cfg
+                .string("output_dtype")?
+                .as_deref()
+                .unwrap_or("float32")
+                .parse()?,
+            device: cfg.string("device")?.unwrap_or_else(|| "auto".into()),
+            ckpt_path: cfg.path("ckpt_path")?,
+        })
+    }
+
+    /// The device named by `device`.
+    pub fn device(&self) -> Result<Device> {
+        runtime::parse_device(&self.device)
+    }
+}
+
+/// Resolves a request's prompts with the configured everything labels and subclasses.
+pub fn resolve_prompts(req: &RequestPrompts, settings: &Settings) -> Result<Prompts> {
+    prompts::resolve(
+        req,
+        &LabelTable::bundle(),
+        &settings.subclass,
+        &settings.everything,
+    )
+}
+
+/// What one request produced.
+pub struct Outcome {
+    pub output: PathBuf,
+    pub seconds: f64,
+}
+
+/// Segments one image and writes `<output_dir>/<stem>/<stem>_<postfix>.nii.gz` plus `<stem>_<postfix>.json`
+/// (prompts, weights, device, timings). Nothing is written when any step fails.
+pub fn run_one(
+    engine: &Engine,
+    image: &Path,
+    req: &RequestPrompts,
+    settings: &Settings,
+) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let prompts = resolve_prompts(req, settings)?;
+    let input = read_nifti(image)?;
+    if let Some(points) = &prompts.points {
+        let d = input.volume.dims();
+        for p in points {
+            if (0..3).any(|a| p[a] < 0.0 || p[a] > (d[a] - 1) as f64) {
+                bail!(
+                    "point {:?} is outside the image {}, whose voxel indices run from 0 to {:?}",
+                    p,
+                    image.display(),
+                    d.map(|s| s - 1)
+                );
+            }
+        }
+    }
+    let t_read = t0.elapsed().as_secs_f64();
+    let seg = inference::segment(
+        &engine.net,
+        engine.device,
+        &input.volume,
+        &prompts,
+        &settings.preprocess,
+        &settings.window,
+    )
+    .with_context(|| format!("segmenting {}", image.display()))?;
+    let out = output_path(&settings.output_dir, image, &settings.output_postfix);
+    let t = Instant::now();
+    write_nifti(&out, &seg.labels, &input.header, settings.output_dtype)?;
+    let t_write = t.elapsed().as_secs_f64();
+    let mut timings: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
+    timings.insert("read".into(), t_read.into());
+    for (k, v) in &seg.timings {
+        timings.insert((*k).into(), (*v).into());
+    }
+    timings.insert("write".into(), t_write.into());
+    let weights = match &engine.weights {
+        Weights::Checkpoint(p) => serde_json::json!({"checkpoint": p.display().to_string()}),
+        Weights::Random { width, seed } => {
+            serde_json::json!({"random": true, "width": width, "seed": seed, "note": "seeded random weights: not a trained model"})
+        }
+    };
+    let record = serde_json::json!({
+        "image": image.display().to_string(),
+        "output": out.display().to_string(),
+        "label_prompt": prompts.label_prompt,
+        "points": prompts.points,
+        "point_labels": prompts.point_labels,
+        "weights": weights,
+        "device": format!("{:?}", engine.device),
+        "precision": "fp32 (libtorch)",
+        "patch_size": settings.window.patch_size,
+        "overlap": settings.window.overlap,
+        "use_point_window": settings.window.use_point_window,
+        "seconds": timings,
+    });
+    let json_path = out.with_extension("").with_extension("json");
+    crate::fsutil::write_atomic(
+        &json_path,
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    Ok(Outcome {
+        output: out,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

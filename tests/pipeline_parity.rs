@@ -1,0 +1,234 @@
+//! End-to-end parity with the MONAI bundle's inference (tests/fixtures/monai_reference.py, driven by
+//! tests/fixtures/make_pipeline_fixtures.py) on two real CTs of different orientation and spacing, with the
+//! seeded width-16 weights and 64^3 windows.
+//!
+//! Tolerances: preprocessed input max abs error <= 1e-5; logits max |rust - monai| / max |monai| <= 1e-4 with
+//! identical NaN positions; final label maps (original grid) equal on >= 99.99% of voxels.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+use vista3d::checkpoint::read_checkpoint;
+use vista3d::inference::{self, NetworkPrompts, WindowSettings};
+use vista3d::io::read_nifti;
+use vista3d::model::to_tensor;
+use vista3d::prompts::{self, LabelTable, RequestPrompts};
+use vista3d::transforms::{self, PreprocessConfig};
+
+fn fixtures() -> PathBuf {
+    let root = std::env::var_os("VISTA3D_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"));
+    assert!(
+        root.join("pipeline/cases.json").is_file(),
+        "pipeline fixtures missing in {}: run scripts/test.sh",
+        root.display()
+    );
+    root
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("VISTA3D_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/data"))
+}
+
+fn arg<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(Value::as_str)
+}
+
+fn request(args: &[Value]) -> RequestPrompts {
+    RequestPrompts {
+        label_prompt: arg(args, "--label-prompt")
+            .filter(|l| *l != "everything")
+            .map(|l| prompts::parse_label_prompt(l).unwrap()),
+        points: arg(args, "--points").map(|p| prompts::parse_points(p).unwrap()),
+        point_labels: arg(args, "--point-labels").map(|p| prompts::parse_point_labels(p).unwrap()),
+    }
+}
+
+/// max |a - b| / max |b| over non-NaN entries, after checking shapes and NaN positions.
+fn rel_error(a: &Tensor, b: &Tensor) -> Result<f64, String> {
+    if a.size() != b.size() {
+        return Err(format!("shape {:?} vs MONAI {:?}", a.size(), b.size()));
+    }
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let nan = a
+        .isnan()
+        .logical_xor(&b.isnan())
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    if nan > 0 {
+        return Err(format!("{nan} NaN positions differ"));
+    }
+    let valid = b.isnan().logical_not();
+    let diff = (&a - &b)
+        .abs()
+        .masked_select(&valid)
+        .max()
+        .double_value(&[]);
+    let scale = b.abs().masked_select(&valid).max().double_value(&[]);
+    Ok(if scale > 0.0 { diff / scale } else { diff })
+}
+
+#[test]
+fn bundle_inference_matches_monai_on_real_cts() {
+    let root = fixtures();
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/cases.json")).unwrap())
+            .unwrap();
+    let model =
+        vista3d::load_model(&root.join("network/weights_e16.pt"), Device::Cpu, true).unwrap();
+    let table = LabelTable::bundle();
+    let mut failures = Vec::new();
+    // VISTA3D_CASES=name,name runs a subset (for debugging).
+    let only: Option<Vec<String>> = std::env::var("VISTA3D_CASES")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == name)) {
+            continue;
+        }
+        let args = case["args"].as_array().unwrap().clone();
+        let dir = root.join("pipeline").join(name);
+        let arrays = read_checkpoint(&dir.join("arrays.safetensors")).unwrap();
+        let get = |k: &str| to_tensor(arrays.get(k).unwrap());
+        let image = read_nifti(&data_dir().join(case["image"].as_str().unwrap())).unwrap();
+
+        // Preprocessing.
+        let (processed, trace) =
+            transforms::preprocess(&image.volume, &PreprocessConfig::default()).unwrap();
+        let input = inference::volume_to_tensor(&processed).unwrap();
+        let expected_input = get("input_preprocessed");
+        let input_err = if input.size() == expected_input.size() {
+            (&input - &expected_input).abs().max().double_value(&[])
+        } else {
+            f64::INFINITY
+        };
+        if input_err > 1e-5 {
+            failures.push(format!(
+                "{name}: preprocessed input error {input_err:e} (shapes {:?} vs {:?})",
+                input.size(),
+                expected_input.size()
+            ));
+            continue;
+        }
+
+        // Prompts and logits.
+        let prompts = prompts::resolve(
+            &request(&args),
+            &table,
+            &prompts::default_subclass(),
+            &prompts::everything_labels(),
+        )
+        .unwrap();
+        let settings = WindowSettings {
+            patch_size: [64; 3],
+            use_point_window: arg(&args, "--use-point-window") != Some("false"),
+            ..WindowSettings::default()
+        };
+        let net_prompts = NetworkPrompts::new(&prompts, &trace.original_to_processed());
+        if std::env::var_os("VISTA3D_DEBUG_DIFF").is_some() {
+            println!(
+                "{name}: points in the processed grid {:?}, processed dims {:?}",
+                net_prompts.points,
+                trace.processed_dims()
+            );
+        }
+        let expected_logits = get("logits").squeeze_dim(0);
+        let channels = expected_logits.size()[0];
+        let logits = if case["logit_channels"].is_null() {
+            inference::infer_logits(&model.net, &input, &net_prompts, &settings).unwrap()
+        } else {
+            // "everything": compare the first channels through a request for just those classes (each class's
+            // logits are independent of the others).
+            let mut first = prompts.clone();
+            first.label_prompt =
+                Some(prompts.label_prompt.as_ref().unwrap()[..channels as usize].to_vec());
+            let p = NetworkPrompts::new(&first, &trace.original_to_processed());
+            inference::infer_logits(&model.net, &input, &p, &settings).unwrap()
+        };
+        match rel_error(&logits, &expected_logits) {
+            Ok(e) if e <= 1e-4 => {
+                println!("{name}: input error {input_err:.1e}, logits relative error {e:.1e}")
+            }
+            Ok(e) => failures.push(format!("{name}: logits relative error {e:e}")),
+            Err(e) => failures.push(format!("{name}: logits {e}")),
+        }
+        if std::env::var_os("VISTA3D_DEBUG_DIFF").is_some() {
+            // Where do the logits differ? Print the first differing voxels.
+            let diff = (&logits - &expected_logits)
+                .abs()
+                .nan_to_num(0.0, None, None);
+            let nan_diff = logits.isnan().logical_xor(&expected_logits.isnan());
+            let bad = diff.gt(1e-4).logical_or(&nan_diff).nonzero();
+            println!(
+                "{name}: {} differing voxels of {:?}",
+                bad.size()[0],
+                logits.size()
+            );
+            for i in 0..bad.size()[0].min(8) {
+                let idx: Vec<i64> = Vec::try_from(bad.get(i)).unwrap();
+                println!(
+                    "  at {idx:?}: rust {} monai {}",
+                    logits.double_value(&idx),
+                    expected_logits.double_value(&idx)
+                );
+            }
+        }
+
+        // Labels on the original grid: streamed postprocessing for class prompts.
+        let labels = inference::infer_labels(&model.net, &input, &net_prompts, &settings).unwrap();
+        let labels = inference::tensor_to_array(&labels).unwrap();
+        let mut original = transforms::invert_to_original(&labels, &trace).unwrap();
+        original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
+        let expected = read_nifti(
+            &root
+                .join("pipeline")
+                .join(case["label_map"].as_str().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(
+            expected.volume.affine, image.volume.affine,
+            "{name}: MONAI's output keeps the input affine"
+        );
+        if original.shape() != expected.volume.data.shape() {
+            failures.push(format!(
+                "{name}: label map shape {:?} vs {:?}",
+                original.shape(),
+                expected.volume.data.shape()
+            ));
+            continue;
+        }
+        let total = original.len();
+        let equal = original
+            .iter()
+            .zip(expected.volume.data.iter())
+            .filter(|(a, b)| a == b)
+            .count();
+        let fraction = equal as f64 / total as f64;
+        let ids: std::collections::BTreeSet<i64> =
+            expected.volume.data.iter().map(|&v| v as i64).collect();
+        println!(
+            "{name}: label maps equal on {:.5}% of {total} voxels; MONAI ids {ids:?}",
+            100.0 * fraction
+        );
+        if fraction < 0.9999 {
+            failures.push(format!(
+                "{name}: label maps equal on only {:.4}% of voxels",
+                100.0 * fraction
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} differences from MONAI:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
