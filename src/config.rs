@@ -361,7 +361,7 @@ mod tests {
         )
         .unwrap();
         let cfg = Config::load(
-            &[a.clone()],
+            std::slice::from_ref(&a),
             &[
                 "overlap=0.1".into(),
                 "input_dict#label_prompt=[\"spleen\", 5]".into(),

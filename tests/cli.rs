@@ -14,17 +14,10 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+mod common;
+
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VISTA3D_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"))
-        .join("network");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "fixtures missing in {}: run scripts/test.sh",
-        dir.display()
-    );
-    dir
+    common::fixtures("network", "manifest.json")
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

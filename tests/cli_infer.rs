@@ -6,18 +6,8 @@ use std::process::{Command, Output};
 
 use vista3d::io::read_nifti;
 
-fn data(rel: &str) -> PathBuf {
-    let root = std::env::var_os("VISTA3D_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/data"));
-    let p = root.join(rel);
-    assert!(
-        p.is_file(),
-        "{} missing: run scripts/test.sh (scripts/fetch_data.sh)",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::data;
 
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR"))

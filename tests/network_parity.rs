@@ -14,19 +14,10 @@ use vista3d::model::{self, to_tensor, ForwardArgs, Vista3d, Window};
 
 const REL_TOL: f64 = 1e-4;
 
+mod common;
+
 fn fixture_dir() -> PathBuf {
-    let dir = std::env::var_os("VISTA3D_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"))
-        .join("network");
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "MONAI golden fixtures not found in {}: run scripts/test.sh, or \
-         `python tests/fixtures/make_fixtures.py --out {}` with pip monai installed",
-        dir.display(),
-        dir.display()
-    );
-    dir
+    common::fixtures("network", "manifest.json")
 }
 
 fn manifest() -> Value {
@@ -77,48 +68,6 @@ fn run_case(net: &Vista3d, case: &Value) -> (Tensor, Tensor) {
     (out, t["logits"].shallow_clone())
 }
 
-/// Relative error of `actual` against MONAI's `expected`, or why they differ structurally.
-fn compare(actual: &Tensor, expected: &Tensor) -> Result<f64, String> {
-    if actual.size() != expected.size() {
-        return Err(format!(
-            "shape {:?} vs MONAI {:?}",
-            actual.size(),
-            expected.size()
-        ));
-    }
-    let a = actual.to_kind(Kind::Double);
-    let b = expected.to_kind(Kind::Double);
-    let nan_mismatch = a
-        .isnan()
-        .logical_xor(&b.isnan())
-        .sum(Kind::Int64)
-        .int64_value(&[]);
-    if nan_mismatch > 0 {
-        return Err(format!("{nan_mismatch} NaN positions differ"));
-    }
-    let sentinel = b.eq(model::NINF);
-    let sentinel_mismatch = sentinel
-        .logical_xor(&a.eq(model::NINF))
-        .sum(Kind::Int64)
-        .int64_value(&[]);
-    if sentinel_mismatch > 0 {
-        return Err(format!(
-            "{sentinel_mismatch} positions differ in being -9999 (no prompt)"
-        ));
-    }
-    let valid = b.isnan().logical_not().logical_and(&sentinel.logical_not());
-    if valid.sum(Kind::Int64).int64_value(&[]) == 0 {
-        return Ok(0.0);
-    }
-    let diff = (&a - &b)
-        .abs()
-        .masked_select(&valid)
-        .max()
-        .double_value(&[]);
-    let scale = b.abs().masked_select(&valid).max().double_value(&[]);
-    Ok(if scale > 0.0 { diff / scale } else { diff })
-}
-
 fn check_width(width: i64, format: &str) {
     let m = manifest();
     let (_vs, net) = load_net(width, format);
@@ -132,7 +81,7 @@ fn check_width(width: i64, format: &str) {
     {
         let name = case["name"].as_str().unwrap();
         let (out, expected) = run_case(&net, case);
-        match compare(&out, &expected) {
+        match common::rel_error(&out, &expected) {
             Ok(rel) if rel <= REL_TOL => println!("{name}: relative error {rel:.2e}"),
             Ok(rel) => failures.push(format!("{name}: relative error {rel:.3e} > {REL_TOL:e}")),
             Err(e) => failures.push(format!("{name}: {e}")),
@@ -226,7 +175,7 @@ fn perturbing_any_used_module_breaks_parity() {
         });
         let detected = case_names.iter().any(|c| {
             let (out, expected) = run_case(&net, cases[c]);
-            !matches!(compare(&out, &expected), Ok(rel) if rel <= REL_TOL)
+            !matches!(common::rel_error(&out, &expected), Ok(rel) if rel <= REL_TOL)
         });
         tch::no_grad(|| {
             for ((_, t), s) in params.iter().zip(&saved) {
@@ -243,7 +192,7 @@ fn perturbing_any_used_module_breaks_parity() {
     );
     // And with the weights restored, parity holds again.
     let (out, expected) = run_case(&net, cases["e16_class_several"]);
-    assert!(compare(&out, &expected).unwrap() <= REL_TOL);
+    assert!(common::rel_error(&out, &expected).unwrap() <= REL_TOL);
 }
 
 #[test]

@@ -5,10 +5,8 @@
 //! Tolerances: preprocessed input max abs error <= 1e-5; logits max |rust - monai| / max |monai| <= 1e-4 with
 //! identical NaN positions; final label maps (original grid) equal on >= 99.99% of voxels.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use vista3d::checkpoint::read_checkpoint;
 use vista3d::inference::{self, NetworkPrompts, WindowSettings};
 use vista3d::io::read_nifti;
@@ -16,23 +14,7 @@ use vista3d::model::to_tensor;
 use vista3d::prompts::{self, LabelTable, RequestPrompts};
 use vista3d::transforms::{self, PreprocessConfig};
 
-fn fixtures() -> PathBuf {
-    let root = std::env::var_os("VISTA3D_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"));
-    assert!(
-        root.join("pipeline/cases.json").is_file(),
-        "pipeline fixtures missing in {}: run scripts/test.sh",
-        root.display()
-    );
-    root
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("VISTA3D_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/data"))
-}
+mod common;
 
 fn arg<'a>(args: &'a [Value], flag: &str) -> Option<&'a str> {
     args.iter()
@@ -51,33 +33,12 @@ fn request(args: &[Value]) -> RequestPrompts {
     }
 }
 
-/// max |a - b| / max |b| over non-NaN entries, after checking shapes and NaN positions.
-fn rel_error(a: &Tensor, b: &Tensor) -> Result<f64, String> {
-    if a.size() != b.size() {
-        return Err(format!("shape {:?} vs MONAI {:?}", a.size(), b.size()));
-    }
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    let nan = a
-        .isnan()
-        .logical_xor(&b.isnan())
-        .sum(Kind::Int64)
-        .int64_value(&[]);
-    if nan > 0 {
-        return Err(format!("{nan} NaN positions differ"));
-    }
-    let valid = b.isnan().logical_not();
-    let diff = (&a - &b)
-        .abs()
-        .masked_select(&valid)
-        .max()
-        .double_value(&[]);
-    let scale = b.abs().masked_select(&valid).max().double_value(&[]);
-    Ok(if scale > 0.0 { diff / scale } else { diff })
-}
-
 #[test]
 fn bundle_inference_matches_monai_on_real_cts() {
-    let root = fixtures();
+    let root = common::fixtures("pipeline", "cases.json")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let cases: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/cases.json")).unwrap())
             .unwrap();
@@ -98,7 +59,8 @@ fn bundle_inference_matches_monai_on_real_cts() {
         let dir = root.join("pipeline").join(name);
         let arrays = read_checkpoint(&dir.join("arrays.safetensors")).unwrap();
         let get = |k: &str| to_tensor(arrays.get(k).unwrap());
-        let image = read_nifti(&data_dir().join(case["image"].as_str().unwrap())).unwrap();
+        let image =
+            read_nifti(&root.join("pipeline").join(case["image"].as_str().unwrap())).unwrap();
 
         // Preprocessing.
         let (processed, trace) =
@@ -132,7 +94,7 @@ fn bundle_inference_matches_monai_on_real_cts() {
             use_point_window: arg(&args, "--use-point-window") != Some("false"),
             ..WindowSettings::default()
         };
-        let net_prompts = NetworkPrompts::new(&prompts, &trace.original_to_processed());
+        let net_prompts = NetworkPrompts::new(&prompts, &trace);
         if std::env::var_os("VISTA3D_DEBUG_DIFF").is_some() {
             println!(
                 "{name}: points in the processed grid {:?}, processed dims {:?}",
@@ -150,10 +112,10 @@ fn bundle_inference_matches_monai_on_real_cts() {
             let mut first = prompts.clone();
             first.label_prompt =
                 Some(prompts.label_prompt.as_ref().unwrap()[..channels as usize].to_vec());
-            let p = NetworkPrompts::new(&first, &trace.original_to_processed());
+            let p = NetworkPrompts::new(&first, &trace);
             inference::infer_logits(&model.net, &input, &p, &settings).unwrap()
         };
-        match rel_error(&logits, &expected_logits) {
+        match common::rel_error(&logits, &expected_logits) {
             Ok(e) if e <= 1e-4 => {
                 println!("{name}: input error {input_err:.1e}, logits relative error {e:.1e}")
             }
@@ -182,8 +144,24 @@ fn bundle_inference_matches_monai_on_real_cts() {
             }
         }
 
-        // Labels on the original grid: streamed postprocessing for class prompts.
-        let labels = inference::infer_labels(&model.net, &input, &net_prompts, &settings).unwrap();
+        // Labels on the processed grid: for "everything" (whose full logits are not kept) and one-label cases
+        // through the streamed stitching and per-cell postprocessing; otherwise from the logits just checked.
+        let streamed = !case["logit_channels"].is_null() || name.ends_with("_one_label");
+        let labels = if streamed {
+            let labels =
+                inference::infer_labels(&model.net, &input, &net_prompts, &settings).unwrap();
+            if case["logit_channels"].is_null() {
+                let from_logits = inference::labels_from_logits(&logits, &net_prompts).unwrap();
+                if !labels.equal(&from_logits) {
+                    failures.push(format!(
+                        "{name}: streamed labels differ from the labels of the full logits"
+                    ));
+                }
+            }
+            labels
+        } else {
+            inference::labels_from_logits(&logits, &net_prompts).unwrap()
+        };
         let labels = inference::tensor_to_array(&labels).unwrap();
         let mut original = transforms::invert_to_original(&labels, &trace).unwrap();
         original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });

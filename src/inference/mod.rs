@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::model::Vista3d;
 use crate::prompts::{Prompts, LAST_SUPPORTED};
 use crate::transforms::{self, PreprocessConfig, SpatialTrace};
-use crate::volume::{self, Volume};
+use crate::volume::Volume;
 use point_window::{point_window_inference, PointWindowPrompts};
 use window::{BlendMode, CellSink, Stitcher, WindowGrid};
 
@@ -59,9 +59,10 @@ pub struct NetworkPrompts {
 }
 
 impl NetworkPrompts {
-    /// Maps resolved prompts into the processed grid (`M = inv(A_processed) * A_original`, not rounded) and
+    /// Maps resolved prompts into the processed grid (`M = inv(A_processed) * A_original`, not rounded, with
+    /// numpy's rounding as the bundle computes it) and
     /// applies the inferer's zero-shot rule: any id above 132 turns the class head off.
-    pub fn new(prompts: &Prompts, original_to_processed: &volume::Affine) -> Self {
+    pub fn new(prompts: &Prompts, trace: &SpatialTrace) -> Self {
         let ids = prompts.label_prompt.clone();
         let as_column = |v: &[i64]| Tensor::from_slice(v).view([-1, 1]);
         let prompt_class = ids.as_deref().map(as_column);
@@ -73,7 +74,7 @@ impl NetworkPrompts {
             .points
             .iter()
             .flatten()
-            .map(|p| volume::apply(original_to_processed, *p).map(snap_to_integer))
+            .map(|p| trace.map_point(*p))
             .collect();
         let point_coords = prompts.points.as_ref().map(|_| {
             let flat: Vec<f64> = points.iter().flatten().copied().collect();
@@ -98,19 +99,6 @@ impl NetworkPrompts {
             .as_ref()
             .map(|t| Vec::<i64>::try_from(t.flatten(0, -1)).unwrap_or_default())
             .unwrap_or_default()
-    }
-}
-
-/// Removes floating-point noise of the affine chain from a mapped coordinate: a value within 1e-9 of an integer
-/// becomes that integer. MONAI's numpy chain gives exact integers where the mapping is exact (e.g. 3 mm -> 1.5
-/// mm), and the point-window rules compare coordinates exactly (`int(p)`, strictly inside a window), so
-/// 122.00000000000001 instead of 122 would move a window or keep a point MONAI drops.
-fn snap_to_integer(c: f64) -> f64 {
-    let r = c.round();
-    if (c - r).abs() < 1e-9 {
-        r
-    } else {
-        c
     }
 }
 
@@ -140,18 +128,14 @@ impl CellSink for FullSink<'_> {
             logits
         };
         let mut dst = self.out.shallow_clone();
-        for a in 0..3 {
+        for (a, r) in region.iter().enumerate() {
             let (before, _) = self.pad[a];
-            let lo = region[a].start.max(before);
-            let hi = region[a].end.min(before + self.size[a]);
+            let lo = r.start.max(before);
+            let hi = r.end.min(before + self.size[a]);
             if lo >= hi {
                 return Ok(());
             }
-            src = src.narrow(
-                1 + a as i64,
-                (lo - region[a].start) as i64,
-                (hi - lo) as i64,
-            );
+            src = src.narrow(1 + a as i64, (lo - r.start) as i64, (hi - lo) as i64);
             dst = dst.narrow(1 + a as i64, (lo - before) as i64, (hi - lo) as i64);
         }
         dst.copy_(&src.to_device(Device::Cpu).to_kind(Kind::Float));
@@ -341,14 +325,20 @@ pub fn infer_labels(
             Stitched::Logits(logits) => logits,
         }
     };
-    let logits = if point_only {
+    labels_from_logits(&logits, prompts)
+}
+
+/// The bundle's postprocessing of stitched logits `[B, X, Y, Z]` into label ids `[X, Y, Z]`: point-only
+/// requests first drop positive components without a positive point, then argmax/threshold and id mapping.
+pub fn labels_from_logits(logits: &Tensor, prompts: &NetworkPrompts) -> Result<Tensor> {
+    let logits = if prompts.label_prompt.is_none() && prompts.point_coords.is_some() {
         postprocess::keep_components_with_positive_points(
-            &logits,
+            logits,
             &prompts.points,
             &prompts.labels(),
         )?
     } else {
-        logits
+        logits.shallow_clone()
     };
     Ok(postprocess::logits_to_labels(
         &logits,
@@ -379,7 +369,7 @@ pub fn segment(
     timings.push(("preprocess", t.elapsed().as_secs_f64()));
 
     let t = std::time::Instant::now();
-    let net_prompts = NetworkPrompts::new(prompts, &trace.original_to_processed());
+    let net_prompts = NetworkPrompts::new(prompts, &trace);
     let image = volume_to_tensor(&processed)?.to_device(device);
     let labels = infer_labels(net, &image, &net_prompts, settings)?;
     timings.push(("inference", t.elapsed().as_secs_f64()));

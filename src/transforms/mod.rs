@@ -36,7 +36,7 @@ pub use spacing::{
     Interp, SpacingPlan,
 };
 
-use crate::volume::{apply, inverse, matmul, Affine, Volume};
+use crate::volume::{Affine, Volume};
 
 /// Parameters of the bundle's preprocessing.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,8 +135,12 @@ impl SpatialTrace {
     }
 
     /// Maps a point in original voxel indices to preprocessed voxel indices (not rounded).
+    /// Computed as numpy's `(M @ [p, 1].T).T` (an fma chain over `[x, y, z, 1]`), as the bundle does.
     pub fn map_point(&self, p: [f64; 3]) -> [f64; 3] {
-        apply(&self.to_processed, p)
+        let h = [p[0], p[1], p[2], 1.0];
+        std::array::from_fn(|i| {
+            (0..4).fold(0.0f64, |acc, k| self.to_processed[i][k].mul_add(h[k], acc))
+        })
     }
 }
 
@@ -192,10 +196,11 @@ pub fn preprocess(volume: &Volume, cfg: &PreprocessConfig) -> Result<(Volume, Sp
         cur.data = orientation.apply(cur.data.view())?;
     }
     cur.affine = orientation.apply_affine(&cropped_affine);
-    let to_processed = matmul(
-        &inverse(&cur.affine).context("preprocessed affine is singular")?,
-        &volume.affine,
-    );
+    // As the bundle's evaluator: np.linalg.inv(A_processed) @ A_original, with numpy's rounding (LAPACK gesv,
+    // OpenBLAS fma chains), so that points land exactly where MONAI puts them (window rules compare exactly).
+    let inv = linalg::solve(&cur.affine, &linalg::eye::<4>())
+        .context("preprocessed affine is singular")?;
+    let to_processed = linalg::mm_fma(&inv, &volume.affine);
     let trace = SpatialTrace {
         original_affine: volume.affine,
         original_dims: volume.dims(),

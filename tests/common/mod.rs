@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests: where fixtures and data live, and the parity metric.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+/// `$VISTA3D_FIXTURES/<name>` (default `target/fixtures/<name>`), asserting that `marker` exists in it: the
+/// fixtures come from MONAI through scripts/test.sh, and a test without them must fail, not pass.
+pub fn fixtures(name: &str, marker: &str) -> PathBuf {
+    let root = std::env::var_os("VISTA3D_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"));
+    let dir = root.join(name);
+    assert!(
+        dir.join(marker).is_file(),
+        "MONAI golden fixtures missing: {} not found; run `bash scripts/test.sh` (it generates them with pip monai)",
+        dir.join(marker).display()
+    );
+    dir
+}
+
+/// A file of the real test data (`$VISTA3D_DATA`, default `target/data`, filled by scripts/fetch_data.sh).
+pub fn data(rel: &str) -> PathBuf {
+    let root = std::env::var_os("VISTA3D_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/data"));
+    let p = root.join(rel);
+    assert!(
+        p.is_file(),
+        "{} missing: run `bash scripts/test.sh` (scripts/fetch_data.sh fetches it)",
+        p.display()
+    );
+    p
+}
+
+/// The parity metric: `max |actual - expected| / max |expected|` over finite values that are not the -9999
+/// "no prompt" sentinel, after checking that shapes, NaN positions and sentinel positions are identical.
+pub fn rel_error(actual: &Tensor, expected: &Tensor) -> Result<f64, String> {
+    if actual.size() != expected.size() {
+        return Err(format!(
+            "shape {:?} vs MONAI {:?}",
+            actual.size(),
+            expected.size()
+        ));
+    }
+    let a = actual.to_kind(Kind::Double);
+    let b = expected.to_kind(Kind::Double);
+    let count = |t: Tensor| t.sum(Kind::Int64).int64_value(&[]);
+    let nan_mismatch = count(a.isnan().logical_xor(&b.isnan()));
+    if nan_mismatch > 0 {
+        return Err(format!("{nan_mismatch} NaN positions differ"));
+    }
+    let sentinel = b.eq(vista3d::model::NINF);
+    let sentinel_mismatch = count(sentinel.logical_xor(&a.eq(vista3d::model::NINF)));
+    if sentinel_mismatch > 0 {
+        return Err(format!(
+            "{sentinel_mismatch} positions differ in being -9999 (no prompt)"
+        ));
+    }
+    let valid = b.isnan().logical_not().logical_and(&sentinel.logical_not());
+    if count(valid.shallow_clone()) == 0 {
+        return Ok(0.0);
+    }
+    let diff = (&a - &b)
+        .abs()
+        .masked_select(&valid)
+        .max()
+        .double_value(&[]);
+    let scale = b.abs().masked_select(&valid).max().double_value(&[]);
+    Ok(if scale > 0.0 { diff / scale } else { diff })
+}
