@@ -103,9 +103,15 @@ impl SegResBlock {
 
 impl Module for SegResBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.conv1.forward(&self.norm1.forward(x).relu());
-        let y = self.conv2.forward(&self.norm2.forward(&y).relu());
-        y + x
+        // In-place activations and residual as MONAI (ReLU(inplace=True), `x += identity`): same values, less
+        // memory traffic.
+        let mut y = self.norm1.forward(x);
+        let _ = y.relu_();
+        let mut y = self.norm2.forward(&self.conv1.forward(&y));
+        let _ = y.relu_();
+        let mut y = self.conv2.forward(&y);
+        y += x;
+        y
     }
 }
 
@@ -148,8 +154,12 @@ impl UnetResBlock {
 
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.norm.forward(&self.conv1.forward(x)).leaky_relu();
-        let y = self.norm.forward(&self.conv2.forward(&y));
-        (y + x).leaky_relu()
+        // In place as MONAI (LeakyReLU(inplace=True), `out += residual`).
+        let mut y = self.norm.forward(&self.conv1.forward(x));
+        let _ = y.leaky_relu_();
+        let mut y = self.norm.forward(&self.conv2.forward(&y));
+        y += x;
+        let _ = y.leaky_relu_();
+        y
     }
 }
