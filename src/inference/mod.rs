@@ -121,12 +121,9 @@ struct FullSink<'a> {
 
 impl CellSink for FullSink<'_> {
     fn finish(&mut self, region: [Range<usize>; 3], logits: Tensor) -> Result<()> {
-        // Crop the part of the cell that lies inside the unpadded volume.
-        let mut src = if self.as_labels {
-            postprocess::logits_to_labels(&logits, self.labels).unsqueeze(0)
-        } else {
-            logits
-        };
+        // Keep the part of the cell that lies inside the unpadded volume (cells only in padding are dropped
+        // before any postprocessing).
+        let mut src = logits;
         let mut dst = self.out.shallow_clone();
         for (a, r) in region.iter().enumerate() {
             let (before, _) = self.pad[a];
@@ -137,6 +134,9 @@ impl CellSink for FullSink<'_> {
             }
             src = src.narrow(1 + a as i64, (lo - r.start) as i64, (hi - lo) as i64);
             dst = dst.narrow(1 + a as i64, (lo - before) as i64, (hi - lo) as i64);
+        }
+        if self.as_labels {
+            src = postprocess::logits_to_labels(&src, self.labels).unsqueeze(0);
         }
         dst.copy_(&src.to_device(Device::Cpu).to_kind(Kind::Float));
         Ok(())
@@ -203,19 +203,11 @@ pub fn sliding_window(
         grid.roi,
         n_out
     );
-    let index_of = |start: [usize; 3]| -> [usize; 3] {
-        std::array::from_fn(|a| {
-            grid.starts[a]
-                .iter()
-                .position(|&s| s == start[a])
-                .expect("start on the grid")
-        })
-    };
     for chunk in windows.chunks(batch) {
         let inputs: Vec<Tensor> = chunk
             .iter()
-            .map(|&start| {
-                let r = grid.ranges(start);
+            .map(|&index| {
+                let r = grid.ranges(index);
                 padded
                     .narrow(2, r[0].start as i64, grid.roi[0] as i64)
                     .narrow(3, r[1].start as i64, grid.roi[1] as i64)
@@ -238,12 +230,8 @@ pub fn sliding_window(
         let out = tch::no_grad(|| net.forward(&input, &args))?;
         let t_net = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
-        for (i, &start) in chunk.iter().enumerate() {
-            stitcher.add(
-                index_of(start),
-                &out.get(i as i64).to_kind(Kind::Float),
-                &mut sink,
-            )?;
+        for (i, &index) in chunk.iter().enumerate() {
+            stitcher.add(index, &out.get(i as i64).to_kind(Kind::Float), &mut sink)?;
         }
         log::trace!(
             "window {:?}: network {t_net:.3} s, stitching {:.3} s",

@@ -88,12 +88,12 @@ impl WindowGrid {
         })
     }
 
-    /// Window start triples in MONAI's order (x slowest, z fastest).
+    /// Windows as per-axis indices into `starts`, in MONAI's order (x slowest, z fastest).
     pub fn windows(&self) -> Vec<[usize; 3]> {
         let mut out = Vec::new();
-        for &x in &self.starts[0] {
-            for &y in &self.starts[1] {
-                for &z in &self.starts[2] {
+        for x in 0..self.starts[0].len() {
+            for y in 0..self.starts[1].len() {
+                for z in 0..self.starts[2].len() {
                     out.push([x, y, z]);
                 }
             }
@@ -101,9 +101,12 @@ impl WindowGrid {
         out
     }
 
-    /// The window as index ranges.
-    pub fn ranges(&self, start: [usize; 3]) -> [Range<usize>; 3] {
-        std::array::from_fn(|a| start[a]..start[a] + self.roi[a])
+    /// The window with per-axis indices `index`, as index ranges of the padded volume.
+    pub fn ranges(&self, index: [usize; 3]) -> [Range<usize>; 3] {
+        std::array::from_fn(|a| {
+            let start = self.starts[a][index[a]];
+            start..start + self.roi[a]
+        })
     }
 }
 
