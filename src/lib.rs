@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engines;
 pub mod fsutil;
 pub mod inference;
 pub mod io;
