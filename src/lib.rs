@@ -3,6 +3,7 @@
 //! Modules follow the data flow: [`checkpoint`] (reading the bundle's `model.pt` and safetensors) ->
 //! [`model`] (the network on libtorch, MONAI's names and semantics) ; [`runtime`] sets up libtorch.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod engines;

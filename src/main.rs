@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use tch::{nn, Device};
 
 use vista3d::config::{output_path, Config};
-use vista3d::pipeline::{self, Engine, Settings, Weights};
+use vista3d::engines::Method;
+use vista3d::pipeline::{self, Model, Settings, Weights};
 use vista3d::prompts::{self, RequestPrompts};
 use vista3d::{checkpoint, model, runtime, Vista3d, Vista3dConfig};
 
@@ -54,6 +55,14 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Time the network per method as the bundle's benchmark table: model computation (one window, random
+    /// input) and end to end (sliding window over a random volume), with speedups.
+    Bench {
+        #[command(flatten)]
+        bench: BenchArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Describe a checkpoint: format, detected width, parameter counts per module.
     Info {
         /// The bundle's model.pt (torch.save of a state dict) or a .safetensors file.
@@ -80,6 +89,39 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Options of `vista3d bench`.
+#[derive(clap::Args, Clone)]
+struct BenchArgs {
+    /// Seeded random weights of this width instead of a checkpoint (default: 48 when no --checkpoint).
+    #[arg(long, conflicts_with = "checkpoint")]
+    random_width: Option<i64>,
+    /// Processed volume size of the end-to-end run (the bundle's 333x333x603 CT), or "none".
+    #[arg(long, default_value = "333,333,603")]
+    volume: String,
+    /// Methods, in table order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "torch_fp32,torch_tf32,torch_amp,trt_tf32,trt_fp16,ort"
+    )]
+    methods: Vec<Method>,
+    /// Class prompts of each call (the bundle's table uses one label).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    labels: Vec<i64>,
+    /// Timed runs of the model computation (median reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Timed end-to-end runs.
+    #[arg(long, default_value_t = 3)]
+    e2e_runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Prompts on the command line (they override `input_dict` of the configuration).
@@ -120,6 +162,13 @@ struct CommonArgs {
     /// CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     threads: Option<i32>,
+    /// How the network runs: auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort (default: precision of the
+    /// configuration, auto). A method that cannot run here falls back to libtorch with a warning.
+    #[arg(long)]
+    precision: Option<Method>,
+    /// `ort` runs the class path through ONNX Runtime (same as --precision ort); `torch` keeps libtorch.
+    #[arg(long, value_parser = ["ort", "torch"], conflicts_with = "precision")]
+    backend: Option<String>,
 }
 
 impl CommonArgs {
@@ -136,6 +185,14 @@ impl CommonArgs {
         }
         if let Some(d) = &self.device {
             cfg.set(&format!("device={d}"))?;
+        }
+        let precision = match self.backend.as_deref() {
+            Some("ort") => Some(Method::Ort),
+            Some(_) => Some(Method::Auto),
+            None => self.precision,
+        };
+        if let Some(p) = precision {
+            cfg.set(&format!("precision={}", p.name()))?;
         }
         Ok(cfg)
     }
@@ -191,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             width,
         } => info(&checkpoint, !non_strict, json, width),
         Command::InitCheckpoint { width, seed, out } => init_checkpoint(width, seed, &out),
+        Command::Bench { bench, common } => run_bench(&bench, &common),
         Command::Infer {
             image,
             request,
@@ -214,15 +272,15 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn prepare(common: &CommonArgs, extra_sets: &[String]) -> Result<(Config, Settings, Engine)> {
+fn prepare(common: &CommonArgs, extra_sets: &[String]) -> Result<(Config, Settings, Model)> {
     if let Some(n) = common.threads {
         anyhow::ensure!(n > 0, "--threads must be positive");
         tch::set_num_threads(n);
     }
     let cfg = common.config(extra_sets)?;
     let settings = Settings::from_config(&cfg)?;
-    let engine = Engine::load(&common.weights(&settings)?, settings.device()?)?;
-    Ok((cfg, settings, engine))
+    let model = Model::load(&common.weights(&settings)?, settings.device()?)?;
+    Ok((cfg, settings, model))
 }
 
 fn infer(image: Option<PathBuf>, request: &RequestArgs, common: &CommonArgs) -> Result<()> {
@@ -234,9 +292,57 @@ fn infer(image: Option<PathBuf>, request: &RequestArgs, common: &CommonArgs) -> 
     let req = request.apply(req)?;
     // Check the prompts before loading anything.
     pipeline::resolve_prompts(&req, &Settings::from_config(&cfg)?)?;
-    let (_, settings, engine) = prepare(common, &[])?;
-    let out = pipeline::run_one(&engine, &image, &req, &settings)?;
+    let (_, settings, model) = prepare(common, &[])?;
+    let out = pipeline::run_one(&model, &image, &req, None, &settings)?;
     println!("wrote {} ({:.1} s)", out.output.display(), out.seconds);
+    Ok(())
+}
+
+fn run_bench(args: &BenchArgs, common: &CommonArgs) -> Result<()> {
+    if let Some(n) = common.threads {
+        anyhow::ensure!(n > 0, "--threads must be positive");
+        tch::set_num_threads(n);
+    }
+    let cfg = common.config(&[])?;
+    let settings = Settings::from_config(&cfg)?;
+    let weights = match args.random_width {
+        Some(width) => Weights::Random { width, seed: 0 },
+        None if common.checkpoint.is_some() || common.demo_weights || settings.ckpt_path.is_some() => {
+            common.weights(&settings)?
+        }
+        None => Weights::Random { width: 48, seed: 0 },
+    };
+    let volume = match args.volume.trim() {
+        "none" | "" => None,
+        v => {
+            let dims: Vec<usize> = v
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--volume {v}: expected X,Y,Z or none"))?;
+            anyhow::ensure!(
+                dims.len() == 3 && dims.iter().all(|&d| d > 0),
+                "--volume {v}: expected three positive sizes X,Y,Z"
+            );
+            Some([dims[0], dims[1], dims[2]])
+        }
+    };
+    let model = Model::load(&weights, settings.device()?)?;
+    vista3d::runtime::torch_switches::set_cudnn_benchmark(true);
+    let opts = vista3d::bench::BenchOptions {
+        methods: args.methods.clone(),
+        volume,
+        labels: args.labels.clone(),
+        runs: args.runs,
+        e2e_runs: args.e2e_runs,
+        warmup: args.warmup,
+    };
+    let report = vista3d::bench::run(&model, &settings, &opts)?;
+    print!("{}", vista3d::bench::format_table(&report));
+    if let Some(path) = &args.json {
+        vista3d::fsutil::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
 
@@ -244,6 +350,8 @@ fn infer(image: Option<PathBuf>, request: &RequestArgs, common: &CommonArgs) -> 
 struct BatchItem {
     image: PathBuf,
     request: RequestPrompts,
+    /// `precision` of a JSON list item (overrides the configuration's).
+    precision: Option<Method>,
 }
 
 fn batch_items(
@@ -274,12 +382,25 @@ fn batch_items(
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
-                    serde_json::Value::String(s) => Ok(BatchItem { image: resolve(s), request: base_req.clone() }),
-                    serde_json::Value::Object(_) => {
-                        let c = Config { value: serde_json::json!({ "input_dict": item }) };
+                    serde_json::Value::String(s) => {
+                        Ok(BatchItem { image: resolve(s), request: base_req.clone(), precision: None })
+                    }
+                    serde_json::Value::Object(fields) => {
+                        let precision = match fields.get("precision") {
+                            None => None,
+                            Some(serde_json::Value::String(p)) => Some(
+                                p.parse::<Method>().with_context(|| format!("--input-list item {i}"))?,
+                            ),
+                            Some(other) => anyhow::bail!(
+                                "--input-list item {i}: \"precision\" must be a string, got {other}"
+                            ),
+                        };
+                        let mut fields = fields.clone();
+                        fields.remove("precision");
+                        let c = Config { value: serde_json::json!({ "input_dict": fields }) };
                         let (image, req) = c.input_dict()?;
                         let image = image.with_context(|| format!("--input-list item {i} has no \"image\""))?;
-                        Ok(BatchItem { image: resolve(&image.to_string_lossy()), request: req })
+                        Ok(BatchItem { image: resolve(&image.to_string_lossy()), request: req, precision })
                     }
                     other => anyhow::bail!("--input-list item {i} must be a path or an object with \"image\", got {other}"),
                 })
@@ -292,6 +413,7 @@ fn batch_items(
             .map(|l| BatchItem {
                 image: resolve(l),
                 request: base_req.clone(),
+                precision: None,
             })
             .collect());
     }
@@ -321,6 +443,7 @@ fn batch_items(
         .map(|image| BatchItem {
             image,
             request: base_req.clone(),
+            precision: None,
         })
         .collect())
 }
@@ -335,7 +458,7 @@ fn batch(
 ) -> Result<()> {
     let cfg = common.config(&[])?;
     let items = batch_items(input_dir, input_suffix, input_list, &cfg, request)?;
-    let (_, settings, engine) = prepare(common, &[])?;
+    let (_, settings, model) = prepare(common, &[])?;
     let total = items.len();
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bar = indicatif::ProgressBar::new(total as u64);
@@ -360,7 +483,7 @@ fn batch(
                 item.image.display()
             );
         } else {
-            match pipeline::run_one(&engine, &item.image, &item.request, &settings) {
+            match pipeline::run_one(&model, &item.image, &item.request, item.precision, &settings) {
                 Ok(o) => {
                     done += 1;
                     if bar.is_none() {

@@ -1,6 +1,8 @@
 //! Request-level orchestration shared by `vista3d infer` and `vista3d batch`: model selection, one image in,
 //! one label map (plus a JSON record of what was done) out.
 
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -8,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device};
 
 use crate::config::{output_path, Config};
+use crate::engines::runner::{MethodReport, WindowRunner};
+use crate::engines::{self, EngineContext, Method, WindowEngine};
 use crate::inference::{self, WindowSettings};
 use crate::io::{read_nifti, write_nifti, OutputDtype};
 use crate::model::Vista3d;
@@ -24,15 +28,24 @@ pub enum Weights {
     Random { width: i64, seed: i64 },
 }
 
-/// A loaded network ready for requests.
-pub struct Engine {
+/// How a request method is served: an open engine (if any), the libtorch method, and why it stepped down.
+struct Choice {
+    engine: Option<Box<dyn WindowEngine>>,
+    torch: Method,
+    notes: Vec<String>,
+}
+
+/// A loaded network ready for requests, with the engines opened for it so far (kept across a batch).
+pub struct Model {
     pub net: Vista3d,
     pub device: Device,
     pub weights: Weights,
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
+    fingerprint: OnceCell<String>,
+    choices: RefCell<HashMap<Method, Choice>>,
 }
 
-impl Engine {
+impl Model {
     /// Loads the weights on `device` (strict checkpoint loading).
     pub fn load(weights: &Weights, device: Device) -> Result<Self> {
         let (vs, net) = match weights {
@@ -52,8 +65,75 @@ impl Engine {
             net,
             device,
             weights: weights.clone(),
-            _vs: vs,
+            vs,
+            fingerprint: OnceCell::new(),
+            choices: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// The parameters, under MONAI's names.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// The weights' fingerprint (computed once): what exported ONNX files and engines are keyed by.
+    pub fn weights_fingerprint(&self) -> String {
+        self.fingerprint
+            .get_or_init(|| engines::fingerprint::weights_fingerprint(&self.vs))
+            .clone()
+    }
+
+    /// Where this model's engines are and what they must match.
+    pub fn engine_context_for(&self, settings: &Settings) -> EngineContext {
+        EngineContext {
+            onnx_dir: settings.onnx_dir.clone(),
+            engines_dir: settings.engines_dir.clone(),
+            weights_fingerprint: self.weights_fingerprint(),
+            device: self.device,
+            patch_size: settings.window.patch_size,
+            max_prompt_size: settings.max_prompt_size,
+            sw_batch_size: settings.window.sw_batch_size,
+        }
+    }
+
+    /// Runs `f` with the network of a request for `method`: the engine is opened on first use and kept for
+    /// the next requests; a method that cannot run steps down to libtorch (recorded in the report).
+    pub fn with_runner<T>(
+        &self,
+        method: Method,
+        settings: &Settings,
+        f: impl FnOnce(&WindowRunner) -> Result<T>,
+    ) -> Result<(T, MethodReport)> {
+        let cached = self.choices.borrow_mut().remove(&method);
+        let choice = cached.unwrap_or_else(|| {
+            let (engine, torch, notes) = engines::choose(method, self.device.is_cuda(), &mut || {
+                Ok(self.engine_context_for(settings))
+            });
+            Choice {
+                engine,
+                torch,
+                notes,
+            }
+        });
+        let runner = WindowRunner::new(
+            &self.net,
+            self.device,
+            method,
+            choice.engine,
+            choice.torch,
+            choice.notes.clone(),
+        );
+        let out = f(&runner);
+        let (engine, report) = runner.into_parts();
+        self.choices.borrow_mut().insert(
+            method,
+            Choice {
+                engine,
+                torch: choice.torch,
+                notes: choice.notes,
+            },
+        );
+        Ok((out?, report))
     }
 }
 
@@ -69,6 +149,14 @@ pub struct Settings {
     pub output_dtype: OutputDtype,
     pub device: String,
     pub ckpt_path: Option<PathBuf>,
+    /// `precision`: how the network runs (`auto` by default).
+    pub precision: Method,
+    /// `onnx_dir`: where `vista3d export-onnx` wrote the ONNX models.
+    pub onnx_dir: PathBuf,
+    /// `engines_dir`: where `vista3d build-engines` wrote the TensorRT engines.
+    pub engines_dir: PathBuf,
+    /// `max_prompt_size`: the largest prompt batch of one class-head engine call.
+    pub max_prompt_size: usize,
 }
 
 impl Settings {
@@ -95,6 +183,21 @@ impl Settings {
                 .parse()?,
             device: cfg.string("device")?.unwrap_or_else(|| "auto".into()),
             ckpt_path: cfg.path("ckpt_path")?,
+            precision: cfg
+                .string("precision")?
+                .as_deref()
+                .unwrap_or("auto")
+                .parse()
+                .context("config key precision")?,
+            onnx_dir: cfg.path("onnx_dir")?.unwrap_or_else(|| PathBuf::from("onnx")),
+            engines_dir: cfg
+                .path("engines_dir")?
+                .unwrap_or_else(|| PathBuf::from("engines")),
+            max_prompt_size: match cfg.int("max_prompt_size")? {
+                None => 4,
+                Some(n) if n >= 1 => n as usize,
+                Some(n) => bail!("max_prompt_size must be at least 1, got {n}"),
+            },
         })
     }
 
@@ -123,9 +226,10 @@ pub struct Outcome {
 /// Segments one image and writes `<output_dir>/<stem>/<stem>_<postfix>.nii.gz` plus `<stem>_<postfix>.json`
 /// (prompts, weights, device, timings). Nothing is written when any step fails.
 pub fn run_one(
-    engine: &Engine,
+    model: &Model,
     image: &Path,
     req: &RequestPrompts,
+    precision: Option<Method>,
     settings: &Settings,
 ) -> Result<Outcome> {
     let t0 = Instant::now();
@@ -145,15 +249,25 @@ pub fn run_one(
         }
     }
     let t_read = t0.elapsed().as_secs_f64();
-    let seg = inference::segment(
-        &engine.net,
-        engine.device,
-        &input.volume,
-        &prompts,
-        &settings.preprocess,
-        &settings.window,
-    )
-    .with_context(|| format!("segmenting {}", image.display()))?;
+    let method = precision.unwrap_or(settings.precision);
+    let (seg, report) = model
+        .with_runner(method, settings, |net| {
+            inference::segment(
+                net,
+                model.device,
+                &input.volume,
+                &prompts,
+                &settings.preprocess,
+                &settings.window,
+            )
+        })
+        .with_context(|| format!("segmenting {}", image.display()))?;
+    log::info!(
+        "{}: precision {} -> ran {}",
+        image.display(),
+        method,
+        crate::engines::runner::used_names(&report)
+    );
     let out = output_path(&settings.output_dir, image, &settings.output_postfix);
     let t = Instant::now();
     write_nifti(&out, &seg.labels, &input.header, settings.output_dtype)?;
@@ -164,7 +278,7 @@ pub fn run_one(
         timings.insert((*k).into(), (*v).into());
     }
     timings.insert("write".into(), t_write.into());
-    let weights = match &engine.weights {
+    let weights = match &model.weights {
         Weights::Checkpoint(p) => serde_json::json!({"checkpoint": p.display().to_string()}),
         Weights::Random { width, seed } => {
             serde_json::json!({"random": true, "width": width, "seed": seed, "note": "seeded random weights: not a trained model"})
@@ -177,8 +291,8 @@ pub fn run_one(
         "points": prompts.points,
         "point_labels": prompts.point_labels,
         "weights": weights,
-        "device": format!("{:?}", engine.device),
-        "precision": "fp32 (libtorch)",
+        "device": format!("{:?}", model.device),
+        "precision": report,
         "patch_size": settings.window.patch_size,
         "overlap": settings.window.overlap,
         "use_point_window": settings.window.use_point_window,

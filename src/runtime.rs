@@ -75,3 +75,111 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
     }
     Ok(device)
 }
+
+/// libtorch's global numeric switches that tch does not expose (TF32, cuDNN autotuning, autocast), reached
+/// through their C++ symbols in `libtorch_cpu.so` (Itanium ABI: a member function takes `this` first).
+/// They matter only on CUDA; calling them on a CPU-only machine is harmless.
+pub mod torch_switches {
+    use std::ffi::{c_void, CString};
+
+    /// `c10::DeviceType::CUDA`.
+    const DEVICE_CUDA: i8 = 1;
+    /// `c10::ScalarType::Half`.
+    const SCALAR_HALF: i8 = 5;
+
+    fn symbol(name: &str) -> Option<*mut c_void> {
+        let c_name = CString::new(name).ok()?;
+        // SAFETY: dlsym on the global namespace with a valid C string; null is handled.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c_name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    }
+
+    fn context() -> Option<*mut c_void> {
+        let f = symbol("_ZN2at13globalContextEv")?;
+        // SAFETY: `at::globalContext()` takes no argument and returns a reference (a pointer) to the context.
+        let f: extern "C" fn() -> *mut c_void = unsafe { std::mem::transmute(f) };
+        Some(f())
+    }
+
+    fn set_context_flag(name: &str, on: bool) -> bool {
+        let (Some(ctx), Some(f)) = (context(), symbol(name)) else {
+            log::debug!("libtorch symbol {name} not found: switch ignored");
+            return false;
+        };
+        // SAFETY: `void at::Context::setX(bool)` called with the global context as `this`.
+        let f: extern "C" fn(*mut c_void, bool) = unsafe { std::mem::transmute(f) };
+        f(ctx, on);
+        true
+    }
+
+    /// Allows (or forbids) TF32 tensor cores in cuDNN convolutions and cuBLAS matmuls
+    /// (`torch.backends.cudnn.allow_tf32` / `torch.backends.cuda.matmul.allow_tf32`).
+    pub fn set_tf32(conv: bool, matmul: bool) -> bool {
+        set_context_flag("_ZN2at7Context17setAllowTF32CuDNNEb", conv)
+            & set_context_flag("_ZN2at7Context18setAllowTF32CuBLASEb", matmul)
+    }
+
+    /// `torch.backends.cudnn.benchmark`: let cuDNN time its algorithms for each new shape.
+    pub fn set_cudnn_benchmark(on: bool) -> bool {
+        set_context_flag("_ZN2at7Context17setBenchmarkCuDNNEb", on)
+    }
+
+    /// Runs `f` under CUDA autocast to fp16 (`torch.autocast("cuda")`), as the bundle's `amp: true`.
+    /// Uses libtorch's device-typed API directly (tch's wrapper prints a deprecation warning per call).
+    pub fn with_cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
+        let (Some(set), Some(dtype), Some(inc), Some(dec), Some(clear)) = (
+            symbol("_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"),
+            symbol("_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"),
+            symbol("_ZN2at8autocast17increment_nestingEv"),
+            symbol("_ZN2at8autocast17decrement_nestingEv"),
+            symbol("_ZN2at8autocast11clear_cacheEv"),
+        ) else {
+            log::warn!("libtorch autocast symbols not found: running without amp");
+            return f();
+        };
+        // SAFETY: the signatures of at::autocast::{set_autocast_enabled(DeviceType, bool),
+        // set_autocast_dtype(DeviceType, ScalarType), increment_nesting(), decrement_nesting(), clear_cache()};
+        // DeviceType and ScalarType are int8 enums.
+        unsafe {
+            let set: extern "C" fn(i8, bool) = std::mem::transmute(set);
+            let dtype: extern "C" fn(i8, i8) = std::mem::transmute(dtype);
+            let inc: extern "C" fn() -> i32 = std::mem::transmute(inc);
+            let dec: extern "C" fn() -> i32 = std::mem::transmute(dec);
+            let clear: extern "C" fn() = std::mem::transmute(clear);
+            dtype(DEVICE_CUDA, SCALAR_HALF);
+            set(DEVICE_CUDA, true);
+            inc();
+            let out = f();
+            if dec() == 0 {
+                clear();
+            }
+            set(DEVICE_CUDA, false);
+            out
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn libtorch_symbols_resolve() {
+            // The binary links libtorch_cpu, so every switch must be found (a renamed symbol would silently
+            // turn TF32/amp requests into fp32 otherwise).
+            assert!(context().is_some());
+            assert!(set_tf32(false, false));
+            assert!(set_cudnn_benchmark(false));
+            for name in [
+                "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb",
+                "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE",
+                "_ZN2at8autocast17increment_nestingEv",
+                "_ZN2at8autocast17decrement_nestingEv",
+                "_ZN2at8autocast11clear_cacheEv",
+            ] {
+                assert!(symbol(name).is_some(), "{name}");
+            }
+            let _ = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+            assert_eq!(with_cuda_autocast(|| 7), 7);
+        }
+    }
+}

@@ -4,7 +4,11 @@
 //!
 //! Every engine implements [`WindowEngine`]; [`Method`] names what a request asks for (`--precision`).
 
+pub mod fingerprint;
+pub mod runner;
+
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
@@ -129,6 +133,80 @@ pub trait WindowEngine {
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor>;
 }
 
+/// Where engines live and what they must match, for opening one for a request.
+#[derive(Debug, Clone)]
+pub struct EngineContext {
+    /// Directory of `vista3d export-onnx` (config `onnx_dir`).
+    pub onnx_dir: PathBuf,
+    /// Directory of `vista3d build-engines` (config `engines_dir`).
+    pub engines_dir: PathBuf,
+    /// [`fingerprint`] of the loaded weights: engines built from other weights are stale.
+    pub weights_fingerprint: String,
+    /// The device the request runs on.
+    pub device: tch::Device,
+    /// The sliding-window size the engines were built for.
+    pub patch_size: [usize; 3],
+    /// Largest prompt batch of the class-head engine (config `max_prompt_size`).
+    pub max_prompt_size: usize,
+    /// Windows per network call (config `sw_batch_size`).
+    pub sw_batch_size: usize,
+}
+
+/// Opens the engine of `method` (an engine method). Errors say why it cannot run here.
+pub fn open_engine(method: Method, ctx: &EngineContext) -> Result<Box<dyn WindowEngine>> {
+    match method {
+        Method::Ort => bail!("ONNX Runtime engine not built into this binary"),
+        Method::TrtFp16 | Method::TrtTf32 => bail!("TensorRT engine not built into this binary"),
+        other => bail!("{other} is a libtorch method, not an engine"),
+    }
+}
+
+/// The engine (if any) and the libtorch method that serve a request for `requested`, with the reasons for
+/// every step down. `ctx` is computed only when an engine is tried (hashing the weights takes a moment).
+pub fn choose(
+    requested: Method,
+    cuda: bool,
+    ctx: &mut dyn FnMut() -> Result<EngineContext>,
+) -> (Option<Box<dyn WindowEngine>>, Method, Vec<String>) {
+    let mut notes = Vec::new();
+    let candidates: Vec<Method> = match requested {
+        Method::Auto => Method::auto_order(cuda).to_vec(),
+        m => vec![m],
+    };
+    for m in candidates {
+        if m.uses_engine() {
+            match ctx().and_then(|c| open_engine(m, &c)) {
+                Ok(engine) => return (Some(engine), m.torch_fallback(cuda), notes),
+                Err(e) => {
+                    let msg = format!("{m} unavailable: {e:#}");
+                    if requested == Method::Auto {
+                        log::debug!("{msg}");
+                    } else {
+                        log::warn!("{msg}; running libtorch {} instead", m.torch_fallback(cuda));
+                    }
+                    notes.push(msg);
+                }
+            }
+        } else if !cuda && matches!(m, Method::TorchAmp | Method::TorchTf32) {
+            let msg = format!("{m} acts only on CUDA devices; running torch_fp32 on the CPU");
+            log::warn!("{msg}");
+            notes.push(msg);
+            return (None, Method::TorchFp32, notes);
+        } else {
+            return (None, m, notes);
+        }
+    }
+    let fallback = match requested {
+        Method::Auto => Method::auto_order(cuda)
+            .iter()
+            .copied()
+            .find(|m| !m.uses_engine())
+            .unwrap_or(Method::TorchFp32),
+        m => m.torch_fallback(cuda),
+    };
+    (None, fallback, notes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +228,33 @@ mod tests {
         }
         assert_eq!(Method::TrtFp16.torch_fallback(false), Method::TorchFp32);
         assert_eq!(Method::TrtFp16.torch_fallback(true), Method::TorchAmp);
+    }
+
+    fn no_context() -> Result<EngineContext> {
+        bail!("no ONNX export in onnx/")
+    }
+
+    #[test]
+    fn choose_never_fails() {
+        // A missing engine falls back to libtorch with the reason recorded.
+        let (engine, torch, notes) = choose(Method::TrtFp16, true, &mut no_context);
+        assert!(engine.is_none());
+        assert_eq!(torch, Method::TorchAmp);
+        assert!(notes[0].contains("no ONNX export"), "{notes:?}");
+        let (_, torch, notes) = choose(Method::Ort, false, &mut no_context);
+        assert_eq!(torch, Method::TorchFp32);
+        assert_eq!(notes.len(), 1);
+        // auto on a GPU steps down to amp; on a CPU it is fp32 and tries nothing.
+        let (_, torch, notes) = choose(Method::Auto, true, &mut no_context);
+        assert_eq!((torch, notes.len()), (Method::TorchAmp, 2));
+        let mut called = false;
+        let (_, torch, notes) = choose(Method::Auto, false, &mut || {
+            called = true;
+            no_context()
+        });
+        assert_eq!((torch, notes.len(), called), (Method::TorchFp32, 0, false));
+        // amp on a CPU runs fp32, said so.
+        let (_, torch, notes) = choose(Method::TorchAmp, false, &mut no_context);
+        assert_eq!((torch, notes.len()), (Method::TorchFp32, 1));
     }
 }

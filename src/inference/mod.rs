@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use ndarray::Array3;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::Vista3d;
+pub use crate::engines::runner::WindowNetwork;
 use crate::prompts::{Prompts, LAST_SUPPORTED};
 use crate::transforms::{self, PreprocessConfig, SpatialTrace};
 use crate::volume::Volume;
@@ -94,6 +94,20 @@ impl NetworkPrompts {
         }
     }
 
+    /// Class prompts only (no points), all supported ids: what the automatic segmentation sends.
+    pub fn from_labels(ids: &[i64]) -> Self {
+        let column = Tensor::from_slice(ids).view([-1, 1]);
+        let supported = ids.iter().all(|&c| c <= LAST_SUPPORTED);
+        Self {
+            class_vector: supported.then(|| column.shallow_clone()),
+            prompt_class: Some(column),
+            point_coords: None,
+            point_labels: None,
+            label_prompt: Some(ids.to_vec()),
+            points: Vec::new(),
+        }
+    }
+
     fn labels(&self) -> Vec<i64> {
         self.point_labels
             .as_ref()
@@ -147,7 +161,7 @@ impl CellSink for FullSink<'_> {
 /// postprocessed as they finish and only the label map `[X, Y, Z]` is kept (bounded memory); otherwise the
 /// logits `[B, X, Y, Z]` are returned. Returns the result and the peak number of cells in flight.
 pub fn sliding_window(
-    net: &Vista3d,
+    net: &dyn WindowNetwork,
     image: &Tensor,
     prompts: &NetworkPrompts,
     settings: &WindowSettings,
@@ -227,7 +241,7 @@ pub fn sliding_window(
             transpose: true,
         };
         let t = std::time::Instant::now();
-        let out = tch::no_grad(|| net.forward(&input, &args))?;
+        let out = tch::no_grad(|| net.forward_window(&input, &args))?;
         let t_net = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
         for (i, &index) in chunk.iter().enumerate() {
@@ -258,7 +272,7 @@ pub fn sliding_window(
 /// Runs the network on a preprocessed image `[1, 1, X, Y, Z]` as the bundle's inferer does and returns
 /// the raw stitched logits `[B, X, Y, Z]` (NaN where not computed). Used for parity checks.
 pub fn infer_logits(
-    net: &Vista3d,
+    net: &dyn WindowNetwork,
     image: &Tensor,
     prompts: &NetworkPrompts,
     settings: &WindowSettings,
@@ -293,7 +307,7 @@ fn point_window_prompts(prompts: &NetworkPrompts) -> PointWindowPrompts<'_> {
 /// Label ids on the processed grid `[X, Y, Z]` (NaN where not computed): inference plus the bundle's
 /// postprocessing. Class-only requests stream through the stitcher and never hold all logits.
 pub fn infer_labels(
-    net: &Vista3d,
+    net: &dyn WindowNetwork,
     image: &Tensor,
     prompts: &NetworkPrompts,
     settings: &WindowSettings,
@@ -344,7 +358,7 @@ pub struct Segmentation {
 
 /// Segments a volume end to end: preprocess, infer, postprocess, invert to the original grid, NaN -> 255.
 pub fn segment(
-    net: &Vista3d,
+    net: &dyn WindowNetwork,
     device: Device,
     volume: &Volume,
     prompts: &Prompts,

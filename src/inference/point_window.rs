@@ -4,7 +4,8 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{ForwardArgs, Vista3d};
+use crate::engines::runner::WindowNetwork;
+use crate::model::ForwardArgs;
 
 /// Window `[start, end)` along one axis for a point at `p` (MONAI `_get_window_idx_c`; `int` truncates).
 pub fn window_around(p: f64, roi: usize, size: usize) -> (usize, usize) {
@@ -36,7 +37,7 @@ pub struct PointWindowPrompts<'a> {
 /// Runs the network on a window around each point of `image` `[1, 1, X, Y, Z]` and stitches the outputs:
 /// `[1, 1, X, Y, Z]` float32 on the CPU, NaN where no window ran (unless `prev_mask` fills it).
 pub fn point_window_inference(
-    net: &Vista3d,
+    net: &dyn WindowNetwork,
     image: &Tensor,
     roi: [usize; 3],
     prompts: &PointWindowPrompts,
@@ -80,7 +81,7 @@ pub fn point_window_inference(
             radius: None,
             transpose: true,
         };
-        let out = tch::no_grad(|| net.forward(&window.contiguous(), &args))?
+        let out = tch::no_grad(|| net.forward_window(&window.contiguous(), &args))?
             .to_device(Device::Cpu)
             .to_kind(Kind::Float);
         let b = out.size()[1];

@@ -1,0 +1,299 @@
+//! One request's network: the class path through an engine when one is open, libtorch otherwise, and a
+//! fallback to libtorch (with one warning) the moment an engine fails, so a request never fails because of an
+//! engine.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use super::{Method, WindowEngine};
+use crate::model::{ForwardArgs, Vista3d};
+use crate::runtime::torch_switches;
+
+/// Something that runs one sliding window (MONAI `VISTA3D.forward` semantics): the plain network or a
+/// [`WindowRunner`].
+pub trait WindowNetwork {
+    /// Same contract as [`Vista3d::forward`].
+    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor>;
+}
+
+impl WindowNetwork for Vista3d {
+    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        self.forward(input, args)
+    }
+}
+
+/// What a request asked for and what actually ran.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MethodReport {
+    /// `--precision` as given.
+    pub requested: Option<Method>,
+    /// Every method that computed at least one window, in order of first use.
+    pub used: Vec<Method>,
+    /// Why the requested method did not (fully) run.
+    pub fallbacks: Vec<String>,
+}
+
+impl MethodReport {
+    fn mark_used(&mut self, m: Method) {
+        if !self.used.contains(&m) {
+            self.used.push(m);
+        }
+    }
+}
+
+/// The network of one request with its method.
+pub struct WindowRunner<'a> {
+    net: &'a Vista3d,
+    device: Device,
+    torch_method: Method,
+    engine: RefCell<Option<Box<dyn WindowEngine>>>,
+    report: RefCell<MethodReport>,
+}
+
+impl<'a> WindowRunner<'a> {
+    /// A runner for `requested`, with `engine` already opened for it (or `None`, then `torch_method` runs
+    /// everything). `notes` are reasons recorded while choosing (e.g. an engine that could not be opened).
+    pub fn new(
+        net: &'a Vista3d,
+        device: Device,
+        requested: Method,
+        engine: Option<Box<dyn WindowEngine>>,
+        torch_method: Method,
+        notes: Vec<String>,
+    ) -> Self {
+        let cuda = device.is_cuda();
+        let torch_method = if cuda {
+            torch_method
+        } else {
+            Method::TorchFp32
+        };
+        // The global TF32 switches follow the libtorch method: strict fp32 turns cuDNN's default TF32 off.
+        if cuda {
+            match torch_method {
+                Method::TorchFp32 => torch_switches::set_tf32(false, false),
+                Method::TorchTf32 => torch_switches::set_tf32(true, true),
+                _ => torch_switches::set_tf32(true, false),
+            };
+        }
+        Self {
+            net,
+            device,
+            torch_method,
+            engine: RefCell::new(engine),
+            report: RefCell::new(MethodReport {
+                requested: Some(requested),
+                used: Vec::new(),
+                fallbacks: notes,
+            }),
+        }
+    }
+
+    /// Plain libtorch fp32 (what tests and parity checks use).
+    pub fn torch(net: &'a Vista3d, device: Device) -> Self {
+        Self::new(
+            net,
+            device,
+            Method::TorchFp32,
+            None,
+            Method::TorchFp32,
+            Vec::new(),
+        )
+    }
+
+    /// The libtorch method used for point prompts and as the fallback.
+    pub fn torch_method(&self) -> Method {
+        self.torch_method
+    }
+
+    /// What was asked and what ran so far.
+    pub fn report(&self) -> MethodReport {
+        self.report.borrow().clone()
+    }
+
+    /// Ends the request, handing back the engine (if it is still healthy) for the next request.
+    pub fn into_parts(self) -> (Option<Box<dyn WindowEngine>>, MethodReport) {
+        (self.engine.into_inner(), self.report.into_inner())
+    }
+
+    fn engine_forward(
+        engine: &mut dyn WindowEngine,
+        input: &Tensor,
+        class_vector: &Tensor,
+        transpose: bool,
+    ) -> Result<Tensor> {
+        let features = engine.encode(input)?;
+        let logits = engine.classify(&features, class_vector)?;
+        let expected = [class_vector.size()[0], input.size()[0]];
+        anyhow::ensure!(
+            logits.dim() == 5 && logits.size()[..2] == expected && logits.size()[2..] == input.size()[2..],
+            "{} returned logits of shape {:?}, expected [{}, {}, {:?}]",
+            engine.method(),
+            logits.size(),
+            expected[0],
+            expected[1],
+            &input.size()[2..]
+        );
+        let logits = logits.to_kind(Kind::Float);
+        Ok(if transpose {
+            logits.transpose(1, 0)
+        } else {
+            logits
+        })
+    }
+
+    fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        self.report.borrow_mut().mark_used(self.torch_method);
+        if self.torch_method == Method::TorchAmp && self.device.is_cuda() {
+            let out = torch_switches::with_cuda_autocast(|| self.net.forward(input, args))?;
+            Ok(out.to_kind(Kind::Float))
+        } else {
+            self.net.forward(input, args)
+        }
+    }
+}
+
+impl WindowNetwork for WindowRunner<'_> {
+    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        // Engines cover the class path only: windows with point prompts run in libtorch.
+        if let (None, Some(cv)) = (args.point_coords, args.class_vector) {
+            let mut slot = self.engine.borrow_mut();
+            if let Some(engine) = slot.as_mut() {
+                let method = engine.method();
+                match Self::engine_forward(engine.as_mut(), input, cv, args.transpose) {
+                    Ok(out) => {
+                        self.report.borrow_mut().mark_used(method);
+                        return Ok(out);
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "{method} failed ({e:#}); falling back to libtorch {} for the rest of the request",
+                            self.torch_method
+                        );
+                        log::warn!("{msg}");
+                        self.report.borrow_mut().fallbacks.push(msg);
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        self.torch_forward(input, args)
+    }
+}
+
+/// Distinct methods of a report, for display.
+pub fn used_names(report: &MethodReport) -> String {
+    let set: BTreeSet<&str> = report.used.iter().map(|m| m.name()).collect();
+    set.into_iter().collect::<Vec<_>>().join("+")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Vista3dConfig;
+    use tch::nn;
+
+    /// An engine that computes the class path with the libtorch modules (so results can be compared), or fails
+    /// from its `fail_after`-th call on.
+    struct FakeEngine<'a> {
+        net: &'a Vista3d,
+        calls: usize,
+        fail_after: usize,
+    }
+
+    impl WindowEngine for FakeEngine<'static> {
+        fn method(&self) -> Method {
+            Method::TrtFp16
+        }
+        fn encode(&mut self, image: &Tensor) -> Result<Tensor> {
+            self.calls += 1;
+            anyhow::ensure!(self.calls <= self.fail_after, "simulated engine failure");
+            let (_, auto) = self.net.image_encoder.forward(image, false, true);
+            auto.ok_or_else(|| anyhow::anyhow!("no features"))
+        }
+        fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {
+            Ok(self.net.class_head.forward(features, class_ids))
+        }
+    }
+
+    fn leaked_net() -> &'static Vista3d {
+        tch::manual_seed(3);
+        let vs = Box::leak(Box::new(nn::VarStore::new(Device::Cpu)));
+        Box::leak(Box::new(
+            Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn engine_matches_torch_then_falls_back_on_failure() {
+        let net = leaked_net();
+        let input = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let cv = Tensor::from_slice(&[3i64, 1, 14]).view([3, 1]);
+        let args = ForwardArgs {
+            class_vector: Some(&cv),
+            transpose: true,
+            ..Default::default()
+        };
+        let reference = tch::no_grad(|| net.forward(&input, &args)).unwrap();
+        let engine = FakeEngine {
+            net,
+            calls: 0,
+            fail_after: 1,
+        };
+        let runner = WindowRunner::new(
+            net,
+            Device::Cpu,
+            Method::TrtFp16,
+            Some(Box::new(engine)),
+            Method::TorchFp32,
+            Vec::new(),
+        );
+        // First window through the engine, second: the engine fails and libtorch takes over, same values.
+        for _ in 0..2 {
+            let out = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
+            assert_eq!(out.size(), reference.size());
+            let diff = (&out - &reference).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "diff {diff}");
+        }
+        let (engine, report) = runner.into_parts();
+        assert!(engine.is_none(), "a failed engine is dropped");
+        assert_eq!(report.used, vec![Method::TrtFp16, Method::TorchFp32]);
+        assert_eq!(report.fallbacks.len(), 1);
+        assert!(report.fallbacks[0].contains("simulated engine failure"));
+    }
+
+    #[test]
+    fn point_windows_bypass_the_engine() {
+        let net = leaked_net();
+        let input = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let cv = Tensor::from_slice(&[3i64]).view([1, 1]);
+        let pc = Tensor::from_slice(&[5.0f32, 6.0, 7.0]).view([1, 1, 3]);
+        let pl = Tensor::from_slice(&[1i64]).view([1, 1]);
+        let args = ForwardArgs {
+            class_vector: Some(&cv),
+            point_coords: Some(&pc),
+            point_labels: Some(&pl),
+            transpose: true,
+            ..Default::default()
+        };
+        let engine = FakeEngine {
+            net,
+            calls: 0,
+            fail_after: 0,
+        };
+        let runner = WindowRunner::new(
+            net,
+            Device::Cpu,
+            Method::TrtFp16,
+            Some(Box::new(engine)),
+            Method::TorchFp32,
+            Vec::new(),
+        );
+        let _ = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
+        let (engine, report) = runner.into_parts();
+        assert!(engine.is_some(), "the engine was not called, so it is still healthy");
+        assert_eq!(report.used, vec![Method::TorchFp32]);
+    }
+}
