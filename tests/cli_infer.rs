@@ -246,3 +246,102 @@ fn batch_reports_bad_files_and_skips_finished_ones() {
     let t = text(&o);
     assert!(t.contains("0 segmented") && t.contains("1 skipped"), "{t}");
 }
+
+fn record(out: &Path, stem: &str) -> serde_json::Value {
+    let p = out.join(format!("{stem}/{stem}_trans.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+#[test]
+fn unavailable_precisions_fall_back_to_libtorch_and_are_recorded() {
+    let ct = data("totalsegmentator/example_ct_sm.nii.gz");
+    let run = |precision: &str, dir: &str| {
+        let out = tmp(dir);
+        let mut args = vec![
+            "infer",
+            "--image",
+            ct.to_str().unwrap(),
+            "--label-prompt",
+            "3",
+            "--precision",
+            precision,
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(FAST);
+        let o = vista3d(&args);
+        (o, out)
+    };
+    let (o, fp32_dir) = run("fp32", "precision_fp32");
+    assert!(o.status.success(), "{}", text(&o));
+    let rec = record(&fp32_dir, "example_ct_sm");
+    assert_eq!(rec["precision"]["requested"], "torch_fp32");
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+
+    // No TensorRT here: the request succeeds through libtorch, says so, and gives the same labels.
+    let (o, trt_dir) = run("trt_fp16", "precision_trt");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("trt_fp16 unavailable"), "{}", text(&o));
+    let rec = record(&trt_dir, "example_ct_sm");
+    assert_eq!(rec["precision"]["requested"], "trt_fp16");
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    let why = rec["precision"]["fallbacks"][0].as_str().unwrap();
+    assert!(why.starts_with("trt_fp16 unavailable"), "{why}");
+    let a = read_nifti(&fp32_dir.join("example_ct_sm/example_ct_sm_trans.nii.gz")).unwrap();
+    let b = read_nifti(&trt_dir.join("example_ct_sm/example_ct_sm_trans.nii.gz")).unwrap();
+    assert_eq!(a.volume.data, b.volume.data);
+
+    let (o, bad_dir) = run("fp8", "precision_bad");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unknown precision 'fp8'"), "{}", text(&o));
+    assert!(files_under(&bad_dir).is_empty());
+}
+
+#[test]
+fn batch_items_choose_their_precision() {
+    let ct = data("totalsegmentator/example_ct_sm.nii.gz");
+    let work = tmp("batch_precision");
+    let first = work.join("a.nii.gz");
+    let second = work.join("b.nii.gz");
+    std::fs::copy(&ct, &first).unwrap();
+    std::fs::copy(&ct, &second).unwrap();
+    let list = work.join("list.json");
+    std::fs::write(
+        &list,
+        serde_json::json!([
+            {"image": "a.nii.gz", "label_prompt": [3], "precision": "amp"},
+            {"image": "b.nii.gz", "label_prompt": [3]},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let out = work.join("out");
+    let mut args = vec![
+        "batch",
+        "--input-list",
+        list.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend(FAST);
+    let o = vista3d(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let a = record(&out, "a");
+    assert_eq!(a["precision"]["requested"], "torch_amp");
+    assert_eq!(a["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert!(a["precision"]["fallbacks"][0]
+        .as_str()
+        .unwrap()
+        .contains("only on CUDA"));
+    let b = record(&out, "b");
+    assert_eq!(b["precision"]["requested"], "auto");
+
+    std::fs::write(
+        &list,
+        r#"[{"image": "a.nii.gz", "precision": "int4"}]"#,
+    )
+    .unwrap();
+    let o = vista3d(&args);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("item 0"), "{}", text(&o));
+}
