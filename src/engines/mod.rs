@@ -4,6 +4,10 @@
 //!
 //! Every engine implements [`WindowEngine`]; [`Method`] names what a request asks for (`--precision`).
 
+pub mod fingerprint;
+pub mod onnx;
+pub mod ort_engine;
+
 use std::fmt;
 use std::str::FromStr;
 
