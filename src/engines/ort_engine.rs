@@ -235,8 +235,18 @@ impl WindowEngine for OrtEngine {
             c.len() == 2 && c[1] == 1 && c[0] > 0,
             "ONNX Runtime class head: class ids must be [B, 1] with B >= 1, got {c:?}"
         );
+        let ids_cpu = class_ids.to_device(Device::Cpu).to_kind(Kind::Int64);
+        let (lo, hi) = (
+            ids_cpu.min().int64_value(&[]),
+            ids_cpu.max().int64_value(&[]),
+        );
+        ensure!(
+            lo >= 0 && hi < self.manifest.n_classes,
+            "ONNX Runtime class head: class ids must be in 0..{}, got {lo}..={hi}",
+            self.manifest.n_classes
+        );
         let features_in = to_ort::<f32>(features, Kind::Float)?.into_dyn();
-        let ids = to_ort::<i64>(class_ids, Kind::Int64)?.into_dyn();
+        let ids = to_ort::<i64>(&ids_cpu, Kind::Int64)?.into_dyn();
         run_one(
             &mut self.class_head,
             vec![("features", features_in), ("class_ids", ids)],
