@@ -29,7 +29,8 @@ fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut width, mut size, mut threads, mut reps, mut prompts) = (16i64, 64i64, 2usize, 3usize, 117i64);
+    let (mut width, mut size, mut threads, mut reps, mut prompts) =
+        (16i64, 64i64, 2usize, 3usize, 117i64);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {

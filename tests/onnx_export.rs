@@ -80,7 +80,11 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
         let ids = Tensor::from_slice(ids).view([-1, 1]);
         let expected = tch::no_grad(|| net.class_head.forward(&torch_features, &ids));
         let logits = engine.classify(&torch_features, &ids).unwrap();
-        check(&format!("logits, {} prompts", ids.size()[0]), &logits, &expected);
+        check(
+            &format!("logits, {} prompts", ids.size()[0]),
+            &logits,
+            &expected,
+        );
     }
 
     // Batched windows (sw_batch_size 2): logits are [B, b, H, W, D].
@@ -88,11 +92,19 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
     let ids = Tensor::from_slice(&four).view([-1, 1]);
     let expected = tch::no_grad(|| net.class_head.forward(&batch, &ids));
     assert_eq!(expected.size(), [4, 2, 16, 32, 16]);
-    check("logits, 2 windows x 4 prompts", &engine.classify(&batch, &ids).unwrap(), &expected);
+    check(
+        "logits, 2 windows x 4 prompts",
+        &engine.classify(&batch, &ids).unwrap(),
+        &expected,
+    );
 
     let images = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
     let expected = tch::no_grad(|| net.image_encoder.forward(&images, false, true).1.unwrap());
-    check("encoder features, 2 windows", &engine.encode(&images).unwrap(), &expected);
+    check(
+        "encoder features, 2 windows",
+        &engine.encode(&images).unwrap(),
+        &expected,
+    );
 }
 
 #[test]
@@ -103,13 +115,20 @@ fn bad_inputs_are_errors_not_panics() {
     let wrong_width = Tensor::zeros([1, 16, 16, 16, 16], (Kind::Float, Device::Cpu));
     let ids = Tensor::from_slice(&[1i64]).view([1, 1]);
     assert!(engine.classify(&wrong_width, &ids).is_err());
-    assert!(engine.classify(&features, &Tensor::from_slice(&[1i64])).is_err());
+    assert!(engine
+        .classify(&features, &Tensor::from_slice(&[1i64]))
+        .is_err());
     for bad in [600i64, -1] {
         let out_of_table = Tensor::from_slice(&[bad]).view([1, 1]);
-        let msg = format!("{:#}", engine.classify(&features, &out_of_table).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            engine.classify(&features, &out_of_table).unwrap_err()
+        );
         assert!(msg.contains("class ids must be in 0..512"), "{msg}");
     }
-    assert!(engine.encode(&Tensor::zeros([16, 16, 16], (Kind::Float, Device::Cpu))).is_err());
+    assert!(engine
+        .encode(&Tensor::zeros([16, 16, 16], (Kind::Float, Device::Cpu)))
+        .is_err());
 }
 
 #[test]
@@ -118,13 +137,27 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
     std::fs::create_dir_all(&dir).unwrap();
     let ckpt = dir.join("weights_e8.safetensors");
     let o = vista3d_cli(
-        &["init-checkpoint", "--width", "8", "--seed", "3", "--out", ckpt.to_str().unwrap()],
+        &[
+            "init-checkpoint",
+            "--width",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.join("onnx");
     let o = vista3d_cli(
-        &["export-onnx", "--checkpoint", ckpt.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[
+            "export-onnx",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -139,15 +172,24 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
             sha256: file_sha256(&ckpt).unwrap()
         }
     );
-    assert_eq!((manifest.embed_dim, manifest.opset, manifest.n_classes), (8, 17, 512));
+    assert_eq!(
+        (manifest.embed_dim, manifest.opset, manifest.n_classes),
+        (8, 17, 512)
+    );
     for entry in [&manifest.encoder, &manifest.class_head] {
         assert_eq!(file_sha256(&out.join(&entry.file)).unwrap(), entry.sha256);
     }
     // The metadata inside the ONNX files carries the same keys.
     let encoder_bytes = std::fs::read(out.join("encoder.onnx")).unwrap();
-    for needle in [manifest.weights_fingerprint.as_str(), "checkpoint_sha256", "vista3d 0.1.0"] {
+    for needle in [
+        manifest.weights_fingerprint.as_str(),
+        "checkpoint_sha256",
+        "vista3d 0.1.0",
+    ] {
         assert!(
-            encoder_bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            encoder_bytes
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes()),
             "encoder.onnx metadata lacks {needle}"
         );
     }
@@ -165,7 +207,14 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
 fn random_export_is_labelled_and_fingerprint_tracks_weights() {
     let (vs, _, dir) = exported("labelled_e8", 8, 5);
     let manifest = OnnxManifest::read(&dir).unwrap();
-    assert!(matches!(manifest.weights, WeightsSource::Random { width: 8, seed: 5, .. }));
+    assert!(matches!(
+        manifest.weights,
+        WeightsSource::Random {
+            width: 8,
+            seed: 5,
+            ..
+        }
+    ));
     let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     assert!(text.contains("\"random\"") && text.contains("not a trained model"));
     assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&vs));
@@ -190,7 +239,10 @@ fn broken_exports_are_clear_errors() {
     let (vs, _, good) = exported("broken_src_e8", 8, 4);
     let fp = weights_fingerprint(&vs);
     let load_err = |dir: &Path| -> String {
-        format!("{:#}", OrtEngine::load(dir, &fp, 1).err().expect("must fail"))
+        format!(
+            "{:#}",
+            OrtEngine::load(dir, &fp, 1).err().expect("must fail")
+        )
     };
     let copy = |name: &str| -> PathBuf {
         let dir = tmp(name);
@@ -207,7 +259,10 @@ fn broken_exports_are_clear_errors() {
     let dir = copy("no_manifest");
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("manifest.json") && msg.contains("not a complete ONNX export"), "{msg}");
+    assert!(
+        msg.contains("manifest.json") && msg.contains("not a complete ONNX export"),
+        "{msg}"
+    );
 
     let dir = copy("garbage_manifest");
     std::fs::write(dir.join("manifest.json"), b"{\"format\": 3").unwrap();
@@ -216,13 +271,19 @@ fn broken_exports_are_clear_errors() {
     let dir = copy("missing_file");
     std::fs::remove_file(dir.join("class_head.onnx")).unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("corrupt ONNX export") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("corrupt ONNX export") && msg.contains("missing"),
+        "{msg}"
+    );
 
     let dir = copy("truncated");
     let bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
     std::fs::write(dir.join("encoder.onnx"), &bytes[..bytes.len() / 2]).unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("corrupt ONNX export") && msg.contains("bytes"), "{msg}");
+    assert!(
+        msg.contains("corrupt ONNX export") && msg.contains("bytes"),
+        "{msg}"
+    );
 
     let dir = copy("bit_flip");
     let mut bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
@@ -239,9 +300,16 @@ fn broken_exports_are_clear_errors() {
     let mut manifest = OnnxManifest::read(&dir).unwrap();
     manifest.class_head.bytes = junk.len() as u64;
     manifest.class_head.sha256 = file_sha256(&dir.join("class_head.onnx")).unwrap();
-    std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
     let msg = load_err(&dir);
-    assert!(msg.contains("cannot load") && msg.contains("class_head.onnx"), "{msg}");
+    assert!(
+        msg.contains("cannot load") && msg.contains("class_head.onnx"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -249,7 +317,14 @@ fn cli_without_onnx_runtime_fails_clearly() {
     for ort in [Some("/nonexistent/libonnxruntime.so.1.31.1"), None] {
         let out = tmp("no_ort");
         let o = vista3d_cli(
-            &["export-onnx", "--random-width", "8", "--out", out.to_str().unwrap(), "--verify"],
+            &[
+                "export-onnx",
+                "--random-width",
+                "8",
+                "--out",
+                out.to_str().unwrap(),
+                "--verify",
+            ],
             &[("ORT_DYLIB_PATH", ort)],
         );
         let err = String::from_utf8_lossy(&o.stderr);
@@ -257,7 +332,10 @@ fn cli_without_onnx_runtime_fails_clearly() {
         assert!(err.contains("error: ONNX Runtime not found"), "{err}");
         assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
-        assert!(!out.exists(), "nothing may be written when ONNX Runtime is missing");
+        assert!(
+            !out.exists(),
+            "nothing may be written when ONNX Runtime is missing"
+        );
     }
     // Not a shared library at all.
     let dir = tmp("fake_ort");
@@ -265,19 +343,40 @@ fn cli_without_onnx_runtime_fails_clearly() {
     let fake = dir.join("libonnxruntime.so");
     std::fs::write(&fake, b"not a library").unwrap();
     let o = vista3d_cli(
-        &["export-onnx", "--random-width", "8", "--out", dir.join("x").to_str().unwrap(), "--verify"],
+        &[
+            "export-onnx",
+            "--random-width",
+            "8",
+            "--out",
+            dir.join("x").to_str().unwrap(),
+            "--verify",
+        ],
         &[("ORT_DYLIB_PATH", Some(fake.to_str().unwrap()))],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("ONNX Runtime not usable") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("ONNX Runtime not usable") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
 fn cli_export_and_verify() {
     let out = tmp("cli_verify");
     let o = vista3d_cli(
-        &["export-onnx", "--random-width", "8", "--seed", "2", "--out", out.to_str().unwrap(), "--verify", "--threads", "1"],
+        &[
+            "export-onnx",
+            "--random-width",
+            "8",
+            "--seed",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--verify",
+            "--threads",
+            "1",
+        ],
         &[],
     );
     let stdout = String::from_utf8_lossy(&o.stdout);

@@ -36,12 +36,19 @@ mod tests {
     use super::*;
     use tch::{nn, Device};
 
+    /// Two variables with values derived from `seed` (no global RNG: tests run in parallel).
     fn store(seed: i64) -> VarStore {
-        tch::manual_seed(seed);
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
-        let _ = root.var("b.weight", &[3, 4], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
-        let _ = root.var("a.bias", &[4], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let w = (&root / "b").var("weight", &[3, 4], nn::Init::Const(0.0));
+        let b = (&root / "a").var("bias", &[4], nn::Init::Const(0.0));
+        tch::no_grad(|| {
+            for (mut t, n) in [(w, 12), (b, 4)] {
+                let values: Vec<f32> = (0..n).map(|i| (i * 7 + seed) as f32 * 0.1).collect();
+                let src = tch::Tensor::from_slice(&values).view(t.size().as_slice());
+                t.copy_(&src);
+            }
+        });
         vs
     }
 
@@ -59,7 +66,7 @@ mod tests {
         let vs = store(1);
         let before = weights_fingerprint(&vs);
         tch::no_grad(|| {
-            let mut w = vs.variables()["b.weight"].shallow_clone();
+            let w = vs.variables()["b.weight"].shallow_clone();
             let _ = w.get(1).get(2).fill_(0.5);
         });
         assert_ne!(weights_fingerprint(&vs), before);

@@ -105,9 +105,7 @@ fn open_session(
             .with_inter_threads(1)
             .map_err(ort_error(what()))?;
     }
-    let session = builder
-        .commit_from_file(&path)
-        .map_err(ort_error(what()))?;
+    let session = builder.commit_from_file(&path).map_err(ort_error(what()))?;
     let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
         outlets.iter().map(|o| o.name().to_string()).collect()
     };
@@ -174,7 +172,11 @@ impl OrtEngine {
 /// A tch tensor as an ONNX Runtime tensor of element type `T` (copied through a flat CPU buffer).
 fn to_ort<T>(t: &Tensor, kind: Kind) -> Result<ort::value::Tensor<T>>
 where
-    T: ort::value::PrimitiveTensorElementType + tch::kind::Element + Clone + std::fmt::Debug + 'static,
+    T: ort::value::PrimitiveTensorElementType
+        + tch::kind::Element
+        + Clone
+        + std::fmt::Debug
+        + 'static,
 {
     let t = t.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
     let shape = t.size();
@@ -192,7 +194,10 @@ fn run_one(
     output: &str,
     device: Device,
 ) -> Result<Tensor> {
-    let inputs: Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'_>)> = inputs
+    let inputs: Vec<(
+        std::borrow::Cow<'static, str>,
+        ort::session::SessionInputValue<'_>,
+    )> = inputs
         .into_iter()
         .map(|(n, v)| (n.into(), v.into()))
         .collect();
@@ -206,7 +211,9 @@ fn run_one(
         .try_extract_tensor::<f32>()
         .map_err(|e| anyhow!("ONNX Runtime output '{output}': {e}"))?;
     let dims: Vec<i64> = shape.iter().copied().collect();
-    Ok(Tensor::from_slice(data).view(dims.as_slice()).to_device(device))
+    Ok(Tensor::from_slice(data)
+        .view(dims.as_slice())
+        .to_device(device))
 }
 
 impl WindowEngine for OrtEngine {
@@ -221,7 +228,12 @@ impl WindowEngine for OrtEngine {
             "ONNX Runtime encoder: image must be [b, C, H, W, D], got {size:?}"
         );
         let input = to_ort::<f32>(image, Kind::Float)?.into_dyn();
-        run_one(&mut self.encoder, vec![("image", input)], "features", image.device())
+        run_one(
+            &mut self.encoder,
+            vec![("image", input)],
+            "features",
+            image.device(),
+        )
     }
 
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {

@@ -8,9 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::manifest::{Dim, TensorSpec};
 use super::proto::{
-    attribute_type, AttributeProto, Dimension, DimensionValue, GraphProto, NodeProto,
-    TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto, DTYPE_FLOAT,
-    DTYPE_INT64,
+    attribute_type, AttributeProto, Dimension, DimensionValue, GraphProto, NodeProto, TensorProto,
+    TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto, DTYPE_FLOAT, DTYPE_INT64,
 };
 
 /// Raw little-endian f32 bytes of a tensor (any device or float kind), in row-major order.

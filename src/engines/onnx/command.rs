@@ -83,7 +83,12 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
         summary.seconds
     );
     if req.verify {
+        let t0 = std::time::Instant::now();
         let mut engine = OrtEngine::load(&req.out, &weights_fingerprint(&vs_holder), req.threads)?;
+        println!(
+            "ONNX Runtime loaded the export in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
         let (features, logits) = compare_with_torch(&net, &mut engine, 32, &[1, 3, 5])?;
         println!(
             "ONNX Runtime vs libtorch on a random 32^3 window: relative error {features:.2e} (features), {logits:.2e} (logits)"

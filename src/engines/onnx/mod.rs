@@ -48,8 +48,8 @@ pub struct ExportSummary {
 
 /// Hex sha256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hex(&h.finalize()))
@@ -83,11 +83,7 @@ fn widths(weights: &BTreeMap<String, tch::Tensor>) -> Result<Widths> {
 }
 
 /// Wraps a graph into a model with the export's metadata.
-fn model_proto(
-    graph: proto::GraphProto,
-    part: &str,
-    metadata: &[(String, String)],
-) -> ModelProto {
+fn model_proto(graph: proto::GraphProto, part: &str, metadata: &[(String, String)]) -> ModelProto {
     let mut props: Vec<StringStringEntryProto> = metadata
         .iter()
         .map(|(k, v)| StringStringEntryProto {

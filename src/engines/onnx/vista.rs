@@ -31,11 +31,23 @@ fn sym(s: &str) -> Dim {
 pub fn encoder_io(in_channels: i64, embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
     let image = TensorSpec::float32(
         "image",
-        vec![sym("b"), Dim::Fixed(in_channels), sym("H"), sym("W"), sym("D")],
+        vec![
+            sym("b"),
+            Dim::Fixed(in_channels),
+            sym("H"),
+            sym("W"),
+            sym("D"),
+        ],
     );
     let features = TensorSpec::float32(
         "features",
-        vec![sym("b"), Dim::Fixed(embed_dim), sym("H"), sym("W"), sym("D")],
+        vec![
+            sym("b"),
+            Dim::Fixed(embed_dim),
+            sym("H"),
+            sym("W"),
+            sym("D"),
+        ],
     );
     (vec![image], vec![features])
 }
@@ -44,7 +56,13 @@ pub fn encoder_io(in_channels: i64, embed_dim: i64) -> (Vec<TensorSpec>, Vec<Ten
 pub fn class_head_io(embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
     let features = TensorSpec::float32(
         "features",
-        vec![sym("b"), Dim::Fixed(embed_dim), sym("H"), sym("W"), sym("D")],
+        vec![
+            sym("b"),
+            Dim::Fixed(embed_dim),
+            sym("H"),
+            sym("W"),
+            sym("D"),
+        ],
     );
     let class_ids = TensorSpec {
         name: "class_ids".into(),
@@ -127,8 +145,16 @@ fn instance_norm_affine(g: &mut GraphBuilder, x: &str, prefix: &str) -> Result<S
 /// `InstanceNormalization` without affine transform (scale 1, bias 0) over `channels` channels.
 fn instance_norm_plain(g: &mut GraphBuilder, x: &str, channels: i64, hint: &str) -> String {
     let n = channels as usize;
-    let scale = g.const_f32(&format!("const/ones_{channels}"), &[channels], &vec![1.0; n]);
-    let bias = g.const_f32(&format!("const/zeros_{channels}"), &[channels], &vec![0.0; n]);
+    let scale = g.const_f32(
+        &format!("const/ones_{channels}"),
+        &[channels],
+        &vec![1.0; n],
+    );
+    let bias = g.const_f32(
+        &format!("const/zeros_{channels}"),
+        &[channels],
+        &vec![0.0; n],
+    );
     g.op(
         "InstanceNormalization",
         &[x, &scale, &bias],
@@ -176,7 +202,11 @@ pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Resul
     let mut skips = Vec::with_capacity(BLOCKS_DOWN.len());
     for (level, &n_blocks) in BLOCKS_DOWN.iter().enumerate() {
         for block in 0..n_blocks {
-            x = seg_res_block(&mut g, &x, &format!("{ENCODER}.layers.{level}.blocks.{block}"))?;
+            x = seg_res_block(
+                &mut g,
+                &x,
+                &format!("{ENCODER}.layers.{level}.blocks.{block}"),
+            )?;
         }
         skips.push(x.clone());
         if level + 1 < BLOCKS_DOWN.len() {
@@ -263,10 +293,20 @@ pub fn class_head_graph(g: GraphBuilder, embed_dim: i64) -> Result<GraphProto> {
     let to_flat = g.const_i64("const/shape_flat", &[0, e, -1]);
     let src = g.op("Reshape", &[&src, &to_flat], vec![], hint);
     let masks = g.op("MatMul", &[&emb, &src], vec![], hint);
-    let masks = g.op("Transpose", &[&masks], vec![attr_ints("perm", &[1, 0, 2])], hint);
+    let masks = g.op(
+        "Transpose",
+        &[&masks],
+        vec![attr_ints("perm", &[1, 0, 2])],
+        hint,
+    );
     let spatial = g.op("Shape", &["features"], vec![attr_int("start", 2)], hint);
     let keep = g.const_i64("const/keep_two", &[0, 0]);
-    let shape = g.op("Concat", &[&keep, &spatial], vec![attr_int("axis", 0)], hint);
+    let shape = g.op(
+        "Concat",
+        &[&keep, &spatial],
+        vec![attr_int("axis", 0)],
+        hint,
+    );
     g.op_named("Reshape", &[&masks, &shape], vec![], hint, Some("logits"));
     g.finish("vista3d_class_head", &inputs, &outputs)
 }
