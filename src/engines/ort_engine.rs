@@ -321,3 +321,21 @@ pub fn compare_with_torch(
         relative_error(&logits, &torch_logits),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<OrtEngine>();
+    }
+
+    #[test]
+    fn relative_error_is_max_abs_over_max_abs() {
+        let expected = Tensor::from_slice(&[1.0f32, -4.0, 2.0]);
+        let actual = Tensor::from_slice(&[1.0f32, -3.0, 2.0]);
+        assert!((relative_error(&actual, &expected) - 0.25).abs() < 1e-12);
+    }
+}
