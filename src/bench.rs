@@ -124,8 +124,8 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
 
     let mut results = Vec::new();
     for &method in &opts.methods {
-        let (engine, torch, notes) = engines::choose(method, device.is_cuda(), &mut || {
-            Ok(model.engine_context_for(settings))
+        let (engine, torch, notes) = engines::choose(method, device.is_cuda(), &mut |m| {
+            model.engine_context_checked(m, settings)
         });
         if let Some(reason) = unavailable_reason(method, torch, engine.is_some(), &notes) {
             log::info!("{method}: not run ({reason})");

@@ -89,6 +89,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Export the class path (encoder + automatic decoder, class head) to ONNX (opset 17) with a manifest.
+    ExportOnnx {
+        /// The bundle's model.pt or a .safetensors checkpoint.
+        #[arg(long, conflicts_with = "random_width")]
+        checkpoint: Option<PathBuf>,
+        /// Export seeded RANDOM weights of this width instead (tests and demos; labelled in the manifest).
+        #[arg(long)]
+        random_width: Option<i64>,
+        /// Seed of --random-width.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// Output directory (encoder.onnx, class_head.onnx, manifest.json).
+        #[arg(long, default_value = "onnx")]
+        out: PathBuf,
+        /// Then run ONNX Runtime (ORT_DYLIB_PATH) on a random window and compare with libtorch.
+        #[arg(long)]
+        verify: bool,
+        /// ONNX Runtime threads for --verify (0: its default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
 }
 
 /// Options of `vista3d bench`.
@@ -249,6 +270,21 @@ fn run(cli: Cli) -> Result<()> {
         } => info(&checkpoint, !non_strict, json, width),
         Command::InitCheckpoint { width, seed, out } => init_checkpoint(width, seed, &out),
         Command::Bench { bench, common } => run_bench(&bench, &common),
+        Command::ExportOnnx {
+            checkpoint,
+            random_width,
+            seed,
+            out,
+            verify,
+            threads,
+        } => vista3d::engines::onnx::export_command(&vista3d::engines::onnx::ExportRequest {
+            checkpoint,
+            random_width,
+            seed,
+            out,
+            verify,
+            threads,
+        }),
         Command::Infer {
             image,
             request,

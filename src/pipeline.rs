@@ -96,6 +96,29 @@ impl Model {
         }
     }
 
+    /// The engine context for `method`, refusing early (before hashing the weights) when the export or
+    /// engine folder is missing.
+    pub fn engine_context_checked(&self, method: Method, settings: &Settings) -> Result<EngineContext> {
+        if method == Method::Ort {
+            let manifest = settings.onnx_dir.join("manifest.json");
+            if !manifest.is_file() {
+                bail!(
+                    "no ONNX export: {} not found (run `vista3d export-onnx --checkpoint ... --out {}`)",
+                    manifest.display(),
+                    settings.onnx_dir.display()
+                );
+            }
+        }
+        if method.is_tensorrt() && !settings.engines_dir.is_dir() {
+            bail!(
+                "no TensorRT engines: {} not found (run `vista3d build-engines --out {}`)",
+                settings.engines_dir.display(),
+                settings.engines_dir.display()
+            );
+        }
+        Ok(self.engine_context_for(settings))
+    }
+
     /// Runs `f` with the network of a request for `method`: the engine is opened on first use and kept for
     /// the next requests; a method that cannot run steps down to libtorch (recorded in the report).
     pub fn with_runner<T>(
@@ -106,9 +129,10 @@ impl Model {
     ) -> Result<(T, MethodReport)> {
         let cached = self.choices.borrow_mut().remove(&method);
         let choice = cached.unwrap_or_else(|| {
-            let (engine, torch, notes) = engines::choose(method, self.device.is_cuda(), &mut || {
-                Ok(self.engine_context_for(settings))
-            });
+            let (engine, torch, notes) =
+                engines::choose(method, self.device.is_cuda(), &mut |m| {
+                    self.engine_context_checked(m, settings)
+                });
             Choice {
                 engine,
                 torch,

@@ -5,6 +5,8 @@
 //! Every engine implements [`WindowEngine`]; [`Method`] names what a request asks for (`--precision`).
 
 pub mod fingerprint;
+pub mod onnx;
+pub mod ort_engine;
 pub mod runner;
 
 use std::fmt;
@@ -80,12 +82,13 @@ impl Method {
     }
 
     /// The candidates `auto` tries, fastest first: TensorRT FP16, TensorRT TF32, then libtorch amp on a GPU;
-    /// libtorch fp32 on a CPU (amp and TF32 act only on CUDA).
+    /// on a CPU ONNX Runtime (about 2x libtorch there, benches/RESULTS.md) when an export of the same weights
+    /// exists, then libtorch fp32 (amp and TF32 act only on CUDA).
     pub fn auto_order(cuda: bool) -> &'static [Method] {
         if cuda {
             &[Method::TrtFp16, Method::TrtTf32, Method::TorchAmp]
         } else {
-            &[Method::TorchFp32]
+            &[Method::Ort, Method::TorchFp32]
         }
     }
 }
@@ -155,18 +158,26 @@ pub struct EngineContext {
 /// Opens the engine of `method` (an engine method). Errors say why it cannot run here.
 pub fn open_engine(method: Method, ctx: &EngineContext) -> Result<Box<dyn WindowEngine>> {
     match method {
-        Method::Ort => bail!("ONNX Runtime engine not built into this binary"),
+        Method::Ort => {
+            let threads = tch::get_num_threads().max(1) as usize;
+            Ok(Box::new(ort_engine::OrtEngine::load(
+                &ctx.onnx_dir,
+                &ctx.weights_fingerprint,
+                threads,
+            )?))
+        }
         Method::TrtFp16 | Method::TrtTf32 => bail!("TensorRT engine not built into this binary"),
         other => bail!("{other} is a libtorch method, not an engine"),
     }
 }
 
 /// The engine (if any) and the libtorch method that serve a request for `requested`, with the reasons for
-/// every step down. `ctx` is computed only when an engine is tried (hashing the weights takes a moment).
+/// every step down. `ctx` is asked for only when the engine of a method is tried (hashing the weights takes a
+/// moment, so it may refuse early, e.g. when no export exists).
 pub fn choose(
     requested: Method,
     cuda: bool,
-    ctx: &mut dyn FnMut() -> Result<EngineContext>,
+    ctx: &mut dyn FnMut(Method) -> Result<EngineContext>,
 ) -> (Option<Box<dyn WindowEngine>>, Method, Vec<String>) {
     let mut notes = Vec::new();
     let candidates: Vec<Method> = match requested {
@@ -175,7 +186,7 @@ pub fn choose(
     };
     for m in candidates {
         if m.uses_engine() {
-            match ctx().and_then(|c| open_engine(m, &c)) {
+            match ctx(m).and_then(|c| open_engine(m, &c)) {
                 Ok(engine) => return (Some(engine), m.torch_fallback(cuda), notes),
                 Err(e) => {
                     let msg = format!("{m} unavailable: {e:#}");
@@ -230,7 +241,7 @@ mod tests {
         assert_eq!(Method::TrtFp16.torch_fallback(true), Method::TorchAmp);
     }
 
-    fn no_context() -> Result<EngineContext> {
+    fn no_context(_: Method) -> Result<EngineContext> {
         bail!("no ONNX export in onnx/")
     }
 
@@ -244,15 +255,16 @@ mod tests {
         let (_, torch, notes) = choose(Method::Ort, false, &mut no_context);
         assert_eq!(torch, Method::TorchFp32);
         assert_eq!(notes.len(), 1);
-        // auto on a GPU steps down to amp; on a CPU it is fp32 and tries nothing.
+        // auto on a GPU steps down to amp; on a CPU it tries ONNX Runtime, then fp32.
         let (_, torch, notes) = choose(Method::Auto, true, &mut no_context);
         assert_eq!((torch, notes.len()), (Method::TorchAmp, 2));
-        let mut called = false;
-        let (_, torch, notes) = choose(Method::Auto, false, &mut || {
-            called = true;
-            no_context()
+        let mut tried = Vec::new();
+        let (_, torch, notes) = choose(Method::Auto, false, &mut |m| {
+            tried.push(m);
+            no_context(m)
         });
-        assert_eq!((torch, notes.len(), called), (Method::TorchFp32, 0, false));
+        assert_eq!((torch, notes.len()), (Method::TorchFp32, 1));
+        assert_eq!(tried, vec![Method::Ort]);
         // amp on a CPU runs fp32, said so.
         let (_, torch, notes) = choose(Method::TorchAmp, false, &mut no_context);
         assert_eq!((torch, notes.len()), (Method::TorchFp32, 1));

@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 pub use class_head::ClassHead;
-pub use encoder::{ImageEncoder, SHAPE_FACTOR};
+pub use encoder::{ImageEncoder, BLOCKS_DOWN, SHAPE_FACTOR};
 pub use point_head::{PointHead, MAX_PROMPT};
 pub use weights::{
     detect_config, load_weights, parameter_counts, to_tensor, LoadReport, ModuleCount,

@@ -1,0 +1,341 @@
+//! ONNX Runtime engine ([`Method::Ort`]): runs the exported `encoder.onnx` and `class_head.onnx` on the CPU
+//! execution provider. ONNX Runtime is loaded at run time from `ORT_DYLIB_PATH` (the `load-dynamic` build
+//! of the `ort` crate), so the program builds and runs without it and reports a clear error when it is asked
+//! for and missing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use ort::environment::Environment;
+use ort::session::Session;
+use tch::{Device, Kind, Tensor};
+
+use super::onnx::{file_sha256, ModelEntry, OnnxManifest};
+use super::{Method, WindowEngine};
+use crate::model::Vista3d;
+
+/// The process's ONNX Runtime environment (ONNX Runtime allows one per process), made on first use.
+static ORT_ENV: Mutex<Option<Environment>> = Mutex::new(None);
+
+/// How to get ONNX Runtime, appended to "not found" errors.
+const ORT_HINT: &str = "set ORT_DYLIB_PATH to ONNX Runtime 1.31's libonnxruntime.so \
+    (`pip install onnxruntime==1.31.1`: <site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1; \
+    `. scripts/env.sh` exports it)";
+
+fn ort_error<R>(what: String) -> impl FnOnce(ort::Error<R>) -> anyhow::Error {
+    move |e| anyhow!("{what}: {e}")
+}
+
+/// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and returns its environment. Errors, never
+/// panics, when the variable is unset, the file is missing or is not a usable ONNX Runtime >= 1.31.
+pub fn ort_environment() -> Result<Environment> {
+    let mut env = ORT_ENV
+        .lock()
+        .map_err(|_| anyhow!("ONNX Runtime initialisation failed earlier in this process"))?;
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
+    }
+    let path = std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("ONNX Runtime not found: ORT_DYLIB_PATH is not set; {ORT_HINT}"))?;
+    if !path.is_file() {
+        bail!(
+            "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
+            path.display()
+        );
+    }
+    let built = ort::init_from(&path)
+        .map_err(|e| {
+            anyhow!(
+                "ONNX Runtime not usable: ORT_DYLIB_PATH={}: {e}; {ORT_HINT}",
+                path.display()
+            )
+        })?
+        .with_name("vista3d")
+        .build()
+        .map_err(ort_error(format!(
+            "cannot create an ONNX Runtime environment from {}",
+            path.display()
+        )))?;
+    *env = Some(built.clone());
+    Ok(built)
+}
+
+/// Checks an exported file against its manifest entry (present, same size, same sha256).
+fn check_file(dir: &Path, entry: &ModelEntry) -> Result<PathBuf> {
+    let path = dir.join(&entry.file);
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "corrupt ONNX export: {} is missing (re-run `vista3d export-onnx`)",
+            path.display()
+        )
+    })?;
+    ensure!(
+        meta.len() == entry.bytes,
+        "corrupt ONNX export: {} has {} bytes, the manifest says {} (re-run `vista3d export-onnx`)",
+        path.display(),
+        meta.len(),
+        entry.bytes
+    );
+    let sha = file_sha256(&path)?;
+    ensure!(
+        sha == entry.sha256,
+        "corrupt ONNX export: {} does not match its sha256 in the manifest (re-run `vista3d export-onnx`)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A CPU session on one exported file, checked to have the manifest's input and output names.
+fn open_session(
+    env: &Environment,
+    dir: &Path,
+    entry: &ModelEntry,
+    threads: usize,
+) -> Result<Session> {
+    let path = check_file(dir, entry)?;
+    let what = || format!("cannot load {} into ONNX Runtime", path.display());
+    let mut builder = Session::builder(env).map_err(ort_error(what()))?;
+    if threads > 0 {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(ort_error(what()))?
+            .with_inter_threads(1)
+            .map_err(ort_error(what()))?;
+    }
+    let session = builder.commit_from_file(&path).map_err(ort_error(what()))?;
+    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
+        outlets.iter().map(|o| o.name().to_string()).collect()
+    };
+    let want = |specs: &[super::onnx::TensorSpec]| -> Vec<String> {
+        specs.iter().map(|s| s.name.clone()).collect()
+    };
+    ensure!(
+        names(session.inputs()) == want(&entry.inputs)
+            && names(session.outputs()) == want(&entry.outputs),
+        "{}: inputs {:?} / outputs {:?} differ from the manifest's",
+        path.display(),
+        names(session.inputs()),
+        names(session.outputs())
+    );
+    Ok(session)
+}
+
+/// The class path on ONNX Runtime (CPU), from an export directory made by `vista3d export-onnx`.
+pub struct OrtEngine {
+    encoder: Session,
+    class_head: Session,
+    manifest: OnnxManifest,
+    dir: PathBuf,
+}
+
+impl OrtEngine {
+    /// Opens `onnx_dir` for the model whose [`weights_fingerprint`](super::fingerprint::weights_fingerprint)
+    /// is `expected_fingerprint` (a different one is a stale export and an error), with `threads` intra-op
+    /// threads (0: ONNX Runtime's default).
+    pub fn load(onnx_dir: &Path, expected_fingerprint: &str, threads: usize) -> Result<OrtEngine> {
+        let manifest = OnnxManifest::read(onnx_dir)?;
+        ensure!(
+            manifest.weights_fingerprint == expected_fingerprint,
+            "stale ONNX export in {}: it was exported from weights {} ({}), the loaded model's weights are {}; \
+             re-run `vista3d export-onnx --checkpoint <model> --out {}`",
+            onnx_dir.display(),
+            manifest.weights_fingerprint,
+            manifest.weights.describe(),
+            expected_fingerprint,
+            onnx_dir.display()
+        );
+        let env = ort_environment()?;
+        let encoder = open_session(&env, onnx_dir, &manifest.encoder, threads)?;
+        let class_head = open_session(&env, onnx_dir, &manifest.class_head, threads)?;
+        Ok(OrtEngine {
+            encoder,
+            class_head,
+            manifest,
+            dir: onnx_dir.to_path_buf(),
+        })
+    }
+
+    /// The manifest of the loaded export.
+    pub fn manifest(&self) -> &OnnxManifest {
+        &self.manifest
+    }
+
+    /// The export directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A tch tensor as an ONNX Runtime tensor of element type `T` (copied through a flat CPU buffer).
+fn to_ort<T>(t: &Tensor, kind: Kind) -> Result<ort::value::Tensor<T>>
+where
+    T: ort::value::PrimitiveTensorElementType
+        + tch::kind::Element
+        + Clone
+        + std::fmt::Debug
+        + 'static,
+{
+    let t = t.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
+    let shape = t.size();
+    let numel = t.numel();
+    let mut data = vec![T::ZERO; numel];
+    t.copy_data(&mut data, numel);
+    ort::value::Tensor::from_array((shape, data))
+        .map_err(|e| anyhow!("cannot make an ONNX Runtime tensor: {e}"))
+}
+
+/// Runs `session` on named inputs and returns its one f32 output `output` as a tch tensor on `device`.
+fn run_one(
+    session: &mut Session,
+    inputs: Vec<(&'static str, ort::value::DynValue)>,
+    output: &str,
+    device: Device,
+) -> Result<Tensor> {
+    let inputs: Vec<(
+        std::borrow::Cow<'static, str>,
+        ort::session::SessionInputValue<'_>,
+    )> = inputs
+        .into_iter()
+        .map(|(n, v)| (n.into(), v.into()))
+        .collect();
+    let outputs = session
+        .run(inputs)
+        .map_err(|e| anyhow!("ONNX Runtime failed: {e}"))?;
+    let value = outputs
+        .get(output)
+        .with_context(|| format!("ONNX Runtime returned no '{output}'"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("ONNX Runtime output '{output}': {e}"))?;
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    Ok(Tensor::from_slice(data)
+        .view(dims.as_slice())
+        .to_device(device))
+}
+
+impl WindowEngine for OrtEngine {
+    fn method(&self) -> Method {
+        Method::Ort
+    }
+
+    fn encode(&mut self, image: &Tensor) -> Result<Tensor> {
+        let size = image.size();
+        ensure!(
+            size.len() == 5,
+            "ONNX Runtime encoder: image must be [b, C, H, W, D], got {size:?}"
+        );
+        let input = to_ort::<f32>(image, Kind::Float)?.into_dyn();
+        run_one(
+            &mut self.encoder,
+            vec![("image", input)],
+            "features",
+            image.device(),
+        )
+    }
+
+    fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {
+        let (f, c) = (features.size(), class_ids.size());
+        ensure!(
+            f.len() == 5 && f[1] == self.manifest.embed_dim,
+            "ONNX Runtime class head: features must be [b, {}, H, W, D], got {f:?}",
+            self.manifest.embed_dim
+        );
+        ensure!(
+            c.len() == 2 && c[1] == 1 && c[0] > 0,
+            "ONNX Runtime class head: class ids must be [B, 1] with B >= 1, got {c:?}"
+        );
+        let ids_cpu = class_ids.to_device(Device::Cpu).to_kind(Kind::Int64);
+        let (lo, hi) = (
+            ids_cpu.min().int64_value(&[]),
+            ids_cpu.max().int64_value(&[]),
+        );
+        ensure!(
+            lo >= 0 && hi < self.manifest.n_classes,
+            "ONNX Runtime class head: class ids must be in 0..{}, got {lo}..={hi}",
+            self.manifest.n_classes
+        );
+        let features_in = to_ort::<f32>(features, Kind::Float)?.into_dyn();
+        let ids = to_ort::<i64>(&ids_cpu, Kind::Int64)?.into_dyn();
+        run_one(
+            &mut self.class_head,
+            vec![("features", features_in), ("class_ids", ids)],
+            "logits",
+            features.device(),
+        )
+    }
+}
+
+/// `max |a - b| / max |b|` in double precision.
+pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    let a = actual.to_device(Device::Cpu).to_kind(Kind::Double);
+    let b = expected.to_device(Device::Cpu).to_kind(Kind::Double);
+    let scale = b.abs().max().double_value(&[]);
+    let diff = (a - &b).abs().max().double_value(&[]);
+    if scale > 0.0 {
+        diff / scale
+    } else {
+        diff
+    }
+}
+
+/// Relative errors of ONNX Runtime against libtorch on one seeded random window `[1, 1, size^3]`: encoder
+/// features, and class-head logits for `class_ids`.
+pub fn compare_with_torch(
+    net: &Vista3d,
+    engine: &mut OrtEngine,
+    size: i64,
+    class_ids: &[i64],
+) -> Result<(f64, f64)> {
+    ensure!(
+        size > 0 && size % crate::model::SHAPE_FACTOR == 0,
+        "window size must be a positive multiple of {}",
+        crate::model::SHAPE_FACTOR
+    );
+    tch::manual_seed(0);
+    let image = Tensor::randn(
+        [1, net.config.in_channels, size, size, size],
+        (Kind::Float, Device::Cpu),
+    );
+    let ids = Tensor::from_slice(class_ids).view([-1, 1]);
+    let (torch_features, torch_logits) = tch::no_grad(|| {
+        let (_, auto) = net.image_encoder.forward(&image, false, true);
+        let features = auto.expect("auto branch requested");
+        let logits = net.class_head.forward(&features, &ids);
+        (features, logits)
+    });
+    let features = engine.encode(&image)?;
+    let logits = engine.classify(&torch_features, &ids)?;
+    ensure!(
+        features.size() == torch_features.size() && logits.size() == torch_logits.size(),
+        "ONNX Runtime shapes {:?}/{:?} differ from libtorch {:?}/{:?}",
+        features.size(),
+        logits.size(),
+        torch_features.size(),
+        torch_logits.size()
+    );
+    Ok((
+        relative_error(&features, &torch_features),
+        relative_error(&logits, &torch_logits),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<OrtEngine>();
+    }
+
+    #[test]
+    fn relative_error_is_max_abs_over_max_abs() {
+        let expected = Tensor::from_slice(&[1.0f32, -4.0, 2.0]);
+        let actual = Tensor::from_slice(&[1.0f32, -3.0, 2.0]);
+        assert!((relative_error(&actual, &expected) - 0.25).abs() < 1e-12);
+    }
+}

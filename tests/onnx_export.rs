@@ -1,0 +1,390 @@
+//! ONNX export and the ONNX Runtime engine: outputs against the libtorch model, fingerprints, and clear
+//! errors for stale or broken exports and a missing ONNX Runtime.
+//!
+//! Needs ONNX Runtime: `ORT_DYLIB_PATH` as `. scripts/env.sh` exports it (the tests fail, naming it, without).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tch::{nn, Device, Kind, Tensor};
+use vista3d::engines::fingerprint::weights_fingerprint;
+use vista3d::engines::onnx::{export_onnx, file_sha256, OnnxManifest, WeightsSource};
+use vista3d::engines::ort_engine::OrtEngine;
+use vista3d::engines::{Method, WindowEngine};
+use vista3d::{Vista3d, Vista3dConfig};
+
+mod common;
+
+const TOLERANCE: f64 = 1e-4;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("onnx_export")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    dir
+}
+
+/// A seeded random network of width `width` and its variables.
+fn random_net(width: i64, seed: i64) -> (nn::VarStore, Vista3d) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(width)).unwrap();
+    (vs, net)
+}
+
+/// An export of seeded random weights in a fresh directory.
+fn exported(name: &str, width: i64, seed: i64) -> (nn::VarStore, Vista3d, PathBuf) {
+    let (vs, net) = random_net(width, seed);
+    let dir = tmp(name);
+    export_onnx(&vs, &WeightsSource::random(width, seed), &dir).unwrap();
+    (vs, net, dir)
+}
+
+fn vista3d_cli(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vista3d"));
+    cmd.args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.output().expect("run vista3d")
+}
+
+fn check(what: &str, actual: &Tensor, expected: &Tensor) {
+    let err = common::rel_error(actual, expected).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(err <= TOLERANCE, "{what}: relative error {err:e}");
+    eprintln!("{what}: relative error {err:.2e}");
+}
+
+#[test]
+fn ort_matches_libtorch_for_encoder_and_class_head() {
+    let (vs, net, dir) = exported("parity_e16", 16, 7);
+    let mut engine = OrtEngine::load(&dir, &weights_fingerprint(&vs), 2).unwrap();
+    assert_eq!(engine.method(), Method::Ort);
+    tch::manual_seed(11);
+    let image = Tensor::randn([1, 1, 32, 48, 32], (Kind::Float, Device::Cpu));
+    let torch_features = tch::no_grad(|| net.image_encoder.forward(&image, false, true).1.unwrap());
+    let features = engine.encode(&image).unwrap();
+    assert_eq!(features.kind(), Kind::Float);
+    check("encoder features", &features, &torch_features);
+
+    let everything = vista3d::prompts::everything_labels();
+    assert_eq!(everything.len(), 117);
+    let one = vec![5];
+    let four = vec![1, 3, 6, 132];
+    for ids in [&one, &four, &everything] {
+        let ids = Tensor::from_slice(ids).view([-1, 1]);
+        let expected = tch::no_grad(|| net.class_head.forward(&torch_features, &ids));
+        let logits = engine.classify(&torch_features, &ids).unwrap();
+        check(
+            &format!("logits, {} prompts", ids.size()[0]),
+            &logits,
+            &expected,
+        );
+    }
+
+    // Batched windows (sw_batch_size 2): logits are [B, b, H, W, D].
+    let batch = Tensor::randn([2, 16, 16, 32, 16], (Kind::Float, Device::Cpu));
+    let ids = Tensor::from_slice(&four).view([-1, 1]);
+    let expected = tch::no_grad(|| net.class_head.forward(&batch, &ids));
+    assert_eq!(expected.size(), [4, 2, 16, 32, 16]);
+    check(
+        "logits, 2 windows x 4 prompts",
+        &engine.classify(&batch, &ids).unwrap(),
+        &expected,
+    );
+
+    let images = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+    let expected = tch::no_grad(|| net.image_encoder.forward(&images, false, true).1.unwrap());
+    check(
+        "encoder features, 2 windows",
+        &engine.encode(&images).unwrap(),
+        &expected,
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let (vs, _, dir) = exported("bad_inputs_e8", 8, 1);
+    let mut engine = OrtEngine::load(&dir, &weights_fingerprint(&vs), 1).unwrap();
+    let features = Tensor::zeros([1, 8, 16, 16, 16], (Kind::Float, Device::Cpu));
+    let wrong_width = Tensor::zeros([1, 16, 16, 16, 16], (Kind::Float, Device::Cpu));
+    let ids = Tensor::from_slice(&[1i64]).view([1, 1]);
+    assert!(engine.classify(&wrong_width, &ids).is_err());
+    assert!(engine
+        .classify(&features, &Tensor::from_slice(&[1i64]))
+        .is_err());
+    for bad in [600i64, -1] {
+        let out_of_table = Tensor::from_slice(&[bad]).view([1, 1]);
+        let msg = format!(
+            "{:#}",
+            engine.classify(&features, &out_of_table).unwrap_err()
+        );
+        assert!(msg.contains("class ids must be in 0..512"), "{msg}");
+    }
+    assert!(engine
+        .encode(&Tensor::zeros([16, 16, 16], (Kind::Float, Device::Cpu)))
+        .is_err());
+}
+
+#[test]
+fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
+    let dir = tmp("from_checkpoint");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("weights_e8.safetensors");
+    let o = vista3d_cli(
+        &[
+            "init-checkpoint",
+            "--width",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("onnx");
+    let o = vista3d_cli(
+        &[
+            "export-onnx",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let manifest = OnnxManifest::read(&out).unwrap();
+    let model = vista3d::load_model(&ckpt, Device::Cpu, true).unwrap();
+    assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&model.vs));
+    assert_eq!(
+        manifest.weights,
+        WeightsSource::Checkpoint {
+            path: ckpt.display().to_string(),
+            sha256: file_sha256(&ckpt).unwrap()
+        }
+    );
+    assert_eq!(
+        (manifest.embed_dim, manifest.opset, manifest.n_classes),
+        (8, 17, 512)
+    );
+    for entry in [&manifest.encoder, &manifest.class_head] {
+        assert_eq!(file_sha256(&out.join(&entry.file)).unwrap(), entry.sha256);
+    }
+    // The metadata inside the ONNX files carries the same keys.
+    let encoder_bytes = std::fs::read(out.join("encoder.onnx")).unwrap();
+    for needle in [
+        manifest.weights_fingerprint.as_str(),
+        "checkpoint_sha256",
+        "vista3d 0.1.0",
+    ] {
+        assert!(
+            encoder_bytes
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes()),
+            "encoder.onnx metadata lacks {needle}"
+        );
+    }
+    // The export reloads and runs for the reloaded model.
+    OrtEngine::load(&out, &weights_fingerprint(&model.vs), 1).unwrap();
+
+    // Exporting the same weights again gives byte-identical files.
+    let again = dir.join("onnx_again");
+    export_onnx(&model.vs, &manifest.weights, &again).unwrap();
+    let manifest2 = OnnxManifest::read(&again).unwrap();
+    assert_eq!(manifest2, manifest);
+}
+
+#[test]
+fn random_export_is_labelled_and_fingerprint_tracks_weights() {
+    let (vs, _, dir) = exported("labelled_e8", 8, 5);
+    let manifest = OnnxManifest::read(&dir).unwrap();
+    assert!(matches!(
+        manifest.weights,
+        WeightsSource::Random {
+            width: 8,
+            seed: 5,
+            ..
+        }
+    ));
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    assert!(text.contains("\"random\"") && text.contains("not a trained model"));
+    assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&vs));
+    let (other, _) = random_net(8, 6);
+    assert_ne!(weights_fingerprint(&other), manifest.weights_fingerprint);
+}
+
+#[test]
+fn stale_export_is_rejected() {
+    let (_, _, dir) = exported("stale_e8", 8, 2);
+    let (other, _) = random_net(8, 9);
+    let err = OrtEngine::load(&dir, &weights_fingerprint(&other), 1)
+        .err()
+        .expect("a stale export must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("stale ONNX export"), "{msg}");
+    assert!(msg.contains(&weights_fingerprint(&other)), "{msg}");
+}
+
+#[test]
+fn broken_exports_are_clear_errors() {
+    let (vs, _, good) = exported("broken_src_e8", 8, 4);
+    let fp = weights_fingerprint(&vs);
+    let load_err = |dir: &Path| -> String {
+        format!(
+            "{:#}",
+            OrtEngine::load(dir, &fp, 1).err().expect("must fail")
+        )
+    };
+    let copy = |name: &str| -> PathBuf {
+        let dir = tmp(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["encoder.onnx", "class_head.onnx", "manifest.json"] {
+            std::fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+
+    let msg = load_err(&tmp("does_not_exist"));
+    assert!(msg.contains("does not exist"), "{msg}");
+
+    let dir = copy("no_manifest");
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("manifest.json") && msg.contains("not a complete ONNX export"),
+        "{msg}"
+    );
+
+    let dir = copy("garbage_manifest");
+    std::fs::write(dir.join("manifest.json"), b"{\"format\": 3").unwrap();
+    assert!(load_err(&dir).contains("not a valid ONNX export manifest"));
+
+    let dir = copy("missing_file");
+    std::fs::remove_file(dir.join("class_head.onnx")).unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("corrupt ONNX export") && msg.contains("missing"),
+        "{msg}"
+    );
+
+    let dir = copy("truncated");
+    let bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
+    std::fs::write(dir.join("encoder.onnx"), &bytes[..bytes.len() / 2]).unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("corrupt ONNX export") && msg.contains("bytes"),
+        "{msg}"
+    );
+
+    let dir = copy("bit_flip");
+    let mut bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(dir.join("encoder.onnx"), &bytes).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("sha256"), "{msg}");
+
+    // A file that is not ONNX at all (manifest updated to match it): ONNX Runtime's refusal is reported.
+    let dir = copy("not_onnx");
+    let junk = vec![0xffu8; 4096];
+    std::fs::write(dir.join("class_head.onnx"), &junk).unwrap();
+    let mut manifest = OnnxManifest::read(&dir).unwrap();
+    manifest.class_head.bytes = junk.len() as u64;
+    manifest.class_head.sha256 = file_sha256(&dir.join("class_head.onnx")).unwrap();
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("cannot load") && msg.contains("class_head.onnx"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn cli_without_onnx_runtime_fails_clearly() {
+    for ort in [Some("/nonexistent/libonnxruntime.so.1.31.1"), None] {
+        let out = tmp("no_ort");
+        let o = vista3d_cli(
+            &[
+                "export-onnx",
+                "--random-width",
+                "8",
+                "--out",
+                out.to_str().unwrap(),
+                "--verify",
+            ],
+            &[("ORT_DYLIB_PATH", ort)],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("error: ONNX Runtime not found"), "{err}");
+        assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !out.exists(),
+            "nothing may be written when ONNX Runtime is missing"
+        );
+    }
+    // Not a shared library at all.
+    let dir = tmp("fake_ort");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    let o = vista3d_cli(
+        &[
+            "export-onnx",
+            "--random-width",
+            "8",
+            "--out",
+            dir.join("x").to_str().unwrap(),
+            "--verify",
+        ],
+        &[("ORT_DYLIB_PATH", Some(fake.to_str().unwrap()))],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ONNX Runtime not usable") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_export_and_verify() {
+    let out = tmp("cli_verify");
+    let o = vista3d_cli(
+        &[
+            "export-onnx",
+            "--random-width",
+            "8",
+            "--seed",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--verify",
+            "--threads",
+            "1",
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("relative error"), "{stdout}");
+    assert!(stdout.contains("random"), "{stdout}");
+    let o = vista3d_cli(&["export-onnx", "--out", out.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no weights"), "{err}");
+}
