@@ -1008,7 +1008,9 @@ mod tests {
             ..first.clone()
         };
         assert_eq!(
-            OnnxStat::of(&path, std::slice::from_ref(&fake)).unwrap().sha256,
+            OnnxStat::of(&path, std::slice::from_ref(&fake))
+                .unwrap()
+                .sha256,
             "ff".repeat(32)
         );
         // Any change of size or mtime means hashing again.
