@@ -1,19 +1,44 @@
-//! Build script: lets the `vista3d` binary find libtorch at run time without LD_LIBRARY_PATH.
+//! Build script: lets the `vista3d` binary find libtorch at run time without LD_LIBRARY_PATH, and compiles the
+//! TensorRT shim (`shim/trt_shim.cpp`) when TensorRT headers are available.
 //!
 //! Environment (all optional):
 //! - `LIBTORCH`: the libtorch directory tch links against (scripts/env.sh sets it to the torch wheel inside
 //!   the project's virtual environment). Its `lib/` is added to the binaries' rpath.
 //! - `VISTA3D_NO_RPATH=1`: do not add an rpath (for packaging, where libtorch is installed system-wide or
 //!   found through LD_LIBRARY_PATH).
+//! - `TENSORRT_INCLUDE_DIR`, else `TENSORRT_ROOT/include`: the TensorRT headers (`NvInfer.h`, `NvOnnxParser.h`;
+//!   `scripts/fetch_trt_headers.sh` fetches TensorRT 11.4's and prints their folder). When found, the shim
+//!   is compiled and `cfg(vista3d_trt_shim)` is set; otherwise the crate builds without it and TensorRT is
+//!   reported unavailable at run time. No TensorRT library is needed to build: it is loaded at run time.
+//! - `LIBCLANG_PATH` (and `BINDGEN_EXTRA_CLANG_ARGS`): where bindgen finds libclang. When libclang loads, the
+//!   shim's Rust bindings are generated from `shim/trt_shim.h` into `OUT_DIR` and used (`cfg(vista3d_trt_bindgen)`);
+//!   otherwise the checked-in `src/engines/tensorrt/shim_bindings.rs` is used. A test checks that both agree.
+//!   `VISTA3D_NO_BINDGEN=1` skips bindgen.
+
+use std::path::{Path, PathBuf};
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(vista3d_trt_shim)");
+    println!("cargo::rustc-check-cfg=cfg(vista3d_trt_bindgen)");
+    rpath();
+    let shim = trt_shim();
+    let bindgen = trt_bindings();
+    if shim {
+        println!("cargo::rustc-cfg=vista3d_trt_shim");
+    }
+    if bindgen {
+        println!("cargo::rustc-cfg=vista3d_trt_bindgen");
+    }
+}
+
+fn rpath() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=VISTA3D_NO_RPATH");
     if std::env::var_os("VISTA3D_NO_RPATH").is_some() {
         return;
     }
     if let Some(libtorch) = std::env::var_os("LIBTORCH") {
-        let lib = std::path::Path::new(&libtorch).join("lib");
+        let lib = Path::new(&libtorch).join("lib");
         if lib.is_dir() {
             // Applies to the binary, tests, benches and examples of this package.
             println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
@@ -24,4 +49,124 @@ fn main() {
             );
         }
     }
+}
+
+/// The TensorRT include directory, with where it came from.
+fn trt_include_dir() -> Option<(PathBuf, &'static str)> {
+    println!("cargo:rerun-if-env-changed=TENSORRT_INCLUDE_DIR");
+    println!("cargo:rerun-if-env-changed=TENSORRT_ROOT");
+    if let Some(dir) = std::env::var_os("TENSORRT_INCLUDE_DIR").filter(|d| !d.is_empty()) {
+        return Some((PathBuf::from(dir), "TENSORRT_INCLUDE_DIR"));
+    }
+    if let Some(root) = std::env::var_os("TENSORRT_ROOT").filter(|d| !d.is_empty()) {
+        return Some((Path::new(&root).join("include"), "TENSORRT_ROOT/include"));
+    }
+    None
+}
+
+/// Compiles shim/trt_shim.cpp when TensorRT headers are found; true when it was.
+fn trt_shim() -> bool {
+    println!("cargo:rerun-if-changed=shim/trt_shim.cpp");
+    println!("cargo:rerun-if-changed=shim/trt_shim.h");
+    println!("cargo:rerun-if-changed=shim/fallback-include/cuda_runtime_api.h");
+    let Some((include, source)) = trt_include_dir() else {
+        return false;
+    };
+    for header in ["NvInfer.h", "NvOnnxParser.h"] {
+        if !include.join(header).is_file() {
+            println!(
+                "cargo:warning={source}={} has no {header}: building without the TensorRT shim",
+                include.display()
+            );
+            return false;
+        }
+    }
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file("shim/trt_shim.cpp")
+        .include("shim")
+        .include(&include)
+        // TensorRT's headers include <cuda_runtime_api.h> for two pointer types; a real one on the include
+        // path wins over this fallback.
+        .flag("-idirafter")
+        .flag(
+            manifest_dir
+                .join("shim/fallback-include")
+                .to_string_lossy()
+                .as_ref(),
+        )
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(true);
+    for dir in ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|root| Path::new(&root).join("include"))
+        .filter(|d| d.join("cuda_runtime_api.h").is_file())
+    {
+        build.include(dir);
+    }
+    if let Err(e) = build.try_compile("vista3d_trt_shim") {
+        // A broken TensorRT install must not break the whole crate: report and build without TensorRT.
+        println!(
+            "cargo:warning=TensorRT shim not compiled against {} ({source}): {e}",
+            include.display()
+        );
+        return false;
+    }
+    println!(
+        "cargo:rustc-env=VISTA3D_TRT_INCLUDE_DIR={}",
+        include.display()
+    );
+    true
+}
+
+/// Generates the shim's bindings with bindgen when libclang can be loaded; true when it did.
+fn trt_bindings() -> bool {
+    println!("cargo:rerun-if-env-changed=LIBCLANG_PATH");
+    println!("cargo:rerun-if-env-changed=BINDGEN_EXTRA_CLANG_ARGS");
+    println!("cargo:rerun-if-env-changed=VISTA3D_NO_BINDGEN");
+    if std::env::var_os("VISTA3D_NO_BINDGEN").is_some() {
+        return false;
+    }
+    let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
+        return false;
+    };
+    // bindgen panics when libclang cannot be loaded; that only means "use the checked-in bindings".
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let generated = std::panic::catch_unwind(shim_bindgen_builder);
+    std::panic::set_hook(previous_hook);
+    match generated {
+        Ok(Ok(bindings)) => match bindings.write_to_file(out.join("trt_shim_bindings.rs")) {
+            Ok(()) => true,
+            Err(e) => {
+                println!("cargo:warning=cannot write the shim bindings: {e}");
+                false
+            }
+        },
+        Ok(Err(e)) => {
+            println!("cargo:warning=bindgen failed on shim/trt_shim.h: {e}");
+            false
+        }
+        Err(_) => false, // no libclang: the checked-in bindings are used
+    }
+}
+
+/// bindgen over shim/trt_shim.h, with the settings that produced src/engines/tensorrt/shim_bindings.rs.
+fn shim_bindgen_builder() -> Result<bindgen::Bindings, bindgen::BindgenError> {
+    bindgen::Builder::default()
+        .header("shim/trt_shim.h")
+        .allowlist_function("trt_shim_.*")
+        .allowlist_type("TrtShim.*")
+        .allowlist_var("TRT_SHIM_.*")
+        .default_macro_constant_type(bindgen::MacroTypeVariation::Signed)
+        .layout_tests(false)
+        .generate_comments(true)
+        .formatter(bindgen::Formatter::Prettyplease)
+        .raw_line("// Generated by bindgen from shim/trt_shim.h (build.rs: shim_bindgen_builder). Do not edit:")
+        .raw_line("// regenerate with LIBCLANG_PATH set and copy $OUT_DIR/trt_shim_bindings.rs here.")
+        .generate()
 }

@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh test
 export VISTA3D_DATA="${VISTA3D_DATA:-$PWD/target/data}"
 bash scripts/fetch_data.sh > /dev/null
+# TensorRT headers, so that the TensorRT shim is compiled and tested (no TensorRT library is needed).
+if [ -z "${TENSORRT_INCLUDE_DIR:-}" ]; then
+    TENSORRT_INCLUDE_DIR="$(bash scripts/fetch_trt_headers.sh)"
+fi
+export TENSORRT_INCLUDE_DIR
 
 fixtures="${VISTA3D_FIXTURES:-$PWD/target/fixtures}"
 export VISTA3D_FIXTURES="$fixtures"

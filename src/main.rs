@@ -78,6 +78,33 @@ enum Command {
         #[arg(long)]
         width: Option<i64>,
     },
+    /// Build TensorRT engines (encoder + class head per precision) from an ONNX export; skips up-to-date ones.
+    BuildEngines {
+        /// Folder written by export-onnx (manifest.json, encoder.onnx, class_head.onnx).
+        #[arg(long, default_value = "onnx")]
+        onnx: PathBuf,
+        /// Comma-separated precisions: fp16, tf32.
+        #[arg(long, default_value = "fp16,tf32")]
+        precision: String,
+        /// Most class prompts per class-head call (more run in chunks).
+        #[arg(long, default_value_t = 4)]
+        max_prompt_size: i64,
+        /// Output folder for plans, sidecars and timing.cache.
+        #[arg(long, default_value = "engines")]
+        out: PathBuf,
+        /// Window size H,W,D (the configuration's patch_size).
+        #[arg(long, default_value = "128,128,128")]
+        patch: String,
+        /// Most windows per call (the configuration's sw_batch_size).
+        #[arg(long, default_value_t = 1)]
+        sw_batch_size: i64,
+        /// CUDA device index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// TensorRT builder optimisation level 0..5.
+        #[arg(long, default_value_t = 3)]
+        optimization_level: i32,
+    },
     /// Write a checkpoint of seeded random weights (NOT a trained model: for tests and demos).
     InitCheckpoint {
         /// encoder_embed_dim (48 is the released model's width).
@@ -285,6 +312,29 @@ fn run(cli: Cli) -> Result<()> {
             verify,
             threads,
         }),
+        Command::BuildEngines {
+            onnx,
+            precision,
+            max_prompt_size,
+            out,
+            patch,
+            sw_batch_size,
+            device,
+            optimization_level,
+        } => {
+            use vista3d::engines::tensorrt as trt;
+            let opts = trt::BuildOptions {
+                onnx_dir: onnx,
+                out_dir: out,
+                precisions: trt::Precision::parse_list(&precision)?,
+                max_prompt_size,
+                patch: trt::parse_patch(&patch)?,
+                sw_batch_size,
+                device,
+                optimization_level,
+            };
+            trt::report(&trt::build_engines(&opts)?)
+        }
         Command::Infer {
             image,
             request,

@@ -8,6 +8,7 @@ pub mod fingerprint;
 pub mod onnx;
 pub mod ort_engine;
 pub mod runner;
+pub mod tensorrt;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -104,18 +105,20 @@ impl FromStr for Method {
 
     /// Accepts the names of [`Method::name`] and the short forms `amp`, `tf32`, `fp32`, `fp16` (= trt_fp16).
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
-            "auto" => Method::Auto,
-            "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
-            "trt_tf32" => Method::TrtTf32,
-            "ort" | "onnxruntime" => Method::Ort,
-            "amp" | "torch_amp" => Method::TorchAmp,
-            "tf32" | "torch_tf32" => Method::TorchTf32,
-            "fp32" | "torch_fp32" => Method::TorchFp32,
-            other => bail!(
+        Ok(
+            match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+                "auto" => Method::Auto,
+                "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
+                "trt_tf32" => Method::TrtTf32,
+                "ort" | "onnxruntime" => Method::Ort,
+                "amp" | "torch_amp" => Method::TorchAmp,
+                "tf32" | "torch_tf32" => Method::TorchTf32,
+                "fp32" | "torch_fp32" => Method::TorchFp32,
+                other => bail!(
                 "unknown precision '{other}': use auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort"
             ),
-        })
+            },
+        )
     }
 }
 
@@ -166,7 +169,30 @@ pub fn open_engine(method: Method, ctx: &EngineContext) -> Result<Box<dyn Window
                 threads,
             )?))
         }
-        Method::TrtFp16 | Method::TrtTf32 => bail!("TensorRT engine not built into this binary"),
+        Method::TrtFp16 | Method::TrtTf32 => {
+            let tch::Device::Cuda(gpu) = ctx.device else {
+                bail!("TensorRT needs a CUDA device; this request runs on the CPU");
+            };
+            let manifest = tensorrt::OnnxManifest::read(&ctx.onnx_dir)?;
+            if manifest.weights_fingerprint != ctx.weights_fingerprint {
+                bail!(
+                    "stale ONNX export in {}: exported from weights {}, the loaded weights are {} \
+                     (re-run vista3d export-onnx and vista3d build-engines)",
+                    ctx.onnx_dir.display(),
+                    manifest.weights_fingerprint,
+                    ctx.weights_fingerprint
+                );
+            }
+            let precision = if method == Method::TrtFp16 {
+                tensorrt::Precision::Fp16
+            } else {
+                tensorrt::Precision::Tf32
+            };
+            let patch = ctx.patch_size.map(|v| v as i64);
+            let engine =
+                tensorrt::TrtEngine::load(&ctx.engines_dir, &manifest, precision, patch, gpu)?;
+            Ok(Box::new(engine))
+        }
         other => bail!("{other} is a libtorch method, not an engine"),
     }
 }

@@ -1,0 +1,396 @@
+//! `vista3d build-engines`: TensorRT engines from the exported ONNX models, cached by key (see [`super::cache`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use super::cache::{
+    check_engine, superseded, EngineKey, EngineProfile, Freshness, OnnxStat, Part, Precision,
+    Sidecar, KEY_SCHEMA,
+};
+use super::cuda::CudaDevice;
+use super::engine::onnx_stat;
+use super::library::{Builder, TrtLibrary};
+use super::manifest::OnnxManifest;
+use crate::fsutil::write_atomic;
+
+/// The timing cache shared by all builds in an engines folder.
+pub const TIMING_CACHE: &str = "timing.cache";
+
+/// What to build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildOptions {
+    /// Folder with `manifest.json`, `encoder.onnx`, `class_head.onnx`.
+    pub onnx_dir: PathBuf,
+    /// Where plans, sidecars and the timing cache go.
+    pub out_dir: PathBuf,
+    pub precisions: Vec<Precision>,
+    /// Most prompts per class-head call (the bundle's `max_prompt_size`, 4).
+    pub max_prompt_size: i64,
+    /// The window size (the bundle's `patch_size`, 128^3).
+    pub patch: [i64; 3],
+    /// Most windows per call (the bundle's `sw_batch_size`, 1).
+    pub sw_batch_size: i64,
+    /// CUDA device index.
+    pub device: usize,
+    /// TensorRT builder optimisation level 0..=5 (3 is TensorRT's default; MONAI's trt_compile uses 5).
+    pub optimization_level: i32,
+}
+
+impl BuildOptions {
+    /// Checks the settings before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.precisions.is_empty(),
+            "no precision given: use --precision fp16,tf32"
+        );
+        ensure!(
+            (0..=5).contains(&self.optimization_level),
+            "--optimization-level must be 0..5, got {}",
+            self.optimization_level
+        );
+        for part in Part::ALL {
+            EngineProfile::new(part, self.patch, self.sw_batch_size, self.max_prompt_size)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--patch 128,128,128` (or a single number for a cube).
+pub fn parse_patch(text: &str) -> Result<[i64; 3]> {
+    let values: Vec<i64> = text
+        .split(',')
+        .map(|s| s.trim().parse::<i64>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--patch must be H,W,D (e.g. 128,128,128), got '{text}'"))?;
+    let patch = match values[..] {
+        [s] => [s, s, s],
+        [h, w, d] => [h, w, d],
+        _ => bail!("--patch must be H,W,D (e.g. 128,128,128), got '{text}'"),
+    };
+    ensure!(
+        patch.iter().all(|&s| s > 0),
+        "--patch sizes must be positive, got '{text}'"
+    );
+    Ok(patch)
+}
+
+/// What happened to one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildOutcome {
+    pub part: Part,
+    pub precision: Precision,
+    /// The plan file (on success).
+    pub plan: Option<PathBuf>,
+    pub status: BuildStatus,
+}
+
+/// Built, already up to date, or failed (the other engines are still attempted).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildStatus {
+    UpToDate,
+    Built { seconds: f64, bytes: u64 },
+    Failed(String),
+}
+
+/// Builds (or keeps) the encoder and class-head engines of every precision. Fails before writing anything when
+/// the manifest, TensorRT or the GPU is missing; a failing engine is reported in its outcome and the others are
+/// still built.
+pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
+    opts.validate()?;
+    let manifest = OnnxManifest::read(&opts.onnx_dir)?;
+    for part in Part::ALL {
+        manifest.existing_onnx(part)?;
+    }
+    let library = TrtLibrary::load().context("cannot build TensorRT engines")?;
+    let gpu = CudaDevice::open(opts.device).context("cannot build TensorRT engines")?;
+    log::info!(
+        "building with TensorRT {} ({}) on {} (GPU {}, sm {})",
+        library.version(),
+        library.nvinfer_path().display(),
+        gpu.name(),
+        gpu.ordinal(),
+        gpu.compute_capability()
+    );
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    let cache_path = opts.out_dir.join(TIMING_CACHE);
+    let mut timing_cache = std::fs::read(&cache_path).unwrap_or_default();
+    let mut outcomes = Vec::new();
+    for &precision in &opts.precisions {
+        for part in Part::ALL {
+            let result = build_one(
+                library,
+                &gpu,
+                &manifest,
+                opts,
+                part,
+                precision,
+                &mut timing_cache,
+            );
+            let outcome = match result {
+                Ok((plan, status)) => {
+                    if matches!(status, BuildStatus::Built { .. }) && !timing_cache.is_empty() {
+                        write_atomic(&cache_path, &timing_cache)?;
+                    }
+                    BuildOutcome {
+                        part,
+                        precision,
+                        plan: Some(plan),
+                        status,
+                    }
+                }
+                Err(e) => {
+                    log::error!("{} {}: {e:#}", precision, part.name());
+                    BuildOutcome {
+                        part,
+                        precision,
+                        plan: None,
+                        status: BuildStatus::Failed(format!("{e:#}")),
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+    }
+    Ok(outcomes)
+}
+
+/// The key `opts` asks for.
+fn build_key(
+    opts: &BuildOptions,
+    manifest: &OnnxManifest,
+    part: Part,
+    precision: Precision,
+    tensorrt_version: String,
+    compute_capability: String,
+    onnx: &OnnxStat,
+) -> Result<EngineKey> {
+    Ok(EngineKey {
+        schema: KEY_SCHEMA,
+        part,
+        precision,
+        tensorrt_version,
+        compute_capability,
+        profile: EngineProfile::new(part, opts.patch, opts.sw_batch_size, opts.max_prompt_size)?,
+        builder_optimization_level: opts.optimization_level,
+        weights_fingerprint: manifest.weights_fingerprint.clone(),
+        embed_dim: manifest.embed_dim,
+        onnx_sha256: onnx.sha256.clone(),
+    })
+}
+
+/// Builds one engine unless it is up to date; returns its plan path.
+fn build_one(
+    library: &'static TrtLibrary,
+    gpu: &CudaDevice,
+    manifest: &OnnxManifest,
+    opts: &BuildOptions,
+    part: Part,
+    precision: Precision,
+    timing_cache: &mut Vec<u8>,
+) -> Result<(PathBuf, BuildStatus)> {
+    let onnx = onnx_stat(manifest, part, precision, &opts.out_dir)?;
+    let key = build_key(
+        opts,
+        manifest,
+        part,
+        precision,
+        library.version().to_string(),
+        gpu.compute_capability(),
+        &onnx,
+    )?;
+    let paths = key.paths(&opts.out_dir);
+    match check_engine(&opts.out_dir, &key, true) {
+        Freshness::UpToDate(p) => {
+            log::info!(
+                "{precision} {}: up to date ({})",
+                part.name(),
+                p.plan.display()
+            );
+            return Ok((p.plan, BuildStatus::UpToDate));
+        }
+        Freshness::Stale(reasons) => {
+            log::info!(
+                "{precision} {}: building {} ({})",
+                part.name(),
+                paths.plan.display(),
+                reasons.join("; ")
+            );
+        }
+    }
+    let start = Instant::now();
+    let mut builder = library.builder()?;
+    use_timing_cache(&mut builder, timing_cache)?;
+    builder.parse_onnx(&onnx.path)?;
+    check_inputs(&builder, part, &onnx.path)?;
+    builder.set_precision(precision)?;
+    builder.set_optimization_level(opts.optimization_level)?;
+    for (name, dims) in key.profile.input_dims(part, manifest.embed_dim) {
+        builder
+            .set_profile(name, &dims)
+            .with_context(|| format!("profile of '{name}'"))?;
+    }
+    let plan = builder
+        .build()
+        .with_context(|| format!("building the {precision} {} engine", part.name()))?;
+    match builder.timing_cache() {
+        Ok(bytes) if !bytes.is_empty() => *timing_cache = bytes,
+        Ok(_) => {}
+        Err(e) => log::warn!("timing cache not saved: {e:#}"),
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // The plan first, the sidecar last: a plan without a sidecar is an interrupted build, never used.
+    write_atomic(&paths.plan, &plan)?;
+    let sidecar = Sidecar::describe(&key, &plan, onnx, seconds);
+    write_atomic(&paths.sidecar, &serde_json::to_vec_pretty(&sidecar)?)?;
+    for old in superseded(&opts.out_dir, &key) {
+        log::info!("removing superseded {}", old.plan.display());
+        let _ = std::fs::remove_file(&old.sidecar);
+        let _ = std::fs::remove_file(&old.plan);
+    }
+    log::info!(
+        "{precision} {}: built {} ({} bytes, {seconds:.1} s)",
+        part.name(),
+        paths.plan.display(),
+        plan.len()
+    );
+    Ok((
+        paths.plan,
+        BuildStatus::Built {
+            seconds,
+            bytes: plan.len() as u64,
+        },
+    ))
+}
+
+/// Loads the timing cache into the builder; a cache TensorRT rejects (another version or GPU) is replaced by
+/// a new one.
+fn use_timing_cache(builder: &mut Builder, cache: &mut Vec<u8>) -> Result<()> {
+    if !cache.is_empty() {
+        match builder.set_timing_cache(cache) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                log::warn!("{TIMING_CACHE} not usable, starting a new one: {e:#}");
+                cache.clear();
+            }
+        }
+    }
+    builder.set_timing_cache(&[])
+}
+
+/// Checks that the parsed network has exactly the inputs of `part`.
+fn check_inputs(builder: &Builder, part: Part, onnx: &Path) -> Result<()> {
+    let inputs = builder.inputs()?;
+    let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+    let mut expected = part.input_names().to_vec();
+    let mut actual = names.clone();
+    expected.sort_unstable();
+    actual.sort_unstable();
+    ensure!(
+        actual == expected,
+        "{} has inputs {names:?}, but a {} model must have {:?}",
+        onnx.display(),
+        part.name(),
+        part.input_names()
+    );
+    Ok(())
+}
+
+/// Prints the outcomes; an error when any engine failed.
+pub fn report(outcomes: &[BuildOutcome]) -> Result<()> {
+    let mut failed = 0;
+    for o in outcomes {
+        let what = format!("{} {}", o.precision, o.part.name());
+        match &o.status {
+            BuildStatus::UpToDate => println!(
+                "{what:<18} up to date  {}",
+                o.plan
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            BuildStatus::Built { seconds, bytes } => println!(
+                "{what:<18} built       {} ({:.1} MB, {seconds:.1} s)",
+                o.plan
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                *bytes as f64 / 1e6
+            ),
+            BuildStatus::Failed(e) => {
+                failed += 1;
+                println!("{what:<18} FAILED      {e}");
+            }
+        }
+    }
+    ensure!(failed == 0, "{failed} of {} engines failed", outcomes.len());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> BuildOptions {
+        BuildOptions {
+            onnx_dir: dir.join("onnx"),
+            out_dir: dir.join("engines"),
+            precisions: vec![Precision::Fp16],
+            max_prompt_size: 4,
+            patch: [128, 128, 128],
+            sw_batch_size: 1,
+            device: 0,
+            optimization_level: 3,
+        }
+    }
+
+    #[test]
+    fn patches_parse() {
+        assert_eq!(parse_patch("128,128,128").unwrap(), [128, 128, 128]);
+        assert_eq!(parse_patch("96").unwrap(), [96, 96, 96]);
+        assert_eq!(parse_patch(" 64, 96 ,32").unwrap(), [64, 96, 32]);
+        for bad in ["", "1,2", "a,b,c", "0,1,1", "1,2,3,4"] {
+            assert!(parse_patch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_options_fail_before_anything_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.max_prompt_size = 0;
+        assert!(build_engines(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("max_prompt_size"));
+        let mut o = opts(dir.path());
+        o.optimization_level = 6;
+        assert!(build_engines(&o).is_err());
+        // No manifest: named.
+        let err = format!("{:#}", build_engines(&opts(dir.path())).unwrap_err());
+        assert!(err.contains("manifest.json"), "{err}");
+        assert!(!dir.path().join("engines").exists());
+    }
+
+    #[test]
+    fn report_fails_when_an_engine_failed() {
+        let ok = BuildOutcome {
+            part: Part::Encoder,
+            precision: Precision::Tf32,
+            plan: Some("e.plan".into()),
+            status: BuildStatus::UpToDate,
+        };
+        assert!(report(std::slice::from_ref(&ok)).is_ok());
+        let bad = BuildOutcome {
+            status: BuildStatus::Failed("boom".into()),
+            plan: None,
+            ..ok.clone()
+        };
+        assert!(report(&[ok, bad])
+            .unwrap_err()
+            .to_string()
+            .contains("1 of 2"));
+    }
+}

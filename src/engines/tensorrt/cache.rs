@@ -1,0 +1,1042 @@
+//! Engine keys, file names, sidecars and staleness (pure Rust: no TensorRT needed).
+//!
+//! A serialized engine (a "plan") is only valid for the TensorRT version and GPU architecture that built it, and
+//! only computes the right thing for the ONNX model and optimisation profile it was built from. Every engine is
+//! therefore stored under a key made of all of these:
+//!
+//! | field | why |
+//! |---|---|
+//! | TensorRT version | plans do not load across versions |
+//! | GPU compute capability | kernels are chosen per architecture |
+//! | precision (`fp16`, `tf32`) | different engines |
+//! | profile: window size, window batch and prompt batch min/opt/max, builder optimisation level | what the engine accepts, how it was tuned |
+//! | ONNX weights fingerprint and embed_dim (from `manifest.json`) | which checkpoint |
+//! | sha256 of the ONNX file | the exact model that was compiled |
+//!
+//! File names: `<dir>/<part>_<precision>_<short key>.plan` with a JSON sidecar `<same>.json` holding every key
+//! field plus the plan's size and sha256 (the sidecar is written last, so a plan without one is an interrupted
+//! build). `short key` is the first 16 hex digits of the sha256 of the key's canonical JSON.
+//!
+//! Staleness: an engine whose key differs in any field, whose ONNX changed, or whose plan is missing, truncated
+//! or altered is stale. `build-engines` rebuilds stale engines; at run time a stale engine is an error (the
+//! caller falls back to libtorch), never used.
+//!
+//! Profile choice (see [`EngineProfile::new`]): window batch 1..`sw_batch_size` with opt = `sw_batch_size`;
+//! class-head prompt batch 1..`max_prompt_size` with opt = `max_prompt_size`, because the prompts that cost the
+//! most are the many-class requests ("everything" is 117 classes), which run in chunks of `max_prompt_size`;
+//! spatial dims fixed to the window (patch) size.
+
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::engines::Method;
+
+/// Version of the key and sidecar layout; bumping it makes every older engine stale.
+pub const KEY_SCHEMA: u32 = 1;
+
+/// The two networks that become engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// `image` `[b,1,H,W,D]` -> `features` `[b,E,H,W,D]`.
+    Encoder,
+    /// `features` `[b,E,H,W,D]`, `class_ids` `[B,1]` -> `logits` `[B,b,H,W,D]`.
+    ClassHead,
+}
+
+impl Part {
+    /// Both parts, in build order.
+    pub const ALL: [Part; 2] = [Part::Encoder, Part::ClassHead];
+
+    /// `encoder` or `class_head` (file names, manifest keys).
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Encoder => "encoder",
+            Part::ClassHead => "class_head",
+        }
+    }
+
+    /// The input tensor names, in order.
+    pub fn input_names(self) -> &'static [&'static str] {
+        match self {
+            Part::Encoder => &["image"],
+            Part::ClassHead => &["features", "class_ids"],
+        }
+    }
+
+    /// The output tensor name.
+    pub fn output_name(self) -> &'static str {
+        match self {
+            Part::Encoder => "features",
+            Part::ClassHead => "logits",
+        }
+    }
+}
+
+/// The precision an engine is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// FP16 kernels allowed (and TF32), normalization in FP32: [`Method::TrtFp16`].
+    Fp16,
+    /// FP32 tensors with TF32 tensor cores: [`Method::TrtTf32`].
+    Tf32,
+}
+
+impl Precision {
+    /// `fp16` or `tf32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp16 => "fp16",
+            Precision::Tf32 => "tf32",
+        }
+    }
+
+    /// The request method this precision serves.
+    pub fn method(self) -> Method {
+        match self {
+            Precision::Fp16 => Method::TrtFp16,
+            Precision::Tf32 => Method::TrtTf32,
+        }
+    }
+
+    /// The precision of a TensorRT method; `None` for the others.
+    pub fn of_method(method: Method) -> Option<Precision> {
+        match method {
+            Method::TrtFp16 => Some(Precision::Fp16),
+            Method::TrtTf32 => Some(Precision::Tf32),
+            _ => None,
+        }
+    }
+
+    /// Parses a comma-separated list (`fp16,tf32`; `trt_fp16`, `trt_tf32` accepted), without duplicates.
+    pub fn parse_list(text: &str) -> Result<Vec<Precision>> {
+        let mut out = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let p: Precision = item.parse()?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        ensure!(
+            !out.is_empty(),
+            "no precision given: use fp16, tf32 or fp16,tf32"
+        );
+        Ok(out)
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "fp16" | "trt_fp16" => Ok(Precision::Fp16),
+            "tf32" | "trt_tf32" => Ok(Precision::Tf32),
+            other => bail!("unknown TensorRT precision '{other}': use fp16 or tf32"),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// min/opt/max of one dynamic dimension in an optimisation profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BatchRange {
+    pub min: i64,
+    pub opt: i64,
+    pub max: i64,
+}
+
+impl BatchRange {
+    /// A range with `1 <= min <= opt <= max`.
+    pub fn new(min: i64, opt: i64, max: i64) -> Result<Self> {
+        ensure!(
+            1 <= min && min <= opt && opt <= max,
+            "bad batch range {min}/{opt}/{max}: need 1 <= min <= opt <= max"
+        );
+        Ok(Self { min, opt, max })
+    }
+
+    /// Whether `n` lies in the range.
+    pub fn contains(&self, n: i64) -> bool {
+        self.min <= n && n <= self.max
+    }
+}
+
+/// What an engine accepts: the spatial window and the dynamic batch dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EngineProfile {
+    /// The window (patch) size `[H, W, D]`; fixed.
+    pub window: [i64; 3],
+    /// Windows per call (`b`).
+    pub window_batch: BatchRange,
+    /// Prompts per class-head call (`B`); `None` for the encoder.
+    pub prompt_batch: Option<BatchRange>,
+}
+
+impl EngineProfile {
+    /// The profile of `part` (see the module documentation for the choice of opt).
+    pub fn new(
+        part: Part,
+        window: [i64; 3],
+        sw_batch_size: i64,
+        max_prompt_size: i64,
+    ) -> Result<Self> {
+        ensure!(
+            window.iter().all(|&s| s > 0),
+            "the window size must be positive, got {window:?}"
+        );
+        ensure!(
+            sw_batch_size >= 1,
+            "sw_batch_size must be at least 1, got {sw_batch_size}"
+        );
+        let window_batch = BatchRange::new(1, sw_batch_size, sw_batch_size)?;
+        let prompt_batch = match part {
+            Part::Encoder => None,
+            Part::ClassHead => {
+                ensure!(
+                    max_prompt_size >= 1,
+                    "max_prompt_size must be at least 1, got {max_prompt_size}"
+                );
+                Some(BatchRange::new(1, max_prompt_size, max_prompt_size)?)
+            }
+        };
+        Ok(Self {
+            window,
+            window_batch,
+            prompt_batch,
+        })
+    }
+
+    /// min/opt/max dims of every input of `part` (`embed_dim` channels of features), in input order.
+    pub fn input_dims(&self, part: Part, embed_dim: i64) -> Vec<(&'static str, [Vec<i64>; 3])> {
+        let [h, w, d] = self.window;
+        let b = self.window_batch;
+        let spatial = |batch: i64, channels: i64| vec![batch, channels, h, w, d];
+        match part {
+            Part::Encoder => vec![(
+                "image",
+                [spatial(b.min, 1), spatial(b.opt, 1), spatial(b.max, 1)],
+            )],
+            Part::ClassHead => {
+                let p = self.prompt_batch.unwrap_or(BatchRange {
+                    min: 1,
+                    opt: 1,
+                    max: 1,
+                });
+                vec![
+                    (
+                        "features",
+                        [
+                            spatial(b.min, embed_dim),
+                            spatial(b.opt, embed_dim),
+                            spatial(b.max, embed_dim),
+                        ],
+                    ),
+                    (
+                        "class_ids",
+                        [vec![p.min, 1], vec![p.opt, 1], vec![p.max, 1]],
+                    ),
+                ]
+            }
+        }
+    }
+}
+
+/// Everything an engine depends on; see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineKey {
+    pub schema: u32,
+    pub part: Part,
+    pub precision: Precision,
+    /// `major.minor.patch` of the libnvinfer that builds/runs the engine.
+    pub tensorrt_version: String,
+    /// `major.minor` of the GPU.
+    pub compute_capability: String,
+    pub profile: EngineProfile,
+    pub builder_optimization_level: i32,
+    pub weights_fingerprint: String,
+    pub embed_dim: i64,
+    pub onnx_sha256: String,
+}
+
+impl EngineKey {
+    /// The first 16 hex digits of the sha256 of the key's JSON (fields in declaration order).
+    pub fn short(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex(&Sha256::digest(&json))[..16].to_string()
+    }
+
+    /// `<part>_<precision>_<short key>`.
+    pub fn file_stem(&self) -> String {
+        format!(
+            "{}_{}_{}",
+            self.part.name(),
+            self.precision.name(),
+            self.short()
+        )
+    }
+
+    /// The plan and sidecar paths of this key in `dir`.
+    pub fn paths(&self, dir: &Path) -> EnginePaths {
+        let stem = self.file_stem();
+        EnginePaths {
+            plan: dir.join(format!("{stem}.plan")),
+            sidecar: dir.join(format!("{stem}.json")),
+        }
+    }
+
+    /// Human-readable differences from `other` ("field: other -> self"); empty when equal.
+    pub fn differences(&self, other: &EngineKey) -> Vec<String> {
+        let mut out = self.identity_differences(other);
+        if self.profile != other.profile {
+            out.push(format!(
+                "profile: {} -> {}",
+                describe_profile(&other.profile),
+                describe_profile(&self.profile)
+            ));
+        }
+        if self.builder_optimization_level != other.builder_optimization_level {
+            out.push(format!(
+                "builder optimisation level: {} -> {}",
+                other.builder_optimization_level, self.builder_optimization_level
+            ));
+        }
+        out
+    }
+
+    /// Differences in the fields a run must match exactly (all but the build choices: the batch ranges of the
+    /// profile and the optimisation level, which a run reads from the engine's sidecar).
+    pub fn identity_differences(&self, other: &EngineKey) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut field = |name: &str, old: String, new: String| {
+            if old != new {
+                out.push(format!("{name}: {old} -> {new}"));
+            }
+        };
+        field(
+            "key schema",
+            other.schema.to_string(),
+            self.schema.to_string(),
+        );
+        field("part", other.part.name().into(), self.part.name().into());
+        field(
+            "precision",
+            other.precision.name().into(),
+            self.precision.name().into(),
+        );
+        field(
+            "TensorRT version",
+            other.tensorrt_version.clone(),
+            self.tensorrt_version.clone(),
+        );
+        field(
+            "GPU compute capability",
+            other.compute_capability.clone(),
+            self.compute_capability.clone(),
+        );
+        field(
+            "window size",
+            format!("{:?}", other.profile.window),
+            format!("{:?}", self.profile.window),
+        );
+        field(
+            "weights fingerprint",
+            other.weights_fingerprint.clone(),
+            self.weights_fingerprint.clone(),
+        );
+        field(
+            "embed_dim",
+            other.embed_dim.to_string(),
+            self.embed_dim.to_string(),
+        );
+        field(
+            "ONNX sha256",
+            other.onnx_sha256.clone(),
+            self.onnx_sha256.clone(),
+        );
+        out
+    }
+}
+
+/// `window 128x128x128, windows 1/1/1, prompts 1/4/4`.
+pub fn describe_profile(p: &EngineProfile) -> String {
+    let [h, w, d] = p.window;
+    let b = p.window_batch;
+    let mut s = format!("window {h}x{w}x{d}, windows {}/{}/{}", b.min, b.opt, b.max);
+    if let Some(q) = p.prompt_batch {
+        s.push_str(&format!(", prompts {}/{}/{}", q.min, q.opt, q.max));
+    }
+    s
+}
+
+/// Where an engine's files live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnginePaths {
+    pub plan: PathBuf,
+    pub sidecar: PathBuf,
+}
+
+/// The ONNX file an engine was built from, with what is needed to notice that it changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnnxStat {
+    /// Absolute path at build time.
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// Modification time in nanoseconds since the Unix epoch.
+    pub mtime_ns: u128,
+    pub sha256: String,
+}
+
+impl OnnxStat {
+    /// Size and mtime of `path`, with its sha256 taken from `known` when one of them has the same absolute path,
+    /// size and mtime (as git's index does), computed otherwise.
+    pub fn of(path: &Path, known: &[OnnxStat]) -> Result<Self> {
+        let abs = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let meta =
+            std::fs::metadata(&abs).with_context(|| format!("cannot stat {}", abs.display()))?;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let bytes = meta.len();
+        if let Some(k) = known
+            .iter()
+            .find(|k| k.path == abs && k.bytes == bytes && k.mtime_ns == mtime_ns && mtime_ns != 0)
+        {
+            return Ok(Self {
+                path: abs,
+                bytes,
+                mtime_ns,
+                sha256: k.sha256.clone(),
+            });
+        }
+        let sha256 = sha256_file(&abs)?;
+        Ok(Self {
+            path: abs,
+            bytes,
+            mtime_ns,
+            sha256,
+        })
+    }
+}
+
+/// The JSON sidecar next to a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub key: EngineKey,
+    /// [`EngineKey::short`] of `key`, for people reading the file.
+    pub short_key: String,
+    /// The plan's file name (in the same folder).
+    pub plan_file: String,
+    pub plan_bytes: u64,
+    pub plan_sha256: String,
+    pub onnx: OnnxStat,
+    /// Which program built it (`vista3d <version>`).
+    pub built_by: String,
+    pub build_seconds: f64,
+}
+
+impl Sidecar {
+    /// Reads a sidecar file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not an engine sidecar", path.display()))
+    }
+
+    /// The sidecar of `plan` built for `key`.
+    pub fn describe(key: &EngineKey, plan: &[u8], onnx: OnnxStat, build_seconds: f64) -> Self {
+        Self {
+            short_key: key.short(),
+            plan_file: format!("{}.plan", key.file_stem()),
+            plan_bytes: plan.len() as u64,
+            plan_sha256: hex(&Sha256::digest(plan)),
+            onnx,
+            key: key.clone(),
+            built_by: format!("vista3d {}", env!("CARGO_PKG_VERSION")),
+            build_seconds,
+        }
+    }
+
+    /// Checks plan bytes (read from disk) against the sidecar: size, then sha256.
+    pub fn verify_plan(&self, plan: &[u8]) -> Result<()> {
+        ensure!(
+            plan.len() as u64 == self.plan_bytes,
+            "plan {} is truncated or altered: {} bytes, the sidecar says {}",
+            self.plan_file,
+            plan.len(),
+            self.plan_bytes
+        );
+        let actual = hex(&Sha256::digest(plan));
+        ensure!(
+            actual == self.plan_sha256,
+            "plan {} is corrupt: sha256 {actual}, the sidecar says {}",
+            self.plan_file,
+            self.plan_sha256
+        );
+        Ok(())
+    }
+}
+
+/// Whether the engine of a key can be used as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Freshness {
+    /// Plan and sidecar match the key (plan size checked; sha256 too when asked for).
+    UpToDate(EnginePaths),
+    /// Something is there but unusable, or nothing is: the reasons, for the log.
+    Stale(Vec<String>),
+}
+
+/// Checks the engine of `key` in `dir`. With `verify_hash`, the plan's sha256 is compared too (reads the plan).
+/// Reasons name what differs from other engines of the same part and precision found in `dir`.
+pub fn check_engine(dir: &Path, key: &EngineKey, verify_hash: bool) -> Freshness {
+    let paths = key.paths(dir);
+    let mut reasons = Vec::new();
+    match Sidecar::read(&paths.sidecar) {
+        Err(_) if !paths.sidecar.exists() => {
+            let others = candidates(dir, key.part, key.precision);
+            if others.is_empty() {
+                reasons.push(format!(
+                    "no {} {} engine in {}",
+                    key.precision,
+                    key.part.name(),
+                    dir.display()
+                ));
+            }
+            for (path, other) in others {
+                reasons.push(format!(
+                    "{} is stale ({})",
+                    path.display(),
+                    key.differences(&other.key).join("; ")
+                ));
+            }
+        }
+        Err(e) => reasons.push(format!("{e:#}")),
+        Ok(sidecar) => {
+            if let Err(e) = check_sidecar(&paths, key, &sidecar, verify_hash) {
+                reasons.push(format!("{e:#}"));
+            }
+        }
+    }
+    if reasons.is_empty() {
+        Freshness::UpToDate(paths)
+    } else {
+        Freshness::Stale(reasons)
+    }
+}
+
+/// Checks that `sidecar` describes `key` and that its plan is there with the recorded size (and hash).
+fn check_sidecar(
+    paths: &EnginePaths,
+    key: &EngineKey,
+    sidecar: &Sidecar,
+    verify_hash: bool,
+) -> Result<()> {
+    let diff = key.differences(&sidecar.key);
+    ensure!(
+        diff.is_empty(),
+        "{} does not match its name ({})",
+        paths.sidecar.display(),
+        diff.join("; ")
+    );
+    let meta = std::fs::metadata(&paths.plan)
+        .with_context(|| format!("plan {} is missing", paths.plan.display()))?;
+    ensure!(
+        meta.len() == sidecar.plan_bytes,
+        "plan {} is truncated or altered: {} bytes, the sidecar says {}",
+        paths.plan.display(),
+        meta.len(),
+        sidecar.plan_bytes
+    );
+    if verify_hash {
+        let plan = std::fs::read(&paths.plan)
+            .with_context(|| format!("cannot read {}", paths.plan.display()))?;
+        sidecar.verify_plan(&plan)?;
+    }
+    Ok(())
+}
+
+/// Sidecars in `dir` for `part` and `precision` (any key), sorted by path; unreadable ones are skipped.
+pub fn candidates(dir: &Path, part: Part, precision: Precision) -> Vec<(PathBuf, Sidecar)> {
+    let prefix = format!("{}_{}_", part.name(), precision.name());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(PathBuf, Sidecar)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .filter_map(|p| Sidecar::read(&p).ok().map(|s| (p, s)))
+        .filter(|(_, s)| s.key.part == part && s.key.precision == precision)
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The engine a run uses: the sidecar of an up-to-date engine in `dir` whose identity fields (everything but
+/// the build choices) equal `want`'s and whose window size matches; the largest prompt and window batches win
+/// when there are several. The error says what is missing or stale, for the fallback warning.
+pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidecar)> {
+    let all = candidates(dir, want.part, want.precision);
+    ensure!(
+        !all.is_empty(),
+        "no {} {} engine in {}: run `vista3d build-engines --onnx <dir> --precision {} --out {}`",
+        want.precision,
+        want.part.name(),
+        dir.display(),
+        want.precision,
+        dir.display()
+    );
+    let mut problems = Vec::new();
+    let mut usable = Vec::new();
+    for (path, sidecar) in all {
+        let diff = want.identity_differences(&sidecar.key);
+        if !diff.is_empty() {
+            problems.push(format!("{} is stale ({})", path.display(), diff.join("; ")));
+            continue;
+        }
+        let paths = sidecar.key.paths(dir);
+        match check_sidecar(&paths, &sidecar.key, &sidecar, false) {
+            Ok(()) => usable.push((paths, sidecar)),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    usable.sort_by_key(|(_, s)| {
+        (
+            s.key.profile.prompt_batch.map(|p| p.max).unwrap_or(0),
+            s.key.profile.window_batch.max,
+        )
+    });
+    match usable.pop() {
+        Some(found) => Ok(found),
+        None => bail!(
+            "no up-to-date {} {} engine in {} (rebuild with vista3d build-engines): {}",
+            want.precision,
+            want.part.name(),
+            dir.display(),
+            problems.join("; ")
+        ),
+    }
+}
+
+/// Engines of the same part, precision, TensorRT version and GPU as `key` but another key: superseded by
+/// `key`'s engine (a new ONNX or profile), so `build-engines` removes them. Engines for other GPUs or TensorRT
+/// versions are kept (one folder can serve several machines).
+pub fn superseded(dir: &Path, key: &EngineKey) -> Vec<EnginePaths> {
+    candidates(dir, key.part, key.precision)
+        .into_iter()
+        .filter(|(_, s)| {
+            s.key != *key
+                && s.key.tensorrt_version == key.tensorrt_version
+                && s.key.compute_capability == key.compute_capability
+        })
+        .map(|(sidecar, s)| EnginePaths {
+            plan: dir.join(&s.plan_file),
+            sidecar,
+        })
+        .collect()
+}
+
+/// Splits `0..total` into consecutive ranges of at most `max` items (`max` 0 counts as 1).
+pub fn chunk_ranges(total: usize, max: usize) -> Vec<Range<usize>> {
+    let max = max.max(1);
+    (0..total)
+        .step_by(max)
+        .map(|start| start..(start + max).min(total))
+        .collect()
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsutil::write_atomic;
+
+    fn key(part: Part) -> EngineKey {
+        EngineKey {
+            schema: KEY_SCHEMA,
+            part,
+            precision: Precision::Fp16,
+            tensorrt_version: "10.13.0".into(),
+            compute_capability: "9.0".into(),
+            profile: EngineProfile::new(part, [128, 128, 128], 1, 4).unwrap(),
+            builder_optimization_level: 3,
+            weights_fingerprint: "0123456789abcdef".into(),
+            embed_dim: 48,
+            onnx_sha256: "aa".repeat(32),
+        }
+    }
+
+    /// Writes a plan and its sidecar for `key` into `dir`, as build-engines does.
+    fn store(dir: &Path, key: &EngineKey, plan: &[u8]) -> EnginePaths {
+        let paths = key.paths(dir);
+        write_atomic(&paths.plan, plan).unwrap();
+        let onnx = OnnxStat {
+            path: "/x/encoder.onnx".into(),
+            bytes: 4,
+            mtime_ns: 1,
+            sha256: key.onnx_sha256.clone(),
+        };
+        let sidecar = Sidecar::describe(key, plan, onnx, 1.0);
+        write_atomic(
+            &paths.sidecar,
+            &serde_json::to_vec_pretty(&sidecar).unwrap(),
+        )
+        .unwrap();
+        paths
+    }
+
+    #[test]
+    fn precision_names_and_lists() {
+        assert_eq!(
+            Precision::parse_list("fp16, tf32,fp16").unwrap(),
+            vec![Precision::Fp16, Precision::Tf32]
+        );
+        assert_eq!(
+            Precision::parse_list("trt_tf32").unwrap(),
+            vec![Precision::Tf32]
+        );
+        assert!(Precision::parse_list("").is_err());
+        assert!(Precision::parse_list("fp16,int8").is_err());
+        for p in [Precision::Fp16, Precision::Tf32] {
+            assert_eq!(Precision::of_method(p.method()), Some(p));
+        }
+        assert_eq!(Precision::of_method(Method::TorchAmp), None);
+    }
+
+    #[test]
+    fn profiles_follow_the_settings() {
+        let enc = EngineProfile::new(Part::Encoder, [96, 96, 64], 2, 4).unwrap();
+        assert_eq!(
+            enc.window_batch,
+            BatchRange {
+                min: 1,
+                opt: 2,
+                max: 2
+            }
+        );
+        assert_eq!(enc.prompt_batch, None);
+        assert_eq!(
+            enc.input_dims(Part::Encoder, 16),
+            vec![(
+                "image",
+                [
+                    vec![1, 1, 96, 96, 64],
+                    vec![2, 1, 96, 96, 64],
+                    vec![2, 1, 96, 96, 64]
+                ]
+            )]
+        );
+        let head = EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 8).unwrap();
+        assert_eq!(
+            head.prompt_batch,
+            Some(BatchRange {
+                min: 1,
+                opt: 8,
+                max: 8
+            })
+        );
+        let dims = head.input_dims(Part::ClassHead, 48);
+        assert_eq!(dims[0].0, "features");
+        assert_eq!(dims[0].1[2], vec![1, 48, 128, 128, 128]);
+        assert_eq!(dims[1], ("class_ids", [vec![1, 1], vec![8, 1], vec![8, 1]]));
+        assert!(EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 0).is_err());
+        assert!(EngineProfile::new(Part::Encoder, [128, 0, 128], 1, 4).is_err());
+        assert!(EngineProfile::new(Part::Encoder, [128, 128, 128], 0, 4).is_err());
+        // The encoder ignores the prompt size.
+        assert!(EngineProfile::new(Part::Encoder, [128, 128, 128], 1, 0).is_ok());
+        assert!(BatchRange::new(2, 1, 3).is_err());
+        assert!(BatchRange::new(1, 2, 3).unwrap().contains(3));
+    }
+
+    #[test]
+    fn every_key_field_changes_the_file_name() {
+        let base = key(Part::ClassHead);
+        let stem = base.file_stem();
+        assert!(stem.starts_with("class_head_fp16_"), "{stem}");
+        assert_eq!(stem.len(), "class_head_fp16_".len() + 16);
+        assert_eq!(base.short(), key(Part::ClassHead).short(), "deterministic");
+        let variants: Vec<EngineKey> = vec![
+            EngineKey {
+                schema: 2,
+                ..base.clone()
+            },
+            EngineKey {
+                precision: Precision::Tf32,
+                ..base.clone()
+            },
+            EngineKey {
+                tensorrt_version: "10.14.0".into(),
+                ..base.clone()
+            },
+            EngineKey {
+                compute_capability: "8.0".into(),
+                ..base.clone()
+            },
+            EngineKey {
+                profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 8).unwrap(),
+                ..base.clone()
+            },
+            EngineKey {
+                profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 2, 4).unwrap(),
+                ..base.clone()
+            },
+            EngineKey {
+                profile: EngineProfile::new(Part::ClassHead, [96, 128, 128], 1, 4).unwrap(),
+                ..base.clone()
+            },
+            EngineKey {
+                builder_optimization_level: 5,
+                ..base.clone()
+            },
+            EngineKey {
+                weights_fingerprint: "fedcba9876543210".into(),
+                ..base.clone()
+            },
+            EngineKey {
+                embed_dim: 16,
+                ..base.clone()
+            },
+            EngineKey {
+                onnx_sha256: "bb".repeat(32),
+                ..base.clone()
+            },
+        ];
+        let mut seen = std::collections::HashSet::from([base.short()]);
+        for v in &variants {
+            assert!(seen.insert(v.short()), "{v:?} collides");
+            assert!(!base.differences(v).is_empty(), "{v:?}");
+        }
+        // Build choices are not identity.
+        assert!(base.identity_differences(&variants[4]).is_empty());
+        assert!(base.identity_differences(&variants[7]).is_empty());
+        assert_eq!(
+            base.identity_differences(&variants[10]),
+            vec![format!(
+                "ONNX sha256: {} -> {}",
+                "bb".repeat(32),
+                "aa".repeat(32)
+            )]
+        );
+    }
+
+    #[test]
+    fn fresh_engine_is_up_to_date_and_damage_makes_it_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(Part::Encoder);
+        match check_engine(dir.path(), &k, true) {
+            Freshness::Stale(r) => assert!(r[0].contains("no fp16 encoder engine"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        let paths = store(dir.path(), &k, b"plan bytes");
+        assert_eq!(
+            check_engine(dir.path(), &k, true),
+            Freshness::UpToDate(paths.clone())
+        );
+        // Same size, other content: only the hash check sees it.
+        std::fs::write(&paths.plan, b"PLAN bytes").unwrap();
+        assert!(matches!(
+            check_engine(dir.path(), &k, false),
+            Freshness::UpToDate(_)
+        ));
+        match check_engine(dir.path(), &k, true) {
+            Freshness::Stale(r) => assert!(r[0].contains("corrupt"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        // Truncated.
+        std::fs::write(&paths.plan, b"plan").unwrap();
+        match check_engine(dir.path(), &k, false) {
+            Freshness::Stale(r) => assert!(r[0].contains("truncated"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        // Missing.
+        std::fs::remove_file(&paths.plan).unwrap();
+        match check_engine(dir.path(), &k, false) {
+            Freshness::Stale(r) => assert!(r[0].contains("missing"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        // Unreadable sidecar.
+        std::fs::write(&paths.sidecar, b"{").unwrap();
+        match check_engine(dir.path(), &k, false) {
+            Freshness::Stale(r) => assert!(r[0].contains("not an engine sidecar"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn changed_onnx_is_reported_as_stale_with_the_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = key(Part::Encoder);
+        store(dir.path(), &old, b"old plan");
+        let new = EngineKey {
+            onnx_sha256: "cc".repeat(32),
+            ..old.clone()
+        };
+        match check_engine(dir.path(), &new, false) {
+            Freshness::Stale(r) => {
+                assert_eq!(r.len(), 1, "{r:?}");
+                assert!(r[0].contains("ONNX sha256"), "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // At run time it is an error naming the difference, not a silently used engine.
+        let err = select_engine(dir.path(), &new).unwrap_err().to_string();
+        assert!(err.contains("no up-to-date fp16 encoder engine"), "{err}");
+        assert!(err.contains("ONNX sha256"), "{err}");
+        // build-engines replaces it.
+        assert_eq!(superseded(dir.path(), &new), vec![old.paths(dir.path())]);
+        // An engine for another GPU is kept.
+        let other_gpu = EngineKey {
+            compute_capability: "8.6".into(),
+            ..old.clone()
+        };
+        store(dir.path(), &other_gpu, b"other gpu");
+        assert_eq!(superseded(dir.path(), &new).len(), 1);
+    }
+
+    #[test]
+    fn run_time_selection_reads_the_profile_from_the_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = select_engine(dir.path(), &key(Part::ClassHead))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run `vista3d build-engines"), "{err}");
+        let small = key(Part::ClassHead);
+        let large = EngineKey {
+            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 2, 16).unwrap(),
+            builder_optimization_level: 5,
+            ..small.clone()
+        };
+        store(dir.path(), &small, b"small");
+        let large_paths = store(dir.path(), &large, b"large");
+        // The run asks with another profile: the build choices come from the sidecars; the largest wins.
+        let want = EngineKey {
+            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 1).unwrap(),
+            ..small.clone()
+        };
+        let (paths, sidecar) = select_engine(dir.path(), &want).unwrap();
+        assert_eq!(paths, large_paths);
+        assert_eq!(sidecar.key, large);
+        // A damaged plan is skipped, the other one used.
+        std::fs::write(&large_paths.plan, b"lar").unwrap();
+        let (_, sidecar) = select_engine(dir.path(), &want).unwrap();
+        assert_eq!(sidecar.key, small);
+        // Another window size is not usable.
+        let want96 = EngineKey {
+            profile: EngineProfile::new(Part::ClassHead, [96, 96, 96], 1, 4).unwrap(),
+            ..small.clone()
+        };
+        let err = select_engine(dir.path(), &want96).unwrap_err().to_string();
+        assert!(err.contains("window size"), "{err}");
+    }
+
+    #[test]
+    fn sidecar_verifies_plan_bytes() {
+        let k = key(Part::Encoder);
+        let onnx = OnnxStat {
+            path: "/o".into(),
+            bytes: 1,
+            mtime_ns: 1,
+            sha256: String::new(),
+        };
+        let s = Sidecar::describe(&k, b"abc", onnx, 0.5);
+        assert!(s.verify_plan(b"abc").is_ok());
+        assert!(s
+            .verify_plan(b"ab")
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(s
+            .verify_plan(b"abd")
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt"));
+        assert_eq!(s.plan_file, format!("{}.plan", k.file_stem()));
+    }
+
+    #[test]
+    fn onnx_hash_is_reused_only_for_an_unchanged_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("encoder.onnx");
+        std::fs::write(&path, b"model v1").unwrap();
+        let first = OnnxStat::of(&path, &[]).unwrap();
+        assert_eq!(first.sha256, hex(&Sha256::digest(b"model v1")));
+        // A recorded stat with the same size and mtime is trusted (no re-hash): prove it with a fake hash.
+        let fake = OnnxStat {
+            sha256: "ff".repeat(32),
+            ..first.clone()
+        };
+        assert_eq!(
+            OnnxStat::of(&path, std::slice::from_ref(&fake))
+                .unwrap()
+                .sha256,
+            "ff".repeat(32)
+        );
+        // Any change of size or mtime means hashing again.
+        std::fs::write(&path, b"model v2 longer").unwrap();
+        assert_eq!(
+            OnnxStat::of(&path, &[fake]).unwrap().sha256,
+            hex(&Sha256::digest(b"model v2 longer"))
+        );
+    }
+
+    #[test]
+    fn chunks_cover_everything_in_order() {
+        assert_eq!(chunk_ranges(0, 4), Vec::<Range<usize>>::new());
+        assert_eq!(chunk_ranges(3, 4), vec![0..3]);
+        assert_eq!(chunk_ranges(4, 4), vec![0..4]);
+        assert_eq!(chunk_ranges(117, 4).len(), 30);
+        assert_eq!(chunk_ranges(117, 4).last(), Some(&(116..117)));
+        assert_eq!(chunk_ranges(5, 2), vec![0..2, 2..4, 4..5]);
+        assert_eq!(chunk_ranges(2, 0), vec![0..1, 1..2]);
+        for total in 0..20 {
+            for max in 1..6 {
+                let c = chunk_ranges(total, max);
+                let flat: Vec<usize> = c.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(flat, (0..total).collect::<Vec<_>>());
+                assert!(c.iter().all(|r| !r.is_empty() && r.len() <= max));
+            }
+        }
+    }
+}
