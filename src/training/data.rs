@@ -450,7 +450,7 @@ struct Shared {
 
 impl Shared {
     /// All patches of one item (the job of one worker).
-    fn patches(&self, index: usize, seed: u64) -> Result<Vec<(String, Array3<f32>, Array3<u8>)>> {
+    fn patches(&self, index: usize, seed: u64) -> Job {
         let prepared = match &self.cache[index] {
             Some(p) => p.clone(),
             None => Arc::new(prepare(
@@ -579,7 +579,11 @@ impl TrainLoader {
     }
 }
 
-type Job = Result<Vec<(String, Array3<f32>, Array3<u8>)>>;
+/// One random patch before conversion to tensors: name, image, label.
+type Patch = (String, Array3<f32>, Array3<u8>);
+
+/// The patches of one item, or why they could not be made.
+type Job = Result<Vec<Patch>>;
 
 /// Bounds how far workers run ahead of the consumer.
 struct Gate {
