@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use ndarray::Array3;
 use tch::{Device, Tensor};
 
-use super::data::{label_to_u8, load_pair, LabelMap, LabelMappings};
+use super::data::{label_to_u8, load_label_for, LabelMap, LabelMappings};
 use super::datalist::{load_datalist, DataItem};
 use super::metrics::{per_class_dice_labels, write_metrics_reports, MetricDetails};
 use super::{cfg_usize, training_preprocess_config};
@@ -264,8 +264,9 @@ pub fn evaluate_items(
     };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let header = read_nifti(&item.image)?.header;
-        let (image, label) = load_pair(item)?;
+        let input = read_nifti(&item.image)?;
+        let (header, image) = (input.header, input.volume);
+        let label = load_label_for(item, &image)?;
         let pred = segment_for_eval(net, device, &image, settings)
             .with_context(|| format!("segmenting {}", item.image.display()))?;
         let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
