@@ -30,6 +30,7 @@ fi
 _vista3d_install "$_vista3d_root/scripts/requirements.txt" || return 1 2>/dev/null || exit 1
 if [ "${1:-}" = "test" ]; then
     _vista3d_install "$_vista3d_root/scripts/requirements-test.txt" || return 1 2>/dev/null || exit 1
+    _vista3d_install "$_vista3d_root/scripts/requirements-build.txt" || return 1 2>/dev/null || exit 1
 fi
 
 _vista3d_site="$("$VISTA3D_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
