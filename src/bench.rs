@@ -92,7 +92,12 @@ fn synchronize(device: Device) {
 }
 
 /// Why `method` cannot run as itself here (`None` when it can).
-fn unavailable_reason(method: Method, torch: Method, has_engine: bool, notes: &[String]) -> Option<String> {
+fn unavailable_reason(
+    method: Method,
+    torch: Method,
+    has_engine: bool,
+    notes: &[String],
+) -> Option<String> {
     if method.uses_engine() && !has_engine {
         return Some(notes.join("; "));
     }
@@ -105,7 +110,10 @@ fn unavailable_reason(method: Method, torch: Method, has_engine: bool, notes: &[
 /// Runs the benchmark.
 pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.runs >= 1, "--runs must be at least 1");
-    ensure!(!opts.labels.is_empty(), "--labels needs at least one class id");
+    ensure!(
+        !opts.labels.is_empty(),
+        "--labels needs at least one class id"
+    );
     let device = model.device;
     let patch = settings.window.patch_size;
     tch::manual_seed(0);
@@ -116,11 +124,16 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
     let cv = Tensor::from_slice(&opts.labels)
         .view([opts.labels.len() as i64, 1])
         .to_device(device);
-    let volume = opts
-        .volume
-        .map(|v| Tensor::randn([1, 1, v[0] as i64, v[1] as i64, v[2] as i64], (Kind::Float, Device::Cpu)));
+    let volume = opts.volume.map(|v| {
+        Tensor::randn(
+            [1, 1, v[0] as i64, v[1] as i64, v[2] as i64],
+            (Kind::Float, Device::Cpu),
+        )
+    });
     let prompts = NetworkPrompts::from_labels(&opts.labels);
-    let window_settings = WindowSettings { ..settings.window.clone() };
+    let window_settings = WindowSettings {
+        ..settings.window.clone()
+    };
 
     let mut results = Vec::new();
     for &method in &opts.methods {
@@ -155,7 +168,10 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
-        log::info!("{method}: model computation {:?} ms", Stats::of(times.clone()).map(|s| s.median));
+        log::info!(
+            "{method}: model computation {:?} ms",
+            Stats::of(times.clone()).map(|s| s.median)
+        );
         let mut e2e = Vec::new();
         if let Some(vol) = &volume {
             for _ in 0..opts.e2e_runs {
@@ -166,7 +182,10 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
                 let _ = labels.to_device(Device::Cpu);
                 e2e.push(t.elapsed().as_secs_f64());
             }
-            log::info!("{method}: end to end {:?} s", Stats::of(e2e.clone()).map(|s| s.median));
+            log::info!(
+                "{method}: end to end {:?} s",
+                Stats::of(e2e.clone()).map(|s| s.median)
+            );
         }
         let (_, report) = runner.into_parts();
         results.push(MethodResult {
@@ -235,7 +254,11 @@ pub fn format_table(r: &BenchReport) -> String {
             }
         }
     }
-    let get = |meth: Method| r.results.iter().find(|m| m.method == meth && m.unavailable.is_none());
+    let get = |meth: Method| {
+        r.results
+            .iter()
+            .find(|m| m.method == meth && m.unavailable.is_none())
+    };
     if let (Some(amp), Some(fp16)) = (get(Method::TorchAmp), get(Method::TrtFp16)) {
         s += &format!(
             "amp vs trt_fp16: model computation {}, end to end {}\n",
@@ -261,9 +284,11 @@ mod tests {
     #[test]
     fn unavailable_methods_say_why() {
         let notes = vec!["trt_fp16 unavailable: no libnvinfer".to_string()];
-        assert!(unavailable_reason(Method::TrtFp16, Method::TorchAmp, false, &notes)
-            .unwrap()
-            .contains("libnvinfer"));
+        assert!(
+            unavailable_reason(Method::TrtFp16, Method::TorchAmp, false, &notes)
+                .unwrap()
+                .contains("libnvinfer")
+        );
         assert!(unavailable_reason(Method::TrtFp16, Method::TorchAmp, true, &[]).is_none());
         assert!(unavailable_reason(Method::TorchAmp, Method::TorchFp32, false, &notes).is_some());
         assert!(unavailable_reason(Method::TorchFp32, Method::TorchFp32, false, &[]).is_none());

@@ -469,7 +469,10 @@ fn run_bench(args: &BenchArgs, common: &CommonArgs) -> Result<()> {
     let settings = Settings::from_config(&cfg)?;
     let weights = match args.random_width {
         Some(width) => Weights::Random { width, seed: 0 },
-        None if common.checkpoint.is_some() || common.demo_weights || settings.ckpt_path.is_some() => {
+        None if common.checkpoint.is_some()
+            || common.demo_weights
+            || settings.ckpt_path.is_some() =>
+        {
             common.weights(&settings)?
         }
         None => Weights::Random { width: 48, seed: 0 },
@@ -645,7 +648,13 @@ fn batch(
                 item.image.display()
             );
         } else {
-            match pipeline::run_one(&model, &item.image, &item.request, item.precision, &settings) {
+            match pipeline::run_one(
+                &model,
+                &item.image,
+                &item.request,
+                item.precision,
+                &settings,
+            ) {
                 Ok(o) => {
                     done += 1;
                     if bar.is_none() {

@@ -98,7 +98,11 @@ impl Model {
 
     /// The engine context for `method`, refusing early (before hashing the weights) when the export or
     /// engine folder is missing.
-    pub fn engine_context_checked(&self, method: Method, settings: &Settings) -> Result<EngineContext> {
+    pub fn engine_context_checked(
+        &self,
+        method: Method,
+        settings: &Settings,
+    ) -> Result<EngineContext> {
         if method == Method::Ort {
             let manifest = settings.onnx_dir.join("manifest.json");
             if !manifest.is_file() {
@@ -129,10 +133,9 @@ impl Model {
     ) -> Result<(T, MethodReport)> {
         let cached = self.choices.borrow_mut().remove(&method);
         let choice = cached.unwrap_or_else(|| {
-            let (engine, torch, notes) =
-                engines::choose(method, self.device.is_cuda(), &mut |m| {
-                    self.engine_context_checked(m, settings)
-                });
+            let (engine, torch, notes) = engines::choose(method, self.device.is_cuda(), &mut |m| {
+                self.engine_context_checked(m, settings)
+            });
             Choice {
                 engine,
                 torch,
@@ -213,7 +216,9 @@ impl Settings {
                 .unwrap_or("auto")
                 .parse()
                 .context("config key precision")?,
-            onnx_dir: cfg.path("onnx_dir")?.unwrap_or_else(|| PathBuf::from("onnx")),
+            onnx_dir: cfg
+                .path("onnx_dir")?
+                .unwrap_or_else(|| PathBuf::from("onnx")),
             engines_dir: cfg
                 .path("engines_dir")?
                 .unwrap_or_else(|| PathBuf::from("engines")),

@@ -336,12 +336,81 @@ fn batch_items_choose_their_precision() {
     let b = record(&out, "b");
     assert_eq!(b["precision"]["requested"], "auto");
 
-    std::fs::write(
-        &list,
-        r#"[{"image": "a.nii.gz", "precision": "int4"}]"#,
-    )
-    .unwrap();
+    std::fs::write(&list, r#"[{"image": "a.nii.gz", "precision": "int4"}]"#).unwrap();
     let o = vista3d(&args);
     assert!(!o.status.success());
     assert!(text(&o).contains("item 0"), "{}", text(&o));
+}
+
+#[test]
+fn precision_ort_runs_the_class_path_through_onnx_runtime() {
+    let ct = data("totalsegmentator/example_ct_sm.nii.gz");
+    let work = tmp("precision_ort");
+    // The demo weights are width 16, seed 0: export the same, and another seed (a stale export).
+    let export = |seed: &str, dir: &Path| {
+        let o = vista3d(&[
+            "export-onnx",
+            "--random-width",
+            "16",
+            "--seed",
+            seed,
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let (fresh, stale) = (work.join("onnx"), work.join("onnx_stale"));
+    export("0", &fresh);
+    export("1", &stale);
+    let run = |precision: &str, onnx: &Path, out: &Path| {
+        let set_onnx = format!("onnx_dir={}", serde_json::json!(onnx.to_str().unwrap()));
+        let mut args = vec![
+            "infer",
+            "--image",
+            ct.to_str().unwrap(),
+            "--label-prompt",
+            "3,1",
+            "--precision",
+            precision,
+            "--set",
+            &set_onnx,
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(FAST);
+        let o = vista3d(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        record(out, "example_ct_sm")
+    };
+    let labels = |out: &Path| {
+        read_nifti(&out.join("example_ct_sm/example_ct_sm_trans.nii.gz"))
+            .unwrap()
+            .volume
+            .data
+    };
+    let rec = run("ort", &fresh, &work.join("ort"));
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{rec}"
+    );
+    let rec = run("fp32", &fresh, &work.join("fp32"));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    // ONNX Runtime's logits differ from libtorch's by ~1e-6 relative: labels agree except at exact ties.
+    let (a, b) = (labels(&work.join("ort")), labels(&work.join("fp32")));
+    let same = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
+    assert!(
+        same as f64 >= 0.9999 * a.len() as f64,
+        "{same} of {}",
+        a.len()
+    );
+    // auto on a CPU takes ONNX Runtime when an export of the same weights exists.
+    let rec = run("auto", &fresh, &work.join("auto"));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["ort"]));
+    // An export of other weights is never used: libtorch runs, and the record says why.
+    let rec = run("ort", &stale, &work.join("stale"));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    let why = rec["precision"]["fallbacks"][0].as_str().unwrap();
+    assert!(why.contains("stale ONNX export"), "{why}");
+    assert_eq!(labels(&work.join("stale")), b);
 }

@@ -128,7 +128,9 @@ impl<'a> WindowRunner<'a> {
         let logits = engine.classify(&features, class_vector)?;
         let expected = [class_vector.size()[0], input.size()[0]];
         anyhow::ensure!(
-            logits.dim() == 5 && logits.size()[..2] == expected && logits.size()[2..] == input.size()[2..],
+            logits.dim() == 5
+                && logits.size()[..2] == expected
+                && logits.size()[2..] == input.size()[2..],
             "{} returned logits of shape {:?}, expected [{}, {}, {:?}]",
             engine.method(),
             logits.size(),
@@ -293,7 +295,10 @@ mod tests {
         );
         let _ = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
         let (engine, report) = runner.into_parts();
-        assert!(engine.is_some(), "the engine was not called, so it is still healthy");
+        assert!(
+            engine.is_some(),
+            "the engine was not called, so it is still healthy"
+        );
         assert_eq!(report.used, vec![Method::TorchFp32]);
     }
 }
