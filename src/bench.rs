@@ -41,6 +41,8 @@ pub struct MethodResult {
     /// What actually ran (a method falls back when an engine fails mid-run).
     pub ran: Vec<Method>,
     pub unavailable: Option<String>,
+    /// max |logits - fp32 logits| / max |fp32 logits| on the timed window (when torch_fp32 ran first).
+    pub rel_error_vs_fp32: Option<f64>,
 }
 
 /// Median, min and max of timed runs.
@@ -136,6 +138,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
     };
 
     let mut results = Vec::new();
+    let mut reference: Option<Tensor> = None;
     for &method in &opts.methods {
         let (engine, torch, notes) = engines::choose(method, device.is_cuda(), &mut |m| {
             model.engine_context_checked(m, settings)
@@ -148,6 +151,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
                 end_to_end_s: None,
                 ran: Vec::new(),
                 unavailable: Some(reason),
+                rel_error_vs_fp32: None,
             });
             continue;
         }
@@ -158,15 +162,24 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             ..Default::default()
         };
         let mut times = Vec::new();
+        let mut last = None;
         for i in 0..opts.warmup + opts.runs {
             synchronize(device);
             let t = Instant::now();
             let out = tch::no_grad(|| runner.forward_window(&window, &args))?;
             synchronize(device);
-            drop(out);
             if i >= opts.warmup {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
+            last = Some(out);
+        }
+        let logits = last.map(|t| t.to_device(Device::Cpu).to_kind(Kind::Double));
+        let rel_error_vs_fp32 = match (&reference, &logits) {
+            (Some(r), Some(l)) => Some(relative_error(l, r)),
+            _ => None,
+        };
+        if method == Method::TorchFp32 && reference.is_none() {
+            reference = logits;
         }
         log::info!(
             "{method}: model computation {:?} ms",
@@ -194,6 +207,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             end_to_end_s: Stats::of(e2e),
             ran: report.used,
             unavailable: None,
+            rel_error_vs_fp32,
         });
     }
     Ok(BenchReport {
@@ -205,6 +219,17 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
         labels: opts.labels.clone(),
         results,
     })
+}
+
+/// `max |a - b| / max |b|` (the project's parity metric).
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]);
+    let diff = (a - b).abs().max().double_value(&[]);
+    if scale > 0.0 {
+        diff / scale
+    } else {
+        diff
+    }
 }
 
 /// The table as the bundle's README prints it, plus speedups.
@@ -230,8 +255,8 @@ pub fn format_table(r: &BenchReport) -> String {
             .unwrap_or_default()
     );
     s += &format!(
-        "{:<12} {:>18} {:>10} {:>18} {:>10}\n",
-        "method", "model comp. (ms)", "speedup", "end to end (s)", "speedup"
+        "{:<12} {:>18} {:>10} {:>18} {:>10} {:>14}\n",
+        "method", "model comp. (ms)", "speedup", "end to end (s)", "speedup", "rel. err vs fp32"
     );
     let speedup = |b: Option<f64>, v: Option<f64>| match (b, v) {
         (Some(b), Some(v)) if v > 0.0 => format!("{:.2}x", b / v),
@@ -244,12 +269,13 @@ pub fn format_table(r: &BenchReport) -> String {
             }
             None => {
                 s += &format!(
-                    "{:<12} {:>18} {:>10} {:>18} {:>10}\n",
+                    "{:<12} {:>18} {:>10} {:>18} {:>10} {:>14}\n",
                     m.method.name(),
                     model_of(m).map_or("-".into(), |v| format!("{v:.1}")),
                     speedup(base_model, model_of(m)),
                     e2e_of(m).map_or("-".into(), |v| format!("{v:.2}")),
                     speedup(base_e2e, e2e_of(m)),
+                    m.rel_error_vs_fp32.map_or("-".into(), |v| format!("{v:.1e}")),
                 );
             }
         }
@@ -279,6 +305,14 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.runs), (2.0, 1.0, 3.0, 3));
         assert_eq!(Stats::of(vec![1.0, 2.0, 4.0, 3.0]).unwrap().median, 2.5);
         assert!(Stats::of(vec![]).is_none());
+    }
+
+    #[test]
+    fn relative_error_is_scaled_by_the_reference() {
+        let b = Tensor::from_slice(&[2.0f64, -4.0]);
+        let a = Tensor::from_slice(&[2.0f64, -3.0]);
+        assert!((relative_error(&a, &b) - 0.25).abs() < 1e-12);
+        assert_eq!(relative_error(&b, &b), 0.0);
     }
 
     #[test]
