@@ -13,6 +13,7 @@ pub mod model;
 pub mod pipeline;
 pub mod prompts;
 pub mod runtime;
+pub mod training;
 pub mod transforms;
 pub mod volume;
 

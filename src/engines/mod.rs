@@ -97,18 +97,20 @@ impl FromStr for Method {
 
     /// Accepts the names of [`Method::name`] and the short forms `amp`, `tf32`, `fp32`, `fp16` (= trt_fp16).
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
-            "auto" => Method::Auto,
-            "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
-            "trt_tf32" => Method::TrtTf32,
-            "ort" | "onnxruntime" => Method::Ort,
-            "amp" | "torch_amp" => Method::TorchAmp,
-            "tf32" | "torch_tf32" => Method::TorchTf32,
-            "fp32" | "torch_fp32" => Method::TorchFp32,
-            other => bail!(
+        Ok(
+            match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+                "auto" => Method::Auto,
+                "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
+                "trt_tf32" => Method::TrtTf32,
+                "ort" | "onnxruntime" => Method::Ort,
+                "amp" | "torch_amp" => Method::TorchAmp,
+                "tf32" | "torch_tf32" => Method::TorchTf32,
+                "fp32" | "torch_fp32" => Method::TorchFp32,
+                other => bail!(
                 "unknown precision '{other}': use auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort"
             ),
-        })
+            },
+        )
     }
 }
 
