@@ -20,6 +20,7 @@ pub mod optim;
 pub mod plot;
 pub mod sampler;
 pub mod schedule;
+pub mod trainer;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
