@@ -288,8 +288,11 @@ fn install_interrupt_handler() {
     }
 }
 
+/// Tensors with their parameter names.
+type NamedTensors = Vec<(String, Tensor)>;
+
 /// The network's variables by name (sorted), and the trainable subset.
-fn named_variables(vs: &nn::VarStore) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+fn named_variables(vs: &nn::VarStore) -> (NamedTensors, NamedTensors) {
     let mut all: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     let trainable = all
@@ -572,10 +575,16 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         );
         if state.epochs_done >= settings.epochs {
             log::info!(
-                "already trained {} of {} epochs: nothing to do",
+                "already trained {} of {} epochs: nothing to do (raise epochs to continue)",
                 state.epochs_done,
                 settings.epochs
             );
+            return Ok(TrainOutcome {
+                best_checkpoint: best_path.is_file().then_some(best_path),
+                last_checkpoint: last_path,
+                state,
+                interrupted: false,
+            });
         }
     } else if last_path.exists() {
         log::warn!(
@@ -743,7 +752,7 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             epoch + 1
         );
         let mean_loss = loss_sum / n_steps as f64;
-        let validate_now = (epoch + 1) % settings.val_interval == 0;
+        let validate_now = (epoch + 1).is_multiple_of(settings.val_interval);
         let dice = if validate_now {
             run_validation(&net)?
         } else {
@@ -809,9 +818,6 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             last_path.display(),
             state.epochs_done
         );
-    } else if !last_path.exists() {
-        // Resumed a finished run: keep the files consistent anyway.
-        save_last(&last_path, &vs, &opt, &state)?;
     }
     Ok(TrainOutcome {
         best_checkpoint: best_path.is_file().then_some(best_path),
