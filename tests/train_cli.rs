@@ -194,6 +194,39 @@ fn trains_writes_results_and_resumes_exactly() {
         differing.first()
     );
 
+    // Finetuning from the best checkpoint: the validation before training reproduces its Dice.
+    let best_dice = records
+        .iter()
+        .filter_map(|r| r["val_dice"].as_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    let c = work_dir("finetune");
+    let cfg_c = write_config(&c, example_datalist());
+    let best = models.join("model_finetune.pt");
+    let finetune_path = format!("finetune_model_path={}", best.display());
+    let o = train(
+        &cfg_c,
+        &[
+            "--set",
+            "finetune=true",
+            "--set",
+            &finetune_path,
+            "--set",
+            "epochs=1",
+        ],
+    );
+    assert_success(&o);
+    assert!(stderr(&o).contains("finetuning from"), "{}", stderr(&o));
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(c.join("logs").join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["epoch"], 0);
+    assert_eq!(first["val_dice"].as_f64().unwrap(), best_dice);
+
     // MONAI's vista3d132 loads the best checkpoint strictly.
     let python = std::env::var("VISTA3D_PYTHON").expect(
         "VISTA3D_PYTHON (python with monai, set by scripts/env.sh) is needed for this test",
