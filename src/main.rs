@@ -99,6 +99,47 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a bundle-format datalist (training items with 5 folds + testing) from an image and a label folder.
+    Datalist {
+        /// Folder of images (.nii/.nii.gz).
+        #[arg(long)]
+        images: PathBuf,
+        /// Folder of labels with the same file names.
+        #[arg(long)]
+        labels: PathBuf,
+        /// Output JSON file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Fraction of the pairs held out as `testing`.
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+    },
+    /// Evaluate a checkpoint as the bundle's evaluate.json: predictions and Dice reports (MONAI MetricsSaver files).
+    Evaluate {
+        /// Checkpoint (default: ckpt_path of the configuration).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Evaluate the datalist's `testing` items instead of the validation fold.
+        #[arg(long)]
+        testing: bool,
+        /// JSON configuration files, layered in order (e.g. configs/train.json configs/train_continual.json
+        /// configs/evaluate.json).
+        #[arg(long = "config")]
+        configs: Vec<PathBuf>,
+        /// Overrides applied last, e.g. --set fold=1.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Output folder (default: output_dir of the configuration).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 /// Prompts on the command line (they override `input_dict` of the configuration).
@@ -217,6 +258,41 @@ fn run(cli: Cli) -> Result<()> {
             device,
             threads,
         } => vista3d::training::trainer::run_cli(&configs, &sets, resume, device, threads),
+        Command::Datalist {
+            images,
+            labels,
+            out,
+            seed,
+            folds,
+            test_fraction,
+        } => {
+            let opts = vista3d::training::datalist::DatalistOptions {
+                images,
+                labels,
+                out,
+                seed,
+                folds,
+                test_fraction,
+            };
+            vista3d::training::datalist::make_datalist(&opts)?;
+            println!("wrote {}", opts.out.display());
+            Ok(())
+        }
+        Command::Evaluate {
+            checkpoint,
+            testing,
+            configs,
+            sets,
+            output_dir,
+            device,
+        } => vista3d::training::evaluate::evaluate_command(
+            &configs,
+            &sets,
+            checkpoint.as_deref(),
+            output_dir.as_deref(),
+            device.as_deref(),
+            testing,
+        ),
         Command::Infer {
             image,
             request,

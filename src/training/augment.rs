@@ -336,8 +336,8 @@ mod tests {
             assert_eq!(lab.shape(), &[8, 9, 6]);
             assert_eq!(img, lab.mapv(|v| v as f32));
             assert_eq!(label[c.voxel] as usize, c.class);
-            for a in 0..3 {
-                assert!(c.start[a] + s.patch[a] <= shape[a], "{c:?}");
+            for (a, &side) in shape.iter().enumerate() {
+                assert!(c.start[a] + s.patch[a] <= side, "{c:?}");
                 // the chosen voxel is inside the patch
                 assert!(
                     c.voxel[a] >= c.start[a] && c.voxel[a] < c.start[a] + s.patch[a],

@@ -285,30 +285,33 @@ fn affines_match(a: &Affine, b: &Affine) -> bool {
 /// Reads an image and its label and checks that they share a grid (shape and affine).
 pub fn load_pair(item: &DataItem) -> Result<(Volume, Option<Volume>)> {
     let image = read_nifti(&item.image)?.volume;
-    let label = match &item.label {
-        None => None,
-        Some(p) => {
-            let l = read_nifti(p)?.volume;
-            ensure!(
-                l.dims() == image.dims(),
-                "label {} has shape {:?} but image {} has {:?}: they must share a grid",
-                p.display(),
-                l.dims(),
-                item.image.display(),
-                image.dims()
-            );
-            ensure!(
-                affines_match(&l.affine, &image.affine),
-                "label {} and image {} have different affines ({:?} vs {:?}): they must share a grid",
-                p.display(),
-                item.image.display(),
-                l.affine,
-                image.affine
-            );
-            Some(l)
-        }
-    };
+    let label = load_label_for(item, &image)?;
     Ok((image, label))
+}
+
+/// Reads an item's label (if any) and checks that it shares the image's grid (shape and affine).
+pub fn load_label_for(item: &DataItem, image: &Volume) -> Result<Option<Volume>> {
+    let Some(p) = &item.label else {
+        return Ok(None);
+    };
+    let l = read_nifti(p)?.volume;
+    ensure!(
+        l.dims() == image.dims(),
+        "label {} has shape {:?} but image {} has {:?}: they must share a grid",
+        p.display(),
+        l.dims(),
+        item.image.display(),
+        image.dims()
+    );
+    ensure!(
+        affines_match(&l.affine, &image.affine),
+        "label {} and image {} have different affines ({:?} vs {:?}): they must share a grid",
+        p.display(),
+        item.image.display(),
+        l.affine,
+        image.affine
+    );
+    Ok(Some(l))
 }
 
 /// A sample after the deterministic transforms (what the cache holds).
@@ -450,7 +453,7 @@ struct Shared {
 
 impl Shared {
     /// All patches of one item (the job of one worker).
-    fn patches(&self, index: usize, seed: u64) -> Result<Vec<(String, Array3<f32>, Array3<u8>)>> {
+    fn patches(&self, index: usize, seed: u64) -> Job {
         let prepared = match &self.cache[index] {
             Some(p) => p.clone(),
             None => Arc::new(prepare(
@@ -579,7 +582,11 @@ impl TrainLoader {
     }
 }
 
-type Job = Result<Vec<(String, Array3<f32>, Array3<u8>)>>;
+/// One random patch before conversion to tensors: name, image, label.
+type Patch = (String, Array3<f32>, Array3<u8>);
+
+/// The patches of one item, or why they could not be made.
+type Job = Result<Vec<Patch>>;
 
 /// Bounds how far workers run ahead of the consumer.
 struct Gate {

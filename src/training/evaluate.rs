@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use ndarray::Array3;
 use tch::{Device, Tensor};
 
-use super::data::{label_to_u8, load_pair, LabelMap, LabelMappings};
+use super::data::{label_to_u8, load_label_for, LabelMap, LabelMappings};
 use super::datalist::{load_datalist, DataItem};
 use super::metrics::{per_class_dice_labels, write_metrics_reports, MetricDetails};
 use super::{cfg_usize, training_preprocess_config};
@@ -160,7 +160,13 @@ pub fn segment_for_eval(
     image: &Volume,
     settings: &EvalSettings,
 ) -> Result<Array3<f32>> {
+    let t = std::time::Instant::now();
     let (processed, trace) = preprocess_train_order(image, &settings.preprocess)?;
+    log::debug!(
+        "preprocessed to {:?} in {:.2} s",
+        processed.dims(),
+        t.elapsed().as_secs_f64()
+    );
     let ids = Tensor::from_slice(&settings.label_set).view([-1, 1]);
     // Vista3dEvaluator without user prompts: class_vector = prompt_class = label_set (no zero-shot switch).
     let prompts = NetworkPrompts {
@@ -172,9 +178,13 @@ pub fn segment_for_eval(
         points: Vec::new(),
     };
     let input = volume_to_tensor(&processed)?.to_device(device);
+    let t = std::time::Instant::now();
     let labels = infer_labels(net, &input, &prompts, &settings.window)?;
+    log::debug!("inference in {:.2} s", t.elapsed().as_secs_f64());
+    let t = std::time::Instant::now();
     let labels = tensor_to_array(&labels)?;
     let mut original = invert_train_order(&labels, &trace)?;
+    log::debug!("inverted in {:.2} s", t.elapsed().as_secs_f64());
     original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
     Ok(original)
 }
@@ -254,8 +264,9 @@ pub fn evaluate_items(
     };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let header = read_nifti(&item.image)?.header;
-        let (image, label) = load_pair(item)?;
+        let input = read_nifti(&item.image)?;
+        let (header, image) = (input.header, input.volume);
+        let label = load_label_for(item, &image)?;
         let pred = segment_for_eval(net, device, &image, settings)
             .with_context(|| format!("segmenting {}", item.image.display()))?;
         let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
@@ -329,6 +340,36 @@ pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> R
         crate::training::metrics::evaluated_classes(settings.num_classes).len()
     );
     evaluate_items(&model.net, device, &items, &mappings, &settings)
+}
+
+/// The `vista3d evaluate` command: layered configs, `--set`s, then `--output-dir` / `--device`; prints the mean
+/// Dice and where the reports are.
+pub fn evaluate_command(
+    configs: &[PathBuf],
+    sets: &[String],
+    checkpoint: Option<&Path>,
+    output_dir: Option<&Path>,
+    device: Option<&str>,
+    testing: bool,
+) -> Result<()> {
+    let mut cfg = Config::load(configs, sets)?;
+    if let Some(d) = output_dir {
+        cfg.value["output_dir"] = serde_json::Value::String(d.display().to_string());
+    }
+    if let Some(d) = device {
+        cfg.value["device"] = serde_json::Value::String(d.to_string());
+    }
+    let report = run_evaluate(&cfg, checkpoint, testing)?;
+    let dir = cfg
+        .path("output_dir")?
+        .unwrap_or_else(|| PathBuf::from("eval"));
+    println!(
+        "{METRIC_NAME} {:.4} over {} image(s); reports in {}",
+        report.mean_dice,
+        report.details.values.len(),
+        dir.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -369,7 +369,7 @@ mod tests {
         assert_eq!(python_float(1e16), "1e+16");
         assert_eq!(python_float(123.0), "123.0");
         assert_eq!(python_float(f64::NAN), "nan");
-        assert_eq!(numpy_f32(0.123456789), "0.12345679");
+        assert_eq!(numpy_f32(0.123_456_79), "0.12345679");
         assert_eq!(numpy_f32(1e-5), "1e-05");
         assert_eq!(numpy_f32(1.0), "1.0");
         assert_eq!(numpy_f32(0.99999994), "0.99999994");
