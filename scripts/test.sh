@@ -39,5 +39,7 @@ generate pipeline tests/fixtures/make_fixtures.py tests/fixtures/make_pipeline_f
     --weights "$fixtures/network/weights_e16.pt" --out "$fixtures/pipeline"
 generate transforms tests/fixtures/make_transform_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_transform_fixtures.py --data "$VISTA3D_DATA" --out "$fixtures/transforms"
+generate training tests/fixtures/make_training_fixtures.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_training_fixtures.py --out "$fixtures/training"
 
 cargo test --release --no-fail-fast "$@"

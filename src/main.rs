@@ -105,6 +105,25 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         optimization_level: i32,
     },
+    /// Train or finetune as the bundle's train.json (+ train_continual.json); writes the best model, a resumable
+    /// last.safetensors, metrics.jsonl/csv and a loss/Dice plot.
+    Train {
+        /// JSON configuration files, layered in order (e.g. configs/train.json configs/train_continual.json).
+        #[arg(long = "config")]
+        configs: Vec<PathBuf>,
+        /// Overrides applied last, e.g. --set epochs=10 --set patch_size=[64,64,64].
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Continue from ckpt_dir/last.safetensors (same configuration).
+        #[arg(long)]
+        resume: bool,
+        /// cpu, cuda, cuda:N or auto (overrides the configuration's device).
+        #[arg(long)]
+        device: Option<String>,
+        /// CPU threads for libtorch (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
     /// Write a checkpoint of seeded random weights (NOT a trained model: for tests and demos).
     InitCheckpoint {
         /// encoder_embed_dim (48 is the released model's width).
@@ -376,6 +395,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             trt::report(&trt::build_engines(&opts)?)
         }
+        Command::Train {
+            configs,
+            sets,
+            resume,
+            device,
+            threads,
+        } => vista3d::training::trainer::run_cli(&configs, &sets, resume, device, threads),
         Command::Datalist {
             images,
             labels,

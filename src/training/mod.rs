@@ -14,7 +14,13 @@ pub mod augment;
 pub mod data;
 pub mod datalist;
 pub mod evaluate;
+pub mod loss;
 pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod sampler;
+pub mod schedule;
+pub mod trainer;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;

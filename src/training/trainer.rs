@@ -1,0 +1,883 @@
+//! The bundle's training loop (`Vista3dTrainer` + handlers of `configs/train.json`), on libtorch.
+//!
+//! Per step: [`sample_prompt_pairs`] on the patch's labels -> network forward without window (`patch_coords`) and
+//! without `prompt_class`, so point results merge by gaussian weights -> per-prompt DiceCE -> backward -> AdamW
+//! (with autocast fp16 and dynamic loss scaling on CUDA when `amp`). Per epoch: learning rate from the schedule,
+//! validation every `val_interval` epochs (and before training with `val_at_start`) with class prompts
+//! `label_set` through the sliding window, logits > 0, mean Dice without channel 0; the best model is written as a
+//! PyTorch state dict (`key_metric_filename` in `ckpt_dir`, what the bundle's `CheckpointSaver` writes), and
+//! after every epoch a resumable `last.safetensors` (weights, optimizer, loss scaler, history) replaces the
+//! previous one atomically, followed by `metrics.jsonl`, `metrics.csv` and `training_curves.png` in
+//! `output_dir`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tch::{nn, Device, Tensor};
+
+use super::data::{validation_samples, LabelMappings, Sample, TrainLoader};
+use super::datalist::load_datalist;
+use super::loss::{per_prompt_loss, DiceCeSettings};
+use super::metrics::{mean_reduction, per_class_dice};
+use super::optim::{raw_f32, AdamW, AdamWSettings};
+use super::plot::{write_plot, PlotData};
+use super::sampler::{sample_prompt_pairs, SamplerSettings};
+use super::schedule::LrSchedule;
+use super::{cfg_f64, cfg_usize, cfg_usize3, cfg_value};
+use crate::checkpoint::{self, RawTensor};
+use crate::config::Config;
+use crate::inference::{sliding_window, NetworkPrompts, Stitched};
+use crate::model::{self, ForwardArgs, Vista3d, Vista3dConfig};
+use crate::{fsutil, runtime};
+
+/// File name of the resumable checkpoint in `ckpt_dir`.
+pub const LAST_CHECKPOINT: &str = "last.safetensors";
+/// Prefix of the network tensors inside [`LAST_CHECKPOINT`].
+const MODEL_PREFIX: &str = "model.";
+/// Metadata key of the training state inside [`LAST_CHECKPOINT`].
+const STATE_KEY: &str = "vista3d.training_state";
+
+/// Everything the training loop reads from the configuration.
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub val_interval: usize,
+    pub val_at_start: bool,
+    pub seed: u64,
+    pub device: String,
+    pub amp: bool,
+    pub encoder_embed_dim: i64,
+    pub finetune: Option<PathBuf>,
+    /// Strict loading of the finetuning checkpoint (`finetune_strict`, the bundle's handler default false).
+    pub finetune_strict: bool,
+    pub ckpt_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub key_metric_filename: String,
+    pub optimizer: AdamWSettings,
+    pub schedule: LrSchedule,
+    pub loss: DiceCeSettings,
+    pub sampler: SamplerSettings,
+    pub early_stop: Option<(usize, f64)>,
+    pub patch_size_valid: [usize; 3],
+}
+
+fn cfg_bool(cfg: &Config, key: &str, default: bool) -> Result<bool> {
+    Ok(cfg.bool(key)?.unwrap_or(default))
+}
+
+fn nested_f64(cfg: &Config, group: &str, key: &str) -> Result<Option<f64>> {
+    match cfg_value(cfg, group).and_then(|g| g.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .with_context(|| format!("config '{group}#{key}' must be a number, got {v}")),
+    }
+}
+
+fn nested_bool(cfg: &Config, group: &str, key: &str) -> Result<Option<bool>> {
+    match cfg_value(cfg, group).and_then(|g| g.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .with_context(|| format!("config '{group}#{key}' must be true or false, got {v}")),
+    }
+}
+
+fn probability(cfg: &Config, key: &str, default: f64) -> Result<f64> {
+    let p = cfg_f64(cfg, key)?.unwrap_or(default);
+    ensure!(
+        (0.0..=1.0).contains(&p),
+        "config '{key}' must be a probability in [0, 1], got {p}"
+    );
+    Ok(p)
+}
+
+impl TrainSettings {
+    /// Reads the training keys (defaults: `configs/train.json` of the bundle).
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        let epochs = cfg_usize(cfg, "epochs")?.unwrap_or(5);
+        ensure!(epochs >= 1, "config 'epochs' must be at least 1");
+        let val_interval = cfg_usize(cfg, "val_interval")?.unwrap_or(1);
+        ensure!(
+            val_interval >= 1,
+            "config 'val_interval' must be at least 1"
+        );
+        let lr = cfg_f64(cfg, "learning_rate")?.unwrap_or(1e-4);
+        ensure!(
+            lr > 0.0 && lr.is_finite(),
+            "config 'learning_rate' must be positive, got {lr}"
+        );
+        // `optimizer#weight_decay` (train.json 1e-5); absent: torch's AdamW default 0.01.
+        let weight_decay = nested_f64(cfg, "optimizer", "weight_decay")?.unwrap_or(0.01);
+        ensure!(
+            weight_decay >= 0.0,
+            "config 'optimizer#weight_decay' must be >= 0, got {weight_decay}"
+        );
+        let schedule = if nested_bool(cfg, "lr_schedule", "activate")?.unwrap_or(true) {
+            let warmup = nested_f64(cfg, "lr_schedule", "warmup_steps")?.unwrap_or(3.0);
+            let multiplier = nested_f64(cfg, "lr_schedule", "warmup_multiplier")?.unwrap_or(0.1);
+            ensure!(
+                (0.0..=1.0).contains(&multiplier),
+                "config 'lr_schedule#warmup_multiplier' must be in [0, 1], got {multiplier}"
+            );
+            LrSchedule::WarmupCosine {
+                base_lr: lr,
+                t_total: epochs,
+                warmup_steps: (warmup.max(0.0) as usize).min(epochs),
+                warmup_multiplier: multiplier,
+                end_lr: 0.0,
+                cycles: 0.5,
+            }
+        } else {
+            LrSchedule::Constant { base_lr: lr }
+        };
+        let loss = DiceCeSettings {
+            smooth_nr: nested_f64(cfg, "loss", "smooth_nr")?.unwrap_or(0.0),
+            smooth_dr: nested_f64(cfg, "loss", "smooth_dr")?.unwrap_or(1e-5),
+            squared_pred: nested_bool(cfg, "loss", "squared_pred")?.unwrap_or(true),
+            include_background: nested_bool(cfg, "loss", "include_background")?.unwrap_or(true),
+            lambda_dice: nested_f64(cfg, "loss", "lambda_dice")?.unwrap_or(1.0),
+            lambda_ce: nested_f64(cfg, "loss", "lambda_ce")?.unwrap_or(1.0),
+        };
+        let sampler = SamplerSettings {
+            max_point: cfg_usize(cfg, "max_point")?.unwrap_or(5),
+            max_prompt: cfg_usize(cfg, "max_prompt")?,
+            max_foreprompt: cfg_usize(cfg, "max_foreprompt")?,
+            max_backprompt: cfg_usize(cfg, "max_backprompt")?,
+            drop_label_prob: probability(cfg, "drop_label_prob", 0.25)?,
+            drop_point_prob: probability(cfg, "drop_point_prob", 0.25)?,
+            include_background: !cfg_bool(cfg, "exclude_background", true)?,
+        };
+        let finetune = if cfg_bool(cfg, "finetune", false)? {
+            Some(
+                cfg.path("finetune_model_path")?
+                    .context("config 'finetune' is true but 'finetune_model_path' is not set")?,
+            )
+        } else {
+            None
+        };
+        let early_stop = if cfg_bool(cfg, "early_stop", false)? {
+            Some((
+                cfg_usize(cfg, "early_stop_patience")?.unwrap_or(2),
+                cfg_f64(cfg, "early_stop_min_delta")?.unwrap_or(0.01),
+            ))
+        } else {
+            None
+        };
+        let patch = cfg_usize3(cfg, "patch_size")?.unwrap_or([128; 3]);
+        Ok(Self {
+            epochs,
+            val_interval,
+            val_at_start: cfg_bool(cfg, "val_at_start", false)?,
+            seed: cfg.int("seed")?.unwrap_or(0) as u64,
+            device: cfg.string("device")?.unwrap_or_else(|| "auto".into()),
+            amp: cfg_bool(cfg, "amp", true)?,
+            encoder_embed_dim: cfg.int("encoder_embed_dim")?.unwrap_or(48),
+            finetune,
+            finetune_strict: cfg_bool(cfg, "finetune_strict", false)?,
+            ckpt_dir: cfg.path("ckpt_dir")?.unwrap_or_else(|| "models".into()),
+            output_dir: cfg.path("output_dir")?.unwrap_or_else(|| "eval".into()),
+            key_metric_filename: cfg
+                .string("key_metric_filename")?
+                .unwrap_or_else(|| "model.pt".into()),
+            optimizer: AdamWSettings {
+                lr,
+                weight_decay,
+                ..Default::default()
+            },
+            schedule,
+            loss,
+            sampler,
+            early_stop,
+            patch_size_valid: cfg_usize3(cfg, "patch_size_valid")?.unwrap_or(patch),
+        })
+    }
+}
+
+/// One epoch (or the validation before training, epoch 0) in the metrics log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    /// 1-based epoch; 0 = validation before training.
+    pub epoch: usize,
+    /// Global optimizer steps done at the end of the epoch.
+    pub step: usize,
+    /// Mean training loss of the epoch (`None` for epoch 0).
+    pub loss: Option<f64>,
+    /// Learning rate used during the epoch.
+    pub lr: f64,
+    /// Mean validation Dice, when validated.
+    pub val_dice: Option<f64>,
+    /// Wall-clock seconds of the epoch (training and validation).
+    pub seconds: f64,
+    /// Steps skipped because the patch gave no prompt.
+    pub skipped: usize,
+}
+
+/// Dynamic loss scaling (PyTorch `GradScaler` defaults: 2^16, x2 every 2000 good steps, x0.5 on overflow).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub growth_tracker: usize,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            growth_tracker: 0,
+        }
+    }
+}
+
+/// The training state saved with the weights and the optimizer in [`LAST_CHECKPOINT`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    pub global_step: usize,
+    /// Best mean validation Dice so far and its epoch.
+    pub best_metric: Option<f64>,
+    pub best_epoch: Option<usize>,
+    /// The seed every random draw derives from (with the epoch).
+    pub seed: u64,
+    pub encoder_embed_dim: i64,
+    pub scaler: LossScaler,
+    /// Validations without improvement (early stopping).
+    pub stale_validations: usize,
+    pub history: Vec<EpochRecord>,
+    /// `(global step, loss)` of every step.
+    pub step_losses: Vec<(usize, f64)>,
+}
+
+/// What a training run did.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub state: TrainState,
+    /// The best model (`key_metric_filename`), when a validation ran.
+    pub best_checkpoint: Option<PathBuf>,
+    pub last_checkpoint: PathBuf,
+    /// `true` when Ctrl-C stopped the run before its last epoch.
+    pub interrupted: bool,
+}
+
+/// Set by Ctrl-C: finish the current step, keep the last completed epoch, stop.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+fn install_interrupt_handler() {
+    static PRESSES: AtomicUsize = AtomicUsize::new(0);
+    let result = ctrlc::set_handler(|| {
+        if PRESSES.fetch_add(1, Ordering::SeqCst) > 0 {
+            eprintln!("\ninterrupted again: exiting now (the last checkpoint on disk is intact)");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping after this step; the last completed epoch stays in the checkpoint (Ctrl-C again to exit now)");
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+    });
+    if let Err(e) = result {
+        log::debug!("no Ctrl-C handler: {e}");
+    }
+}
+
+/// Tensors with their parameter names.
+type NamedTensors = Vec<(String, Tensor)>;
+
+/// The network's variables by name (sorted), and the trainable subset.
+fn named_variables(vs: &nn::VarStore) -> (NamedTensors, NamedTensors) {
+    let mut all: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let trainable = all
+        .iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    (all, trainable)
+}
+
+/// The network's tensors as a state dict (MONAI names, float32, host).
+pub fn state_dict(vs: &nn::VarStore) -> Result<Vec<(String, RawTensor)>> {
+    named_variables(vs)
+        .0
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), raw_f32(t)?)))
+        .collect()
+}
+
+/// The model: from scratch (seeded), or the finetuning checkpoint loaded non-strictly.
+fn build_model(settings: &TrainSettings, device: Device) -> Result<(nn::VarStore, Vista3d)> {
+    tch::manual_seed(settings.seed as i64);
+    let (config, sd) = match &settings.finetune {
+        Some(path) => {
+            let sd = checkpoint::read_checkpoint(path)
+                .with_context(|| format!("finetune_model_path {}", path.display()))?;
+            let config =
+                model::detect_config(&sd).with_context(|| format!("{}", path.display()))?;
+            (config, Some(sd))
+        }
+        None => (Vista3dConfig::with_width(settings.encoder_embed_dim), None),
+    };
+    let vs = nn::VarStore::new(device);
+    let net = Vista3d::new(&vs.root(), config)?;
+    if let (Some(sd), Some(path)) = (&sd, &settings.finetune) {
+        let report = model::load_weights(&vs, sd, settings.finetune_strict)
+            .with_context(|| format!("finetune_model_path {}", path.display()))?;
+        ensure!(
+            report.loaded > 0,
+            "finetune_model_path {}: no tensor matches the network",
+            path.display()
+        );
+        log::info!(
+            "finetuning from {} (width {}, {} tensors loaded)",
+            path.display(),
+            config.embed_dim,
+            report.loaded
+        );
+    } else {
+        log::info!("training from scratch (width {})", config.embed_dim);
+    }
+    Ok((vs, net))
+}
+
+/// Restores weights, optimizer and state from [`LAST_CHECKPOINT`].
+fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainState> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let state_json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(STATE_KEY))
+        .with_context(|| {
+            format!(
+                "{}: not a training checkpoint of `vista3d train` (no training state)",
+                path.display()
+            )
+        })?;
+    let state: TrainState = serde_json::from_str(state_json)
+        .with_context(|| format!("{}: unreadable training state", path.display()))?;
+    drop(bytes);
+    let sd = checkpoint::read_checkpoint(path)?;
+    let weights = checkpoint::StateDict {
+        format: sd.format,
+        tensors: sd
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| {
+                n.strip_prefix(MODEL_PREFIX)
+                    .map(|n| (n.to_string(), t.clone()))
+            })
+            .collect(),
+    };
+    model::load_weights(vs, &weights, true).with_context(|| {
+        format!(
+            "{}: the weights do not fit the configured network",
+            path.display()
+        )
+    })?;
+    let (_, trainable) = named_variables(vs);
+    opt.load_state(sd.iter(), &trainable)
+        .with_context(|| format!("{}: optimizer state", path.display()))?;
+    Ok(state)
+}
+
+/// Writes [`LAST_CHECKPOINT`] atomically: weights, optimizer state and the training state.
+fn save_last(path: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> Result<()> {
+    let mut tensors: Vec<(String, RawTensor)> = state_dict(vs)?
+        .into_iter()
+        .map(|(n, t)| (format!("{MODEL_PREFIX}{n}"), t))
+        .collect();
+    tensors.extend(opt.state_tensors()?);
+    let meta = HashMap::from([
+        (STATE_KEY.to_string(), serde_json::to_string(state)?),
+        (
+            "vista3d.encoder_embed_dim".to_string(),
+            state.encoder_embed_dim.to_string(),
+        ),
+    ]);
+    checkpoint::write_safetensors(path, &tensors, Some(meta))
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |v| format!("{v}"))
+}
+
+/// Writes `metrics.jsonl`, `metrics.csv` and `training_curves.png` from the state (each atomically).
+fn write_logs(dir: &Path, state: &TrainState, steps_per_epoch: usize) -> Result<()> {
+    let mut jsonl = String::new();
+    let mut csv = String::from("epoch,step,loss,lr,val_dice,seconds,skipped_steps\n");
+    for r in &state.history {
+        jsonl.push_str(&serde_json::to_string(r)?);
+        jsonl.push('\n');
+        csv.push_str(&format!(
+            "{},{},{},{},{},{:.3},{}\n",
+            r.epoch,
+            r.step,
+            fmt_opt(r.loss),
+            r.lr,
+            fmt_opt(r.val_dice),
+            r.seconds,
+            r.skipped
+        ));
+    }
+    fsutil::write_atomic(&dir.join("metrics.jsonl"), jsonl.as_bytes())?;
+    fsutil::write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
+    let plot = PlotData {
+        step_loss: state
+            .step_losses
+            .iter()
+            .map(|&(s, l)| (s as f64, l))
+            .collect(),
+        epoch_loss: state
+            .history
+            .iter()
+            .filter_map(|r| r.loss.map(|l| (r.epoch as f64, l)))
+            .collect(),
+        val_dice: state
+            .history
+            .iter()
+            .filter_map(|r| r.val_dice.map(|d| (r.epoch as f64, d)))
+            .collect(),
+        steps_per_epoch: steps_per_epoch as f64,
+    };
+    write_plot(&dir.join("training_curves.png"), &plot)
+}
+
+/// Mean validation Dice: class prompts `label_set` through the sliding window, logits > 0, MONAI `MeanDice`
+/// without channel 0 against the `valid_remap`ped labels.
+pub fn validate(
+    net: &Vista3d,
+    samples: &[Sample],
+    label_set: &[i64],
+    window: &crate::inference::WindowSettings,
+    device: Device,
+) -> Result<f64> {
+    let column = Tensor::from_slice(label_set).view([-1, 1]);
+    let prompts = NetworkPrompts {
+        class_vector: Some(column.shallow_clone()),
+        prompt_class: Some(column),
+        point_coords: None,
+        point_labels: None,
+        label_prompt: Some(label_set.to_vec()),
+        points: Vec::new(),
+    };
+    let mut rows = Vec::with_capacity(samples.len());
+    for s in samples {
+        let image = s.image.unsqueeze(0).to_device(device);
+        let logits = match sliding_window(net, &image, &prompts, window, false)?.0 {
+            Stitched::Logits(l) | Stitched::Labels(l) => l,
+        };
+        let pred = logits.gt(0.0);
+        let dice = per_class_dice(&pred, &s.label, label_set.len());
+        log::debug!("validation {}: Dice {dice:?}", s.name);
+        rows.push(dice);
+    }
+    Ok(mean_reduction(&rows))
+}
+
+/// The per-epoch RNG of the prompt sampler (derived from the seed and the epoch, so a resumed run draws the same).
+fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// Multiplies every gradient by `factor`; returns `false` when one is not finite.
+fn unscale_gradients(params: &[(String, Tensor)], factor: f64) -> bool {
+    tch::no_grad(|| {
+        let mut finite = true;
+        for (_, p) in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(factor);
+                if finite && g.isfinite().all().int64_value(&[]) == 0 {
+                    finite = false;
+                }
+            }
+        }
+        finite
+    })
+}
+
+/// Options of one `vista3d train` run besides the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from `ckpt_dir/last.safetensors`.
+    pub resume: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// Runs the training described by `cfg` (train.json keys).
+pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
+    let settings = TrainSettings::from_config(cfg)?;
+    let device = runtime::parse_device(&settings.device)?;
+    let amp = settings.amp && device.is_cuda();
+    let mappings = LabelMappings::from_config(cfg)?;
+    let label_set = mappings.label_set();
+    let datalist = load_datalist(cfg)?;
+    ensure!(
+        !datalist.training.is_empty(),
+        "the datalist has no training items (all are in the validation fold?)"
+    );
+    std::fs::create_dir_all(&settings.ckpt_dir)
+        .with_context(|| format!("cannot create ckpt_dir {}", settings.ckpt_dir.display()))?;
+    std::fs::create_dir_all(&settings.output_dir)
+        .with_context(|| format!("cannot create output_dir {}", settings.output_dir.display()))?;
+    let last_path = settings.ckpt_dir.join(LAST_CHECKPOINT);
+    let best_path = settings.ckpt_dir.join(&settings.key_metric_filename);
+
+    let (vs, net) = build_model(&settings, device)?;
+    let (_, trainable) = named_variables(&vs);
+    ensure!(
+        !trainable.is_empty(),
+        "the network has no trainable parameter"
+    );
+    let mut opt = AdamW::new(settings.optimizer);
+    let mut state = TrainState {
+        epochs_done: 0,
+        global_step: 0,
+        best_metric: None,
+        best_epoch: None,
+        seed: settings.seed,
+        encoder_embed_dim: net.config.embed_dim,
+        scaler: LossScaler::default(),
+        stale_validations: 0,
+        history: Vec::new(),
+        step_losses: Vec::new(),
+    };
+    if options.resume {
+        ensure!(
+            last_path.is_file(),
+            "--resume: no {} in ckpt_dir {} (nothing to resume)",
+            LAST_CHECKPOINT,
+            settings.ckpt_dir.display()
+        );
+        state = load_last(&last_path, &vs, &mut opt)?;
+        ensure!(
+            state.seed == settings.seed,
+            "--resume: the checkpoint was trained with seed {}, the configuration says {}",
+            state.seed,
+            settings.seed
+        );
+        log::info!(
+            "resuming from {} after epoch {} (step {}, best Dice {})",
+            last_path.display(),
+            state.epochs_done,
+            state.global_step,
+            fmt_opt(state.best_metric)
+        );
+        if state.epochs_done >= settings.epochs {
+            log::info!(
+                "already trained {} of {} epochs: nothing to do (raise epochs to continue)",
+                state.epochs_done,
+                settings.epochs
+            );
+            return Ok(TrainOutcome {
+                best_checkpoint: best_path.is_file().then_some(best_path),
+                last_checkpoint: last_path,
+                state,
+                interrupted: false,
+            });
+        }
+    } else if last_path.exists() {
+        log::warn!(
+            "{} exists and will be replaced (use --resume to continue it)",
+            last_path.display()
+        );
+    }
+
+    log::info!(
+        "{} training / {} validation images, label_set {label_set:?}, device {device:?}{}",
+        datalist.training.len(),
+        datalist.validation.len(),
+        if amp { ", amp" } else { "" }
+    );
+    let mut loader = TrainLoader::new(cfg, &datalist.training, &mappings, settings.seed)?;
+    let val_samples = if datalist.validation.is_empty() {
+        log::warn!("no validation items: no validation Dice and no best checkpoint");
+        Vec::new()
+    } else {
+        validation_samples(cfg, &datalist.validation, &mappings)?
+    };
+    let mut window = cfg.window_settings()?;
+    window.patch_size = settings.patch_size_valid;
+    window.use_point_window = false;
+    let steps_per_epoch = loader.len();
+
+    let run_validation = |net: &Vista3d| -> Result<Option<f64>> {
+        if val_samples.is_empty() {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let d = tch::no_grad(|| {
+            tch::autocast(amp, || {
+                validate(net, &val_samples, &label_set, &window, device)
+            })
+        })?;
+        log::info!(
+            "validation mean Dice {d:.4} ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(Some(d))
+    };
+    let save_best = |vs: &nn::VarStore| -> Result<()> {
+        checkpoint::write_torch_state_dict(&best_path, &state_dict(vs)?)
+    };
+
+    install_interrupt_handler();
+    STOP_REQUESTED.store(false, Ordering::SeqCst);
+
+    if settings.val_at_start && state.epochs_done == 0 && state.history.is_empty() {
+        let t = Instant::now();
+        let dice = run_validation(&net)?;
+        if let Some(d) = dice {
+            state.best_metric = Some(d);
+            state.best_epoch = Some(0);
+            save_best(&vs)?;
+        }
+        state.history.push(EpochRecord {
+            epoch: 0,
+            step: 0,
+            loss: None,
+            lr: settings.schedule.lr(0),
+            val_dice: dice,
+            seconds: t.elapsed().as_secs_f64(),
+            skipped: 0,
+        });
+        write_logs(&settings.output_dir, &state, steps_per_epoch)?;
+    }
+
+    let mut interrupted = false;
+    while state.epochs_done < settings.epochs {
+        let epoch = state.epochs_done; // 0-based
+        let t_epoch = Instant::now();
+        opt.lr = settings.schedule.lr(epoch);
+        let mut rng = epoch_rng(settings.seed, epoch);
+        let bar = progress_bar(
+            options.progress,
+            steps_per_epoch,
+            epoch + 1,
+            settings.epochs,
+        );
+        let (mut loss_sum, mut n_steps, mut skipped) = (0.0, 0usize, 0usize);
+        let mut new_losses = Vec::new();
+        let mut scaler = state.scaler.clone();
+        let mut step = state.global_step;
+        for sample in loader.epoch(epoch) {
+            if STOP_REQUESTED.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let sample = sample?;
+            let Some(pairs) =
+                sample_prompt_pairs(&sample.label, &label_set, &settings.sampler, &mut rng)?
+            else {
+                log::debug!("step skipped: no prompt in patch {}", sample.name);
+                skipped += 1;
+                bar.inc(1);
+                continue;
+            };
+            let image = sample.image.unsqueeze(0).to_device(device);
+            let label = sample.label.unsqueeze(0).to_device(device);
+            let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device));
+            let (label_prompt, points, point_labels) = (
+                dev(&pairs.label_prompt),
+                dev(&pairs.points),
+                dev(&pairs.point_labels),
+            );
+            for (_, p) in &trainable {
+                p.shallow_clone().zero_grad();
+            }
+            let loss = tch::autocast(amp, || -> Result<Tensor> {
+                let out = net.forward(
+                    &image,
+                    &ForwardArgs {
+                        point_coords: points.as_ref(),
+                        point_labels: point_labels.as_ref(),
+                        class_vector: label_prompt.as_ref(),
+                        ..Default::default()
+                    },
+                )?;
+                per_prompt_loss(&out, &label, &pairs.classes, &settings.loss)
+            })?;
+            let value = loss.double_value(&[]);
+            ensure!(
+                value.is_finite(),
+                "the training loss is {value} at epoch {} step {} (TerminateOnNan); lower learning_rate",
+                epoch + 1,
+                step + 1
+            );
+            if amp {
+                (&loss * scaler.scale).backward();
+                if unscale_gradients(&trainable, 1.0 / scaler.scale) {
+                    opt.step(&trainable);
+                    scaler.growth_tracker += 1;
+                    if scaler.growth_tracker == 2000 {
+                        scaler.scale *= 2.0;
+                        scaler.growth_tracker = 0;
+                    }
+                } else {
+                    log::debug!(
+                        "amp: gradient overflow, step skipped, scale {}",
+                        scaler.scale * 0.5
+                    );
+                    scaler.scale *= 0.5;
+                    scaler.growth_tracker = 0;
+                }
+            } else {
+                loss.backward();
+                opt.step(&trainable);
+            }
+            step += 1;
+            n_steps += 1;
+            loss_sum += value;
+            new_losses.push((step, value));
+            bar.set_message(format!("loss {value:.4}"));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        if interrupted {
+            break;
+        }
+        ensure!(
+            n_steps > 0,
+            "epoch {}: every patch was skipped (no prompt); check label_set {label_set:?} against the labels",
+            epoch + 1
+        );
+        let mean_loss = loss_sum / n_steps as f64;
+        let validate_now = (epoch + 1).is_multiple_of(settings.val_interval);
+        let dice = if validate_now {
+            run_validation(&net)?
+        } else {
+            None
+        };
+        let mut stop_early = false;
+        if let Some(d) = dice {
+            let improved = state.best_metric.is_none_or(|b| d > b);
+            let significant = state
+                .best_metric
+                .is_none_or(|b| d > b + settings.early_stop.map_or(0.0, |e| e.1));
+            if improved {
+                state.best_metric = Some(d);
+                state.best_epoch = Some(epoch + 1);
+                save_best(&vs)?;
+                log::info!("new best Dice {d:.4}: saved {}", best_path.display());
+            }
+            state.stale_validations = if significant {
+                0
+            } else {
+                state.stale_validations + 1
+            };
+            if let Some((patience, _)) = settings.early_stop {
+                stop_early = state.stale_validations >= patience;
+            }
+        }
+        state.epochs_done = epoch + 1;
+        state.global_step = step;
+        state.scaler = scaler;
+        state.step_losses.extend(new_losses);
+        state.history.push(EpochRecord {
+            epoch: epoch + 1,
+            step,
+            loss: Some(mean_loss),
+            lr: opt.lr,
+            val_dice: dice,
+            seconds: t_epoch.elapsed().as_secs_f64(),
+            skipped,
+        });
+        save_last(&last_path, &vs, &opt, &state)?;
+        write_logs(&settings.output_dir, &state, steps_per_epoch)?;
+        log::info!(
+            "epoch {}/{}: loss {mean_loss:.4}, lr {:.3e}{}, {:.1} s",
+            epoch + 1,
+            settings.epochs,
+            opt.lr,
+            dice.map_or(String::new(), |d| format!(", val Dice {d:.4}")),
+            t_epoch.elapsed().as_secs_f64()
+        );
+        if stop_early {
+            log::info!(
+                "early stop: no Dice gain above {} for {} validations",
+                settings.early_stop.map_or(0.0, |e| e.1),
+                state.stale_validations
+            );
+            break;
+        }
+    }
+    if interrupted {
+        log::warn!(
+            "interrupted during epoch {}: {} holds epoch {}; continue with --resume",
+            state.epochs_done + 1,
+            last_path.display(),
+            state.epochs_done
+        );
+    }
+    Ok(TrainOutcome {
+        best_checkpoint: best_path.is_file().then_some(best_path),
+        last_checkpoint: last_path,
+        state,
+        interrupted,
+    })
+}
+
+fn progress_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    let style = ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
+
+/// `vista3d train`: loads the layered configuration, trains, and prints where the results are.
+pub fn run_cli(
+    configs: &[PathBuf],
+    sets: &[String],
+    resume: bool,
+    device: Option<String>,
+    threads: Option<i32>,
+) -> Result<()> {
+    let mut cfg = Config::load(configs, sets)?;
+    if let Some(d) = device {
+        cfg.set(&format!("device={d}"))?;
+    }
+    if let Some(n) = threads {
+        ensure!(n > 0, "--threads must be positive, got {n}");
+        tch::set_num_threads(n);
+    }
+    let options = TrainOptions {
+        resume,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let out = train(&cfg, &options)?;
+    let s = &out.state;
+    println!(
+        "trained {} epochs ({} steps){}; best validation Dice {} (epoch {})",
+        s.epochs_done,
+        s.global_step,
+        if out.interrupted { ", interrupted" } else { "" },
+        fmt_opt(s.best_metric),
+        s.best_epoch.map_or(String::new(), |e| e.to_string())
+    );
+    if let Some(b) = &out.best_checkpoint {
+        println!("best model: {}", b.display());
+    }
+    println!("resumable checkpoint: {}", out.last_checkpoint.display());
+    if out.interrupted {
+        anyhow::bail!("training interrupted; continue with --resume");
+    }
+    Ok(())
+}
