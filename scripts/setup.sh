@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Installs everything (Python environment with libtorch and ONNX Runtime, release build, example CTs) and runs
-# the main job on the embedded default: `vista3d infer` on a real abdominal CT with the demo weights.
+# Installs everything (Python environment with libtorch and ONNX Runtime, release build, example data) and runs
+# the main job on the embedded default: `vista3d infer` with the shipped demo model (models/demo_e8.safetensors,
+# width 8, trained by `vista3d train` on synthetic phantoms: models/README.md) on a held-out phantom.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 cargo build --release
-data="$(bash scripts/fetch_data.sh)"
+bash scripts/fetch_data.sh > /dev/null
 bin=target/release/vista3d
-ct="$data/totalsegmentator/example_ct.nii.gz"
-# The embedded default until a trained demo model ships: seeded RANDOM weights (--demo-weights, width 16).
-# The output is a valid, correctly aligned label map of meaningless classes.
-"$bin" infer --image "$ct" --label-prompt "spleen,liver,left kidney,right kidney" --demo-weights --output-dir target/demo/eval
+# models/demo_phantoms/phantom_4_ct.nii.gz: held out from training (models/prep_phantoms.py, seed 4), 3 mm.
+"$bin" infer --image models/demo_phantoms/phantom_4_ct.nii.gz --checkpoint models/demo_e8.safetensors \
+    --label-prompt liver,spleen --set 'resample_spacing=[3,3,3]' --set 'patch_size=[32,32,32]' \
+    --output-dir target/demo/eval
 echo
-echo "Label map: target/demo/eval/example_ct/example_ct_trans.nii.gz (what was run: example_ct_trans.json beside it)."
+echo "Label map: target/demo/eval/phantom_4_ct/phantom_4_ct_trans.nii.gz (1 = liver, 3 = spleen; ground truth"
+echo "models/demo_phantoms/phantom_4_seg.nii.gz uses local ids 1/2; measured Dice 0.92 / 0.92, models/README.md)."
 echo "With the bundle's weights: $bin infer --image CT.nii.gz --checkpoint models/model.pt [--label-prompt ...]"
