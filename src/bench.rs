@@ -275,7 +275,8 @@ pub fn format_table(r: &BenchReport) -> String {
                     speedup(base_model, model_of(m)),
                     e2e_of(m).map_or("-".into(), |v| format!("{v:.2}")),
                     speedup(base_e2e, e2e_of(m)),
-                    m.rel_error_vs_fp32.map_or("-".into(), |v| format!("{v:.1e}")),
+                    m.rel_error_vs_fp32
+                        .map_or("-".into(), |v| format!("{v:.1e}")),
                 );
             }
         }

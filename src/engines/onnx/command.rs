@@ -66,10 +66,15 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
     };
     let summary = export_onnx(&vs_holder, &source, &req.out)?;
     let m = &summary.manifest;
-    for entry in [&m.encoder, &m.class_head] {
+    let fp16 = [&m.encoder_fp16, &m.class_head_fp16];
+    for entry in [&m.encoder, &m.class_head]
+        .into_iter()
+        .chain(fp16.into_iter().flatten())
+    {
         println!(
-            "wrote {} ({:.1} MB)",
+            "wrote {} ({}, {:.1} MB)",
             summary.dir.join(&entry.file).display(),
+            entry.precision,
             entry.bytes as f64 / 1e6
         );
     }
