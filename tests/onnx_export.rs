@@ -388,6 +388,11 @@ fn cli_export_and_verify() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("relative error"), "{stdout}");
     assert!(stdout.contains("random"), "{stdout}");
+    assert!(
+        stdout.contains("float16 export on ONNX Runtime"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("encoder_fp16.onnx (fp16"), "{stdout}");
     let o = vista3d_cli(&["export-onnx", "--out", out.to_str().unwrap()], &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

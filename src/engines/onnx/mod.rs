@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 
 pub use builder::f32_bytes;
-pub use command::{export_command, ExportRequest, VERIFY_TOLERANCE};
+pub use command::{export_command, ExportRequest, VERIFY_FP16_TOLERANCE, VERIFY_TOLERANCE};
 pub use manifest::{
     files_key, Dim, FileRef, ModelEntry, OnnxManifest, OnnxPrecision, TensorSpec, WeightsSource,
     MANIFEST_FILE,
