@@ -315,7 +315,13 @@ int32_t trt_shim_builder_set_precision(TrtShimBuilder* b, int32_t precision, Trt
     return guarded(err, "setting the precision", [&]() {
         b->logger.begin();
         b->config->setFlag(nvinfer1::BuilderFlag::kTF32);
-        if (precision == TRT_SHIM_PRECISION_FP16) {
+#if NV_TENSORRT_MAJOR >= 11
+        if (precision == TRT_SHIM_PRECISION_FP16_MODEL) {
+            // Strongly typed (always, in TensorRT 11): the float16 model's types are the engine's precision.
+            return b->logger.failed("setting the precision", err) ? TRT_SHIM_FAILED : TRT_SHIM_OK;
+        }
+#endif
+        if (precision == TRT_SHIM_PRECISION_FP16 || precision == TRT_SHIM_PRECISION_FP16_MODEL) {
 #if NV_TENSORRT_MAJOR < 11
             // As MONAI's trt_compile: FP16 kernels allowed, normalization computed in FP32, constraints obeyed.
             b->config->setFlag(nvinfer1::BuilderFlag::kFP16);
@@ -332,7 +338,8 @@ int32_t trt_shim_builder_set_precision(TrtShimBuilder* b, int32_t precision, Trt
 #else
             set_error(err, "TensorRT " + std::to_string(NV_TENSORRT_MAJOR) +
                                " builds strongly typed networks only (no FP16 builder flag): an FP16 engine needs "
-                               "an ONNX model exported in FP16; build TF32 engines instead");
+                               "the float16 ONNX export (encoder_fp16.onnx, class_head_fp16.onnx): re-run "
+                               "`vista3d export-onnx`, or build TF32 engines instead");
             return TRT_SHIM_FAILED;
 #endif
         } else if (precision != TRT_SHIM_PRECISION_TF32) {

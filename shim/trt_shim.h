@@ -40,6 +40,9 @@ extern "C" {
 #define TRT_SHIM_PRECISION_TF32 0
 /** Build precision: FP16 kernels allowed (and TF32), normalization layers pinned to FP32. */
 #define TRT_SHIM_PRECISION_FP16 1
+/** Build precision: FP16 from a float16-exported model (FP16 weights, casts around FP32 normalizations): TensorRT 11
+ *  takes the types from the model (strongly typed); TensorRT 10 builds it as TRT_SHIM_PRECISION_FP16. */
+#define TRT_SHIM_PRECISION_FP16_MODEL 2
 
 /** Optimisation profile selectors (TensorRT's OptProfileSelector). */
 #define TRT_SHIM_PROFILE_MIN 0

@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 
 use tch::{nn, Device, Kind, Tensor};
 use vista3d::engines::fingerprint::weights_fingerprint;
-use vista3d::engines::onnx::{export_onnx, file_sha256, OnnxManifest, WeightsSource};
+use vista3d::engines::onnx::proto::{ModelProto, NodeProto, DTYPE_FLOAT, DTYPE_FLOAT16};
+use vista3d::engines::onnx::{
+    export_onnx, file_sha256, OnnxManifest, OnnxPrecision, WeightsSource,
+};
 use vista3d::engines::ort_engine::OrtEngine;
 use vista3d::engines::{Method, WindowEngine};
 use vista3d::{Vista3d, Vista3dConfig};
@@ -16,6 +19,8 @@ use vista3d::{Vista3d, Vista3dConfig};
 mod common;
 
 const TOLERANCE: f64 = 1e-4;
+/// Relative error allowed for the float16 export against libtorch float32.
+const FP16_TOLERANCE: f64 = 1e-2;
 
 fn tmp(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -383,8 +388,201 @@ fn cli_export_and_verify() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("relative error"), "{stdout}");
     assert!(stdout.contains("random"), "{stdout}");
+    assert!(
+        stdout.contains("float16 export on ONNX Runtime"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("encoder_fp16.onnx (fp16"), "{stdout}");
     let o = vista3d_cli(&["export-onnx", "--out", out.to_str().unwrap()], &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("no weights"), "{err}");
+}
+
+fn check_fp16(what: &str, actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.kind(), Kind::Float, "{what}: outputs stay float32");
+    let err = common::rel_error(actual, expected).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(err <= FP16_TOLERANCE, "{what}: relative error {err:e}");
+    eprintln!("{what} (fp16 export): relative error {err:.2e}");
+    err
+}
+
+#[test]
+fn fp16_export_on_ort_matches_libtorch_fp32_within_fp16_tolerance() {
+    let (vs, net, dir) = exported("fp16_parity_e16", 16, 7);
+    let fp = weights_fingerprint(&vs);
+    let mut engine = OrtEngine::load_precision(&dir, &fp, 2, OnnxPrecision::Fp16).unwrap();
+    tch::manual_seed(11);
+    let image = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+    let torch_features = tch::no_grad(|| net.image_encoder.forward(&image, false, true).1.unwrap());
+    let features = engine.encode(&image).unwrap();
+    let feature_err = check_fp16("encoder features", &features, &torch_features);
+    for ids in [vec![5i64], vec![1, 3, 6, 132]] {
+        let ids = Tensor::from_slice(&ids).view([-1, 1]);
+        let expected = tch::no_grad(|| net.class_head.forward(&torch_features, &ids));
+        let logits = engine.classify(&torch_features, &ids).unwrap();
+        check_fp16(
+            &format!("logits, {} prompts", ids.size()[0]),
+            &logits,
+            &expected,
+        );
+    }
+    // The fp16 files really are a different (less exact) computation than the fp32 ones.
+    let mut fp32 = OrtEngine::load(&dir, &fp, 2).unwrap();
+    let exact = common::rel_error(&fp32.encode(&image).unwrap(), &torch_features).unwrap();
+    assert!(
+        exact < feature_err,
+        "fp32 {exact:e} vs fp16 {feature_err:e}"
+    );
+}
+
+#[test]
+fn manifest_lists_the_fp16_files_with_their_sha256() {
+    let (_, _, dir) = exported("fp16_manifest_e8", 8, 3);
+    let manifest = OnnxManifest::read(&dir).unwrap();
+    let encoder = manifest.encoder_fp16.as_ref().expect("encoder_fp16 entry");
+    let class_head = manifest.class_head_fp16.as_ref().expect("class_head_fp16");
+    assert_eq!(encoder.file, "encoder_fp16.onnx");
+    assert_eq!(class_head.file, "class_head_fp16.onnx");
+    assert_eq!(manifest.encoder.precision, OnnxPrecision::Fp32);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    for (key, entry, precision) in [
+        ("encoder", &manifest.encoder, "fp32"),
+        ("class_head", &manifest.class_head, "fp32"),
+        ("encoder_fp16", encoder, "fp16"),
+        ("class_head_fp16", class_head, "fp16"),
+    ] {
+        let sha = file_sha256(&dir.join(&entry.file)).unwrap();
+        assert_eq!(entry.sha256, sha, "{key}");
+        assert_eq!(json[key]["precision"], precision, "{key}");
+        assert_eq!(json["files"][key]["path"], entry.file.as_str(), "{key}");
+        assert_eq!(json["files"][key]["sha256"], sha.as_str(), "{key}");
+        assert_eq!(json["files"][key]["precision"], precision, "{key}");
+    }
+    // float16 weights: the fp16 encoder is about half the size of the fp32 one.
+    let ratio = encoder.bytes as f64 / manifest.encoder.bytes as f64;
+    assert!((0.45..0.6).contains(&ratio), "size ratio {ratio}");
+    // TensorRT's reader builds FP16 engines from the fp16 files, TF32 ones from the fp32 files.
+    use vista3d::engines::tensorrt::{self as trt, Part, Precision};
+    let trt_manifest = trt::OnnxManifest::read(&dir).unwrap();
+    for (part, file) in [(Part::Encoder, "encoder"), (Part::ClassHead, "class_head")] {
+        let fp16 = trt_manifest
+            .existing_onnx_for(part, Precision::Fp16)
+            .unwrap();
+        assert!(fp16.fp16_model);
+        assert_eq!(fp16.path, dir.join(format!("{file}_fp16.onnx")));
+        let tf32 = trt_manifest
+            .existing_onnx_for(part, Precision::Tf32)
+            .unwrap();
+        assert!(!tf32.fp16_model);
+        assert_eq!(tf32.path, dir.join(format!("{file}.onnx")));
+    }
+}
+
+/// The graph of an exported file.
+fn graph_of(path: &Path) -> vista3d::engines::onnx::proto::GraphProto {
+    use prost::Message;
+    let bytes = std::fs::read(path).unwrap();
+    ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap()
+}
+
+fn cast_target(node: &NodeProto) -> Option<i64> {
+    (node.op_type == "Cast")
+        .then(|| node.attribute.iter().find(|a| a.name == "to").map(|a| a.i))
+        .flatten()
+}
+
+#[test]
+fn fp16_export_computes_every_norm_in_fp32_and_keeps_a_float32_interface() {
+    let (_, _, dir) = exported("fp16_graph_e8", 8, 2);
+    for (file, n_norms) in [("encoder_fp16.onnx", 34), ("class_head_fp16.onnx", 5)] {
+        let graph = graph_of(&dir.join(file));
+        let producer = |name: &str| {
+            graph
+                .node
+                .iter()
+                .find(|n| n.output.iter().any(|o| o == name))
+        };
+        let init_type = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.data_type)
+        };
+        let norms: Vec<&NodeProto> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "InstanceNormalization")
+            .collect();
+        assert_eq!(norms.len(), n_norms, "{file}");
+        for norm in &norms {
+            let x = producer(&norm.input[0]).expect("norm input produced by a node");
+            assert_eq!(
+                cast_target(x),
+                Some(DTYPE_FLOAT as i64),
+                "{file}: {}",
+                norm.name
+            );
+            for p in &norm.input[1..] {
+                assert_eq!(init_type(p), Some(DTYPE_FLOAT), "{file}: {} {p}", norm.name);
+            }
+            let consumers: Vec<&NodeProto> = graph
+                .node
+                .iter()
+                .filter(|n| n.input.contains(&norm.output[0]))
+                .collect();
+            assert_eq!(consumers.len(), 1, "{file}: {}", norm.name);
+            assert_eq!(cast_target(consumers[0]), Some(DTYPE_FLOAT16 as i64));
+        }
+        // Every other float initializer is float16 (the convolution, linear and embedding weights).
+        let norm_params: Vec<&String> = norms.iter().flat_map(|n| &n.input[1..]).collect();
+        let mut half = 0;
+        for t in &graph.initializer {
+            if norm_params.contains(&&t.name)
+                || t.data_type != DTYPE_FLOAT && t.data_type != DTYPE_FLOAT16
+            {
+                continue;
+            }
+            assert_eq!(t.data_type, DTYPE_FLOAT16, "{file}: {}", t.name);
+            half += 1;
+        }
+        assert!(half > 0, "{file}: no float16 weights");
+        // Float32 at the boundaries: inputs cast to float16, outputs cast back.
+        for input in graph.input.iter().filter(|i| i.name != "class_ids") {
+            let elem = input
+                .r#type
+                .as_ref()
+                .unwrap()
+                .tensor_type
+                .as_ref()
+                .unwrap()
+                .elem_type;
+            assert_eq!(elem, DTYPE_FLOAT, "{file}: input {}", input.name);
+            assert!(graph
+                .node
+                .iter()
+                .any(|n| n.input.contains(&input.name)
+                    && cast_target(n) == Some(DTYPE_FLOAT16 as i64)));
+        }
+        for output in &graph.output {
+            let elem = output
+                .r#type
+                .as_ref()
+                .unwrap()
+                .tensor_type
+                .as_ref()
+                .unwrap()
+                .elem_type;
+            assert_eq!(elem, DTYPE_FLOAT, "{file}: output {}", output.name);
+            assert_eq!(
+                cast_target(producer(&output.name).unwrap()),
+                Some(DTYPE_FLOAT as i64)
+            );
+        }
+    }
+    // The float32 export has no casts at all.
+    let graph = graph_of(&dir.join("encoder.onnx"));
+    assert!(graph.node.iter().all(|n| n.op_type != "Cast"));
 }

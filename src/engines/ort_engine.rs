@@ -136,6 +136,22 @@ impl OrtEngine {
     /// is `expected_fingerprint` (a different one is a stale export and an error), with `threads` intra-op
     /// threads (0: ONNX Runtime's default).
     pub fn load(onnx_dir: &Path, expected_fingerprint: &str, threads: usize) -> Result<OrtEngine> {
+        Self::load_precision(
+            onnx_dir,
+            expected_fingerprint,
+            threads,
+            super::onnx::OnnxPrecision::Fp32,
+        )
+    }
+
+    /// As [`OrtEngine::load`], on the export's models of `precision` (the float16 variants are an error naming
+    /// the directory when the export has none). Inputs and outputs are float32 either way.
+    pub fn load_precision(
+        onnx_dir: &Path,
+        expected_fingerprint: &str,
+        threads: usize,
+        precision: super::onnx::OnnxPrecision,
+    ) -> Result<OrtEngine> {
         let manifest = OnnxManifest::read(onnx_dir)?;
         ensure!(
             manifest.weights_fingerprint == expected_fingerprint,
@@ -148,8 +164,14 @@ impl OrtEngine {
             onnx_dir.display()
         );
         let env = ort_environment()?;
-        let encoder = open_session(&env, onnx_dir, &manifest.encoder, threads)?;
-        let class_head = open_session(&env, onnx_dir, &manifest.class_head, threads)?;
+        let (encoder, class_head) = manifest.models(precision).with_context(|| {
+            format!(
+                "the ONNX export in {} has no {precision} models (re-run `vista3d export-onnx`)",
+                onnx_dir.display()
+            )
+        })?;
+        let encoder = open_session(&env, onnx_dir, encoder, threads)?;
+        let class_head = open_session(&env, onnx_dir, class_head, threads)?;
         Ok(OrtEngine {
             encoder,
             class_head,

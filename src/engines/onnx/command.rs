@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Result};
 use tch::{nn, Device};
 
-use super::{export_onnx, file_sha256, WeightsSource};
+use super::{export_onnx, file_sha256, OnnxPrecision, WeightsSource};
 use crate::engines::fingerprint::weights_fingerprint;
 use crate::engines::ort_engine::{compare_with_torch, ort_environment, OrtEngine};
 use crate::{Vista3d, Vista3dConfig};
 
 /// Largest relative error `--verify` accepts between ONNX Runtime and libtorch (fp32).
 pub const VERIFY_TOLERANCE: f64 = 1e-4;
+/// Largest relative error `--verify` accepts between the float16 export on ONNX Runtime and libtorch fp32.
+pub const VERIFY_FP16_TOLERANCE: f64 = 1e-2;
 
 /// Options of `vista3d export-onnx`.
 #[derive(Debug, Clone)]
@@ -66,10 +68,15 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
     };
     let summary = export_onnx(&vs_holder, &source, &req.out)?;
     let m = &summary.manifest;
-    for entry in [&m.encoder, &m.class_head] {
+    let fp16 = [&m.encoder_fp16, &m.class_head_fp16];
+    for entry in [&m.encoder, &m.class_head]
+        .into_iter()
+        .chain(fp16.into_iter().flatten())
+    {
         println!(
-            "wrote {} ({:.1} MB)",
+            "wrote {} ({}, {:.1} MB)",
             summary.dir.join(&entry.file).display(),
+            entry.precision,
             entry.bytes as f64 / 1e6
         );
     }
@@ -96,6 +103,17 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
         ensure!(
             features <= VERIFY_TOLERANCE && logits <= VERIFY_TOLERANCE,
             "ONNX Runtime disagrees with libtorch beyond {VERIFY_TOLERANCE:e}"
+        );
+        let fingerprint = weights_fingerprint(&vs_holder);
+        let mut fp16 =
+            OrtEngine::load_precision(&req.out, &fingerprint, req.threads, OnnxPrecision::Fp16)?;
+        let (features, logits) = compare_with_torch(&net, &mut fp16, 32, &[1, 3, 5])?;
+        println!(
+            "float16 export on ONNX Runtime vs libtorch fp32: relative error {features:.2e} (features), {logits:.2e} (logits)"
+        );
+        ensure!(
+            features <= VERIFY_FP16_TOLERANCE && logits <= VERIFY_FP16_TOLERANCE,
+            "the float16 export disagrees with libtorch beyond {VERIFY_FP16_TOLERANCE:e}"
         );
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `manifest.json` of an ONNX export directory: what was exported, from which weights, with which interface.
 //! Engines (ONNX Runtime here, TensorRT builds) read it to check they match the loaded model.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -73,11 +74,56 @@ impl WeightsSource {
     }
 }
 
+/// The floating-point type an exported graph's weights and compute are in. Graph inputs and outputs are
+/// float32 in both (an fp16 graph casts at its boundaries and computes every InstanceNormalization in float32).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnnxPrecision {
+    /// float32 weights and compute (`encoder.onnx`, `class_head.onnx`).
+    #[default]
+    Fp32,
+    /// float16 weights and compute (`encoder_fp16.onnx`, `class_head_fp16.onnx`): what a strongly typed
+    /// TensorRT network (TensorRT 11) needs for an FP16 engine.
+    Fp16,
+}
+
+impl OnnxPrecision {
+    /// Both, in export order.
+    pub const ALL: [OnnxPrecision; 2] = [OnnxPrecision::Fp32, OnnxPrecision::Fp16];
+
+    /// `fp32` or `fp16`, as written in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnnxPrecision::Fp32 => "fp32",
+            OnnxPrecision::Fp16 => "fp16",
+        }
+    }
+
+    /// Suffix of file names and `files` keys: empty for fp32, `_fp16` for fp16.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            OnnxPrecision::Fp32 => "",
+            OnnxPrecision::Fp16 => "_fp16",
+        }
+    }
+}
+
+impl std::fmt::Display for OnnxPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One exported ONNX file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelEntry {
     /// File name inside the export directory.
     pub file: String,
+    /// Type of the weights and compute (absent in manifests written before fp16 exports: fp32).
+    #[serde(default)]
+    pub precision: OnnxPrecision,
     /// Size in bytes.
     pub bytes: u64,
     /// sha256 of the file (hex).
@@ -110,6 +156,43 @@ pub struct OnnxManifest {
     pub encoder: ModelEntry,
     /// `features [b,E,H,W,D]`, `class_ids [B,1]` -> `logits [B,b,H,W,D]`.
     pub class_head: ModelEntry,
+    /// The encoder with float16 weights and compute (same interface); absent in older exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_fp16: Option<ModelEntry>,
+    /// The class head with float16 weights and compute (same interface); absent in older exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_head_fp16: Option<ModelEntry>,
+    /// Every exported file by key (`encoder`, `class_head`, `encoder_fp16`, `class_head_fp16`): the index that
+    /// TensorRT's reader ([`crate::engines::tensorrt::manifest`]) resolves. Derived from the entries above.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileRef>,
+}
+
+/// An entry of [`OnnxManifest::files`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// File name inside the export directory.
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub precision: OnnxPrecision,
+}
+
+impl FileRef {
+    /// The index entry of a model.
+    pub fn of(entry: &ModelEntry) -> Self {
+        Self {
+            path: entry.file.clone(),
+            sha256: entry.sha256.clone(),
+            bytes: entry.bytes,
+            precision: entry.precision,
+        }
+    }
+}
+
+/// The `files` key of a part (`encoder` or `class_head`) in `precision`.
+pub fn files_key(part: &str, precision: OnnxPrecision) -> String {
+    format!("{part}{}", precision.suffix())
 }
 
 impl OnnxManifest {
@@ -139,5 +222,16 @@ impl OnnxManifest {
             m.format_version
         );
         Ok(m)
+    }
+
+    /// The encoder and class-head entries of `precision` (`None` for fp16 in an export without fp16 files).
+    pub fn models(&self, precision: OnnxPrecision) -> Option<(&ModelEntry, &ModelEntry)> {
+        match precision {
+            OnnxPrecision::Fp32 => Some((&self.encoder, &self.class_head)),
+            OnnxPrecision::Fp16 => self
+                .encoder_fp16
+                .as_ref()
+                .zip(self.class_head_fp16.as_ref()),
+        }
     }
 }

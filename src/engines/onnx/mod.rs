@@ -1,6 +1,13 @@
 //! ONNX export of the class path, written in Rust: `encoder.onnx` (`image_encoder.encoder` +
 //! `up_layers_auto`), `class_head.onnx` and `manifest.json`, generated from the model's named parameters.
 //!
+//! Every export also writes the float16 variants `encoder_fp16.onnx` and `class_head_fp16.onnx` (always, so
+//! any export can feed an FP16 TensorRT build: TensorRT 11 builds strongly typed networks only and takes the
+//! precision from the model). They have the same inputs and outputs (float32, cast at the boundaries), float16
+//! weights and compute, and every InstanceNormalization in float32 (as MONAI's `trt_compile`). The manifest
+//! lists them as `encoder_fp16` / `class_head_fp16` and in its `files` index with their sha256 and
+//! `precision`; readers of older manifests ignore the new fields.
+//!
 //! The protobuf is encoded with `prost` from the subset of `onnx.proto` in [`proto`]; the graphs
 //! ([`vista`]) use opset 17 with dynamic batch, prompt count and spatial dims.
 
@@ -20,8 +27,11 @@ use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 
 pub use builder::f32_bytes;
-pub use command::{export_command, ExportRequest, VERIFY_TOLERANCE};
-pub use manifest::{Dim, ModelEntry, OnnxManifest, TensorSpec, WeightsSource, MANIFEST_FILE};
+pub use command::{export_command, ExportRequest, VERIFY_FP16_TOLERANCE, VERIFY_TOLERANCE};
+pub use manifest::{
+    files_key, Dim, FileRef, ModelEntry, OnnxManifest, OnnxPrecision, TensorSpec, WeightsSource,
+    MANIFEST_FILE,
+};
 
 use super::fingerprint::{hex, weights_fingerprint};
 use builder::GraphBuilder;
@@ -35,6 +45,10 @@ pub const IR_VERSION: i64 = 8;
 pub const ENCODER_FILE: &str = "encoder.onnx";
 /// File name of the exported class head.
 pub const CLASS_HEAD_FILE: &str = "class_head.onnx";
+/// File name of the float16 encoder.
+pub const ENCODER_FP16_FILE: &str = "encoder_fp16.onnx";
+/// File name of the float16 class head.
+pub const CLASS_HEAD_FP16_FILE: &str = "class_head_fp16.onnx";
 /// Protobuf's hard limit for one message.
 const PROTOBUF_LIMIT: usize = 2 << 30;
 
@@ -115,6 +129,7 @@ fn model_proto(graph: proto::GraphProto, part: &str, metadata: &[(String, String
 fn write_model(
     dir: &Path,
     file: &str,
+    precision: OnnxPrecision,
     model: &ModelProto,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
@@ -128,6 +143,7 @@ fn write_model(
     crate::fsutil::write_atomic(&dir.join(file), &bytes)?;
     Ok(ModelEntry {
         file: file.into(),
+        precision,
         bytes: bytes.len() as u64,
         sha256: hex(&Sha256::digest(&bytes)),
         inputs,
@@ -135,8 +151,40 @@ fn write_model(
     })
 }
 
+/// Builds and writes the encoder and class head of `precision`; returns their manifest entries.
+fn export_pair(
+    weights: &BTreeMap<String, tch::Tensor>,
+    w: &Widths,
+    precision: OnnxPrecision,
+    metadata: &[(String, String)],
+    out_dir: &Path,
+) -> Result<(ModelEntry, ModelEntry)> {
+    let mut metadata = metadata.to_vec();
+    metadata.push(("precision".into(), precision.name().into()));
+    let (encoder_file, class_head_file) = match precision {
+        OnnxPrecision::Fp32 => (ENCODER_FILE, CLASS_HEAD_FILE),
+        OnnxPrecision::Fp16 => (ENCODER_FP16_FILE, CLASS_HEAD_FP16_FILE),
+    };
+    let builder = GraphBuilder::with_precision(weights, precision);
+    let graph = vista::encoder_graph(builder, w.in_channels, w.embed_dim)
+        .with_context(|| format!("building the {precision} encoder graph"))?;
+    let (inputs, outputs) = vista::encoder_io(w.in_channels, w.embed_dim);
+    let model = model_proto(graph, "encoder", &metadata);
+    let encoder = write_model(out_dir, encoder_file, precision, &model, inputs, outputs)?;
+    drop(model);
+
+    let builder = GraphBuilder::with_precision(weights, precision);
+    let graph = vista::class_head_graph(builder, w.embed_dim)
+        .with_context(|| format!("building the {precision} class-head graph"))?;
+    let (inputs, outputs) = vista::class_head_io(w.embed_dim);
+    let model = model_proto(graph, "class_head", &metadata);
+    let class_head = write_model(out_dir, class_head_file, precision, &model, inputs, outputs)?;
+    Ok((encoder, class_head))
+}
+
 /// Exports the class path of the VISTA3D model whose parameters are in `vs` into `out_dir`
-/// (`encoder.onnx`, `class_head.onnx`, then `manifest.json`). Each file is written atomically; an older
+/// (`encoder.onnx`, `class_head.onnx`, their float16 variants `encoder_fp16.onnx`, `class_head_fp16.onnx`,
+/// then `manifest.json`). Each file is written atomically; an older
 /// manifest is removed first, so a directory with a manifest always holds a complete export.
 pub fn export_onnx(vs: &VarStore, source: &WeightsSource, out_dir: &Path) -> Result<ExportSummary> {
     let t0 = Instant::now();
@@ -164,16 +212,18 @@ pub fn export_onnx(vs: &VarStore, source: &WeightsSource, out_dir: &Path) -> Res
         metadata.push(("checkpoint_sha256".into(), sha256.clone()));
     }
 
-    let graph = vista::encoder_graph(GraphBuilder::new(&weights), w.in_channels, w.embed_dim)?;
-    let (inputs, outputs) = vista::encoder_io(w.in_channels, w.embed_dim);
-    let model = model_proto(graph, "encoder", &metadata);
-    let encoder = write_model(out_dir, ENCODER_FILE, &model, inputs, outputs)?;
-    drop(model);
-
-    let graph = vista::class_head_graph(GraphBuilder::new(&weights), w.embed_dim)?;
-    let (inputs, outputs) = vista::class_head_io(w.embed_dim);
-    let model = model_proto(graph, "class_head", &metadata);
-    let class_head = write_model(out_dir, CLASS_HEAD_FILE, &model, inputs, outputs)?;
+    let (encoder, class_head) = export_pair(&weights, &w, OnnxPrecision::Fp32, &metadata, out_dir)?;
+    let (encoder_fp16, class_head_fp16) =
+        export_pair(&weights, &w, OnnxPrecision::Fp16, &metadata, out_dir)?;
+    let files = [
+        ("encoder", &encoder),
+        ("class_head", &class_head),
+        ("encoder", &encoder_fp16),
+        ("class_head", &class_head_fp16),
+    ]
+    .into_iter()
+    .map(|(part, e)| (files_key(part, e.precision), FileRef::of(e)))
+    .collect();
 
     let manifest = OnnxManifest {
         format: manifest::MANIFEST_FORMAT.into(),
@@ -187,6 +237,9 @@ pub fn export_onnx(vs: &VarStore, source: &WeightsSource, out_dir: &Path) -> Res
         weights: source.clone(),
         encoder,
         class_head,
+        encoder_fp16: Some(encoder_fp16),
+        class_head_fp16: Some(class_head_fp16),
+        files,
     };
     crate::fsutil::write_atomic(
         &manifest_path,

@@ -7,6 +7,8 @@
 pub const DTYPE_FLOAT: i32 = 1;
 /// `TensorProto.DataType.INT64`.
 pub const DTYPE_INT64: i32 = 7;
+/// `TensorProto.DataType.FLOAT16`.
+pub const DTYPE_FLOAT16: i32 = 10;
 
 /// `AttributeProto.AttributeType` values used here.
 pub mod attribute_type {

@@ -3,11 +3,15 @@
 //!
 //! Only standard opset-17 operators (no `Gelu`: the exact GELU is written with `Erf`), so TensorRT 10/11 parses
 //! the graphs as they are.
+//!
+//! Each graph is built in float32 or float16 ([`OnnxPrecision`], from the [`GraphBuilder`]): the float16 graph
+//! has float16 weights and compute, float32 inputs and outputs (`Cast` at the boundaries), and computes every
+//! `InstanceNormalization` in float32 with float32 scale and bias.
 
 use anyhow::{ensure, Result};
 
 use super::builder::{attr_float, attr_int, attr_ints, GraphBuilder};
-use super::manifest::{Dim, TensorSpec};
+use super::manifest::{Dim, OnnxPrecision, TensorSpec};
 use super::proto::GraphProto;
 use crate::model::BLOCKS_DOWN;
 
@@ -130,16 +134,26 @@ fn upsample(g: &mut GraphBuilder, x: &str, weight: &str) -> Result<String> {
     ))
 }
 
+/// `InstanceNormalization` of `x` with float32 `scale` and `bias`, always computed in float32: in an fp16 graph
+/// `x` is cast to float32 before and the result back to float16 after (as MONAI's `trt_compile`
+/// `add_casts_around_norms`), so the statistics never overflow or lose precision in float16.
+fn instance_norm(g: &mut GraphBuilder, x: &str, scale: &str, bias: &str, hint: &str) -> String {
+    let attrs = vec![attr_float("epsilon", NORM_EPS)];
+    match g.precision() {
+        OnnxPrecision::Fp32 => g.op("InstanceNormalization", &[x, scale, bias], attrs, hint),
+        OnnxPrecision::Fp16 => {
+            let x32 = g.cast(x, OnnxPrecision::Fp32, hint);
+            let y = g.op("InstanceNormalization", &[&x32, scale, bias], attrs, hint);
+            g.cast(&y, OnnxPrecision::Fp16, hint)
+        }
+    }
+}
+
 /// `InstanceNormalization` with the affine parameters under `prefix` (`prefix.weight`, `prefix.bias`).
 fn instance_norm_affine(g: &mut GraphBuilder, x: &str, prefix: &str) -> Result<String> {
-    let scale = g.weight(&format!("{prefix}.weight"))?;
-    let bias = g.weight(&format!("{prefix}.bias"))?;
-    Ok(g.op(
-        "InstanceNormalization",
-        &[x, &scale, &bias],
-        vec![attr_float("epsilon", NORM_EPS)],
-        prefix,
-    ))
+    let scale = g.weight_f32(&format!("{prefix}.weight"))?;
+    let bias = g.weight_f32(&format!("{prefix}.bias"))?;
+    Ok(instance_norm(g, x, &scale, &bias, prefix))
 }
 
 /// `InstanceNormalization` without affine transform (scale 1, bias 0) over `channels` channels.
@@ -155,12 +169,7 @@ fn instance_norm_plain(g: &mut GraphBuilder, x: &str, channels: i64, hint: &str)
         &[channels],
         &vec![0.0; n],
     );
-    g.op(
-        "InstanceNormalization",
-        &[x, &scale, &bias],
-        vec![attr_float("epsilon", NORM_EPS)],
-        hint,
-    )
+    instance_norm(g, x, &scale, &bias, hint)
 }
 
 /// MONAI `SegResBlock`: IN -> ReLU -> conv3 -> IN -> ReLU -> conv3, plus the input.
@@ -191,9 +200,10 @@ fn unet_res_block(g: &mut GraphBuilder, x: &str, p: &str, channels: i64) -> Resu
 pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Result<GraphProto> {
     let mut g = g;
     let (inputs, outputs) = encoder_io(in_channels, embed_dim);
+    let image = g.float_input("image");
     let mut x = conv(
         &mut g,
-        "image",
+        &image,
         &format!("{ENCODER}.conv_init.weight"),
         None,
         1,
@@ -225,7 +235,7 @@ pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Resul
     let head = format!("{DECODER_AUTO}.{}.head", n_up - 1);
     let w = g.weight(&format!("{head}.weight"))?;
     let b = g.weight(&format!("{head}.bias"))?;
-    g.op_named(
+    g.op_output(
         "Conv",
         &[&x, &w, &b],
         vec![
@@ -236,7 +246,7 @@ pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Resul
             attr_int("group", 1),
         ],
         &head,
-        Some("features"),
+        "features",
     );
     g.finish("vista3d_encoder_auto", &inputs, &outputs)
 }
@@ -252,9 +262,9 @@ fn linear(g: &mut GraphBuilder, x: &str, prefix: &str) -> Result<String> {
 
 /// Exact GELU, `0.5 * x * (1 + erf(x / sqrt(2)))`.
 fn gelu(g: &mut GraphBuilder, x: &str, hint: &str) -> String {
-    let sqrt2 = g.const_f32("const/sqrt2", &[], &[std::f32::consts::SQRT_2]);
-    let one = g.const_f32("const/one", &[], &[1.0]);
-    let half = g.const_f32("const/half", &[], &[0.5]);
+    let sqrt2 = g.const_float("const/sqrt2", &[], &[std::f32::consts::SQRT_2]);
+    let one = g.const_float("const/one", &[], &[1.0]);
+    let half = g.const_float("const/half", &[], &[0.5]);
     let y = g.op("Div", &[x, &sqrt2], vec![], hint);
     let y = g.op("Erf", &[&y], vec![], hint);
     let y = g.op("Add", &[&y, &one], vec![], hint);
@@ -269,7 +279,7 @@ pub fn class_head_graph(g: GraphBuilder, embed_dim: i64) -> Result<GraphProto> {
     let e = embed_dim;
     let (inputs, outputs) = class_head_io(e);
     // Image features through the two post-mapping blocks.
-    let mut src = "features".to_string();
+    let mut src = g.float_input("features");
     for i in 0..2 {
         let p = format!("{CLASS_HEAD}.image_post_mapping.{i}");
         src = unet_res_block(&mut g, &src, &p, e)?;
@@ -307,6 +317,6 @@ pub fn class_head_graph(g: GraphBuilder, embed_dim: i64) -> Result<GraphProto> {
         vec![attr_int("axis", 0)],
         hint,
     );
-    g.op_named("Reshape", &[&masks, &shape], vec![], hint, Some("logits"));
+    g.op_output("Reshape", &[&masks, &shape], vec![], hint, "logits");
     g.finish("vista3d_class_head", &inputs, &outputs)
 }

@@ -100,8 +100,10 @@ pub enum BuildStatus {
 pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
     opts.validate()?;
     let manifest = OnnxManifest::read(&opts.onnx_dir)?;
-    for part in Part::ALL {
-        manifest.existing_onnx(part)?;
+    for &precision in &opts.precisions {
+        for part in Part::ALL {
+            manifest.existing_onnx_for(part, precision)?;
+        }
     }
     let library = TrtLibrary::load().context("cannot build TensorRT engines")?;
     let gpu = CudaDevice::open(opts.device).context("cannot build TensorRT engines")?;
@@ -191,6 +193,7 @@ fn build_one(
     precision: Precision,
     timing_cache: &mut Vec<u8>,
 ) -> Result<(PathBuf, BuildStatus)> {
+    let source = manifest.existing_onnx_for(part, precision)?;
     let onnx = onnx_stat(manifest, part, precision, &opts.out_dir)?;
     let key = build_key(
         opts,
@@ -221,11 +224,21 @@ fn build_one(
         }
     }
     let start = Instant::now();
+    log::info!(
+        "{precision} {}: from {}{}",
+        part.name(),
+        onnx.path.display(),
+        if source.fp16_model {
+            " (float16 model)"
+        } else {
+            ""
+        }
+    );
     let mut builder = library.builder()?;
     use_timing_cache(&mut builder, timing_cache)?;
     builder.parse_onnx(&onnx.path)?;
     check_inputs(&builder, part, &onnx.path)?;
-    builder.set_precision(precision)?;
+    builder.set_precision(precision, source.fp16_model)?;
     builder.set_optimization_level(opts.optimization_level)?;
     for (name, dims) in key.profile.input_dims(part, manifest.embed_dim) {
         builder

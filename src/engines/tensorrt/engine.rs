@@ -49,7 +49,7 @@ pub fn onnx_stat(
     precision: Precision,
     engines_dir: &Path,
 ) -> Result<OnnxStat> {
-    let path = manifest.existing_onnx(part)?;
+    let path = manifest.existing_onnx_for(part, precision)?.path;
     let known: Vec<OnnxStat> = candidates(engines_dir, part, precision)
         .into_iter()
         .map(|(_, s)| s.onnx)

@@ -553,11 +553,16 @@ mod imp {
             Ok(out)
         }
 
-        /// Builder flags for `precision`.
-        pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
-            let p = match precision {
-                Precision::Fp16 => ffi::TRT_SHIM_PRECISION_FP16,
-                Precision::Tf32 => ffi::TRT_SHIM_PRECISION_TF32,
+        /// Builder flags for `precision`; `fp16_model`: the parsed model is the float16 export (its types give
+        /// the engine's precision: required for FP16 with TensorRT 11, whose networks are strongly typed).
+        pub fn set_precision(&mut self, precision: Precision, fp16_model: bool) -> Result<()> {
+            let p = match (precision, fp16_model) {
+                (Precision::Fp16, true) => ffi::TRT_SHIM_PRECISION_FP16_MODEL,
+                (Precision::Fp16, false) => ffi::TRT_SHIM_PRECISION_FP16,
+                (Precision::Tf32, false) => ffi::TRT_SHIM_PRECISION_TF32,
+                (Precision::Tf32, true) => {
+                    bail!("a TF32 engine must be built from the float32 ONNX model, not the float16 one")
+                }
             };
             let mut err = new_error();
             // SAFETY: live builder.
@@ -889,7 +894,7 @@ mod imp {
         pub fn inputs(&self) -> Result<Vec<NetworkInput>> {
             match self.never {}
         }
-        pub fn set_precision(&mut self, _precision: Precision) -> Result<()> {
+        pub fn set_precision(&mut self, _precision: Precision, _fp16_model: bool) -> Result<()> {
             match self.never {}
         }
         pub fn set_optimization_level(&mut self, _level: i32) -> Result<()> {

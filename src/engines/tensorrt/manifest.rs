@@ -3,14 +3,25 @@
 //!
 //! `manifest.json` holds at least `{"weights_fingerprint": "<16 hex>", "embed_dim": N, "opset": 17,
 //! "files": {...}}`. `files` maps a part name (`encoder`, `class_head`) to its file, either as a string or as an
-//! object with a `path` (or `file`) key; a part it does not name is `<part>.onnx`.
+//! object with a `path` (or `file`) key; a part it does not name is `<part>.onnx`. FP16 engines are built from
+//! `<part>_fp16` when `files` has it (the float16 export that TensorRT 11's strongly typed networks need), else
+//! from `<part>` as before (TensorRT 10's FP16 builder flag).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::cache::Part;
+use super::cache::{Part, Precision};
+
+/// The ONNX model an engine is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnnxSource {
+    pub path: PathBuf,
+    /// The model itself is float16 (weights and compute; `files.<part>_fp16`): its types decide the engine's
+    /// precision, no FP16 builder flag needed.
+    pub fp16_model: bool,
+}
 
 /// The manifest of an ONNX export folder.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,44 +94,78 @@ impl OnnxManifest {
 
     /// The ONNX file of `part`.
     pub fn onnx_path(&self, part: Part) -> Result<PathBuf> {
-        let name = match self.files.get(part.name()) {
-            None | Some(Value::Null) => format!("{}.onnx", part.name()),
+        Ok(self
+            .listed(part.name())?
+            .unwrap_or_else(|| self.dir.join(format!("{}.onnx", part.name()))))
+    }
+
+    /// The file `files.<key>` names (`None` when absent or null), resolved against the folder.
+    fn listed(&self, key: &str) -> Result<Option<PathBuf>> {
+        let name = match self.files.get(key) {
+            None | Some(Value::Null) => return Ok(None),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Object(o)) => match o.get("path").or_else(|| o.get("file")) {
                 Some(Value::String(s)) => s.clone(),
-                _ => bail!("\"files\".\"{}\" has no \"path\" string", part.name()),
+                _ => bail!("\"files\".\"{key}\" has no \"path\" string"),
             },
-            Some(other) => bail!(
-                "\"files\".\"{}\" must be a file name, got {other}",
-                part.name()
-            ),
+            Some(other) => bail!("\"files\".\"{key}\" must be a file name, got {other}"),
         };
         let path = Path::new(&name);
-        Ok(if path.is_absolute() {
+        Ok(Some(if path.is_absolute() {
             path.to_path_buf()
         } else {
             self.dir.join(path)
+        }))
+    }
+
+    /// The ONNX model an engine of `part` in `precision` is built from: for FP16 the float16 export
+    /// (`files.<part>_fp16`) when the manifest lists one, else the float32 `<part>` model.
+    pub fn onnx_for(&self, part: Part, precision: Precision) -> Result<OnnxSource> {
+        if precision == Precision::Fp16 {
+            if let Some(path) = self.listed(&format!("{}_fp16", part.name()))? {
+                return Ok(OnnxSource {
+                    path,
+                    fp16_model: true,
+                });
+            }
+        }
+        Ok(OnnxSource {
+            path: self.onnx_path(part)?,
+            fp16_model: false,
         })
+    }
+
+    /// [`OnnxManifest::onnx_for`], checked to exist and be non-empty.
+    pub fn existing_onnx_for(&self, part: Part, precision: Precision) -> Result<OnnxSource> {
+        let source = self.onnx_for(part, precision)?;
+        check_model_file(&self.dir, part, &source.path)?;
+        Ok(source)
     }
 
     /// The ONNX file of `part`, checked to exist and be non-empty.
     pub fn existing_onnx(&self, part: Part) -> Result<PathBuf> {
         let path = self.onnx_path(part)?;
-        let meta = std::fs::metadata(&path).with_context(|| {
-            format!(
-                "the {} model {} is missing (listed by {})",
-                part.name(),
-                path.display(),
-                self.dir.join("manifest.json").display()
-            )
-        })?;
-        ensure!(
-            meta.is_file() && meta.len() > 0,
-            "{} is empty or not a file",
-            path.display()
-        );
+        check_model_file(&self.dir, part, &path)?;
         Ok(path)
     }
+}
+
+/// Checks that the model `path` of `part` listed by the manifest in `dir` exists and is non-empty.
+fn check_model_file(dir: &Path, part: Part, path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "the {} model {} is missing (listed by {})",
+            part.name(),
+            path.display(),
+            dir.join("manifest.json").display()
+        )
+    })?;
+    ensure!(
+        meta.is_file() && meta.len() > 0,
+        "{} is empty or not a file",
+        path.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -184,6 +229,72 @@ mod tests {
             let err = OnnxManifest::parse(Path::new("."), text).unwrap_err();
             assert!(format!("{err:#}").contains(needle), "{text}: {err:#}");
         }
+    }
+
+    #[test]
+    fn fp16_engines_use_the_fp16_export_when_listed() {
+        // An export with fp16 files (as `vista3d export-onnx` writes it).
+        let with_fp16 = OnnxManifest::parse(
+            Path::new("/e"),
+            r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 16, "opset": 17, "files": {
+                "encoder": {"path": "encoder.onnx", "sha256": "a", "precision": "fp32"},
+                "class_head": {"path": "class_head.onnx", "sha256": "b", "precision": "fp32"},
+                "encoder_fp16": {"path": "encoder_fp16.onnx", "sha256": "c", "precision": "fp16"},
+                "class_head_fp16": {"path": "class_head_fp16.onnx", "sha256": "d", "precision": "fp16"}}}"#,
+        )
+        .unwrap();
+        for (part, file) in [(Part::Encoder, "encoder"), (Part::ClassHead, "class_head")] {
+            assert_eq!(
+                with_fp16.onnx_for(part, Precision::Fp16).unwrap(),
+                OnnxSource {
+                    path: PathBuf::from(format!("/e/{file}_fp16.onnx")),
+                    fp16_model: true
+                }
+            );
+            assert_eq!(
+                with_fp16.onnx_for(part, Precision::Tf32).unwrap(),
+                OnnxSource {
+                    path: PathBuf::from(format!("/e/{file}.onnx")),
+                    fp16_model: false
+                }
+            );
+        }
+        // An older export (no fp16 files, or no `files` at all): fp16 builds from the fp32 model as before.
+        for text in [
+            GOOD,
+            r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 16, "opset": 17}"#,
+        ] {
+            let old = OnnxManifest::parse(Path::new("/e"), text).unwrap();
+            for part in Part::ALL {
+                let fp16 = old.onnx_for(part, Precision::Fp16).unwrap();
+                assert!(!fp16.fp16_model);
+                assert_eq!(fp16.path, old.onnx_path(part).unwrap());
+                assert_eq!(old.onnx_for(part, Precision::Tf32).unwrap(), fp16);
+            }
+        }
+        // A malformed fp16 entry is an error naming it, not a silent fallback.
+        let bad = OnnxManifest::parse(
+            Path::new("/e"),
+            r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 16, "opset": 17,
+                "files": {"encoder_fp16": 5}}"#,
+        )
+        .unwrap();
+        let err = bad.onnx_for(Part::Encoder, Precision::Fp16).unwrap_err();
+        assert!(format!("{err:#}").contains("encoder_fp16"), "{err:#}");
+        // Existence is checked on the file actually chosen.
+        let dir = tempfile::tempdir().unwrap();
+        let m = OnnxManifest::parse(
+            dir.path(),
+            r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 16, "opset": 17,
+                "files": {"encoder_fp16": {"path": "encoder_fp16.onnx"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("encoder.onnx"), b"onnx").unwrap();
+        assert!(m.existing_onnx_for(Part::Encoder, Precision::Tf32).is_ok());
+        let err = m
+            .existing_onnx_for(Part::Encoder, Precision::Fp16)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("encoder_fp16.onnx"), "{err:#}");
     }
 
     #[test]

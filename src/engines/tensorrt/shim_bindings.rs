@@ -9,6 +9,7 @@ pub const TRT_SHIM_MAX_DIMS: i32 = 8;
 pub const TRT_SHIM_ERROR_LEN: i32 = 4096;
 pub const TRT_SHIM_PRECISION_TF32: i32 = 0;
 pub const TRT_SHIM_PRECISION_FP16: i32 = 1;
+pub const TRT_SHIM_PRECISION_FP16_MODEL: i32 = 2;
 pub const TRT_SHIM_PROFILE_MIN: i32 = 0;
 pub const TRT_SHIM_PROFILE_OPT: i32 = 1;
 pub const TRT_SHIM_PROFILE_MAX: i32 = 2;
