@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engines::runner::{WindowNetwork, WindowRunner};
 use crate::engines::{self, Method};
-use crate::inference::{self, NetworkPrompts, WindowSettings};
+use crate::inference::{self, NetworkPrompts};
 use crate::model::ForwardArgs;
 use crate::pipeline::{Model, Settings};
 
@@ -133,9 +133,6 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
         )
     });
     let prompts = NetworkPrompts::from_labels(&opts.labels);
-    let window_settings = WindowSettings {
-        ..settings.window.clone()
-    };
 
     let mut results = Vec::new();
     let mut reference: Option<Tensor> = None;
@@ -191,7 +188,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
                 synchronize(device);
                 let t = Instant::now();
                 let image = vol.to_device(device);
-                let labels = inference::infer_labels(&runner, &image, &prompts, &window_settings)?;
+                let labels = inference::infer_labels(&runner, &image, &prompts, &settings.window)?;
                 let _ = labels.to_device(Device::Cpu);
                 e2e.push(t.elapsed().as_secs_f64());
             }

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::inference::window::BlendMode;
 use crate::inference::WindowSettings;
+use crate::io::OutputDtype;
 use crate::prompts::{LabelSpec, RequestPrompts};
 
 /// The built-in defaults: `configs/inference.json`.
@@ -135,6 +136,21 @@ impl Config {
             .with_context(err)?;
         ensure!(n.iter().all(|&x| x > 0), "{}", err());
         Ok(Some([n[0], n[1], n[2]]))
+    }
+
+    /// Where and how label maps are written: `output_dir` (default `eval`), `output_postfix` (default
+    /// `trans`) and `output_dtype` (default `float32`).
+    pub fn output_settings(&self) -> Result<(PathBuf, String, OutputDtype)> {
+        Ok((
+            self.path("output_dir")?
+                .unwrap_or_else(|| PathBuf::from("eval")),
+            self.string("output_postfix")?
+                .unwrap_or_else(|| "trans".into()),
+            self.string("output_dtype")?
+                .as_deref()
+                .unwrap_or("float32")
+                .parse()?,
+        ))
     }
 
     /// A string value.

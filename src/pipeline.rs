@@ -192,22 +192,15 @@ impl Settings {
             spacing: cfg.resample_spacing()?,
             ..PreprocessConfig::default()
         };
+        let (output_dir, output_postfix, output_dtype) = cfg.output_settings()?;
         Ok(Self {
             window: cfg.window_settings()?,
             preprocess,
             everything: cfg.everything_labels()?,
             subclass: cfg.subclass()?,
-            output_dir: cfg
-                .path("output_dir")?
-                .unwrap_or_else(|| PathBuf::from("eval")),
-            output_postfix: cfg
-                .string("output_postfix")?
-                .unwrap_or_else(|| "trans".into()),
-            output_dtype: cfg
-                .string("output_dtype")?
-                .as_deref()
-                .unwrap_or("float32")
-                .parse()?,
+            output_dir,
+            output_postfix,
+            output_dtype,
             device: cfg.string("device")?.unwrap_or_else(|| "auto".into()),
             ckpt_path: cfg.path("ckpt_path")?,
             precision: cfg

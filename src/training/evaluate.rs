@@ -133,22 +133,15 @@ impl EvalSettings {
     pub fn from_config(cfg: &Config, mappings: &LabelMappings) -> Result<EvalSettings> {
         let label_set = mappings.eval_label_set();
         let num_classes = cfg_usize(cfg, "output_classes")?.unwrap_or(label_set.len() + 1);
+        let (output_dir, output_postfix, output_dtype) = cfg.output_settings()?;
         Ok(EvalSettings {
             preprocess: training_preprocess_config(cfg)?,
             window: cfg.window_settings()?,
             label_set,
             num_classes,
-            output_dir: cfg
-                .path("output_dir")?
-                .unwrap_or_else(|| PathBuf::from("eval")),
-            output_postfix: cfg
-                .string("output_postfix")?
-                .unwrap_or_else(|| "trans".into()),
-            output_dtype: cfg
-                .string("output_dtype")?
-                .as_deref()
-                .unwrap_or("float32")
-                .parse()?,
+            output_dir,
+            output_postfix,
+            output_dtype,
         })
     }
 }
