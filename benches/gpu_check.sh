@@ -12,7 +12,7 @@ export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 out="${OUT:-target/bench/gpu}"; mkdir -p "$out"
 bin="${VISTA3D_BIN:-target/release/vista3d}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
-"$bin" bench --random-width 48 --device cuda --methods torch_fp32,torch_tf32,torch_amp,trt_tf32,trt_fp16 \
+"$bin" bench --random-width 48 --device cuda --methods fp32,tf32,amp,trt_tf32,trt_fp16 \
     --volume 333,333,603 --runs 10 --warmup 3 --e2e-runs 3 --json "$out/bench_1label.json" 2>&1 | tee "$out/bench_1label.txt"
-"$bin" bench --random-width 48 --device cuda --methods torch_fp32,torch_amp \
+"$bin" bench --random-width 48 --device cuda --methods fp32,amp \
     --labels "$(seq -s, 1 117)" --volume none --runs 5 --warmup 2 --json "$out/bench_117labels.json" 2>&1 | tee "$out/bench_117labels.txt"

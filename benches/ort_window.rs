@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 use vista3d::engines::fingerprint::weights_fingerprint;
 use vista3d::engines::onnx::{export_onnx, WeightsSource};
-use vista3d::engines::ort_engine::{relative_error, OrtEngine};
+use vista3d::engines::ort_engine::OrtEngine;
 use vista3d::engines::WindowEngine;
+use vista3d::numerics::relative_error;
 use vista3d::{Vista3d, Vista3dConfig};
 
 fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

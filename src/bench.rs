@@ -8,10 +8,12 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::engines::runner::{WindowNetwork, WindowRunner};
+use crate::engines::runner::WindowRunner;
 use crate::engines::{self, Method};
+use crate::inference::WindowNetwork;
 use crate::inference::{self, NetworkPrompts};
 use crate::model::ForwardArgs;
+use crate::numerics::relative_error;
 use crate::pipeline::{Model, Settings};
 
 /// What to measure.
@@ -41,7 +43,7 @@ pub struct MethodResult {
     /// What actually ran (a method falls back when an engine fails mid-run).
     pub ran: Vec<Method>,
     pub unavailable: Option<String>,
-    /// max |logits - fp32 logits| / max |fp32 logits| on the timed window (when torch_fp32 ran first).
+    /// max |logits - fp32 logits| / max |fp32 logits| on the timed window (when fp32 ran first).
     pub rel_error_vs_fp32: Option<f64>,
 }
 
@@ -175,7 +177,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             (Some(r), Some(l)) => Some(relative_error(l, r)),
             _ => None,
         };
-        if method == Method::TorchFp32 && reference.is_none() {
+        if method == Method::Fp32 && reference.is_none() {
             reference = logits;
         }
         log::info!(
@@ -218,23 +220,12 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
     })
 }
 
-/// `max |a - b| / max |b|` (the project's parity metric).
-fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]);
-    let diff = (a - b).abs().max().double_value(&[]);
-    if scale > 0.0 {
-        diff / scale
-    } else {
-        diff
-    }
-}
-
 /// The table as the bundle's README prints it, plus speedups.
 pub fn format_table(r: &BenchReport) -> String {
     let base = |f: fn(&MethodResult) -> Option<f64>| {
         r.results
             .iter()
-            .find(|m| m.method == Method::TorchFp32)
+            .find(|m| m.method == Method::Fp32)
             .and_then(f)
     };
     let model_of = |m: &MethodResult| m.model_ms.map(|s| s.median);
@@ -283,7 +274,7 @@ pub fn format_table(r: &BenchReport) -> String {
             .iter()
             .find(|m| m.method == meth && m.unavailable.is_none())
     };
-    if let (Some(amp), Some(fp16)) = (get(Method::TorchAmp), get(Method::TrtFp16)) {
+    if let (Some(amp), Some(fp16)) = (get(Method::Amp), get(Method::TrtFp16)) {
         s += &format!(
             "amp vs trt_fp16: model computation {}, end to end {}\n",
             speedup(model_of(amp), model_of(fp16)),
@@ -306,23 +297,15 @@ mod tests {
     }
 
     #[test]
-    fn relative_error_is_scaled_by_the_reference() {
-        let b = Tensor::from_slice(&[2.0f64, -4.0]);
-        let a = Tensor::from_slice(&[2.0f64, -3.0]);
-        assert!((relative_error(&a, &b) - 0.25).abs() < 1e-12);
-        assert_eq!(relative_error(&b, &b), 0.0);
-    }
-
-    #[test]
     fn unavailable_methods_say_why() {
         let notes = vec!["trt_fp16 unavailable: no libnvinfer".to_string()];
         assert!(
-            unavailable_reason(Method::TrtFp16, Method::TorchAmp, false, &notes)
+            unavailable_reason(Method::TrtFp16, Method::Amp, false, &notes)
                 .unwrap()
                 .contains("libnvinfer")
         );
-        assert!(unavailable_reason(Method::TrtFp16, Method::TorchAmp, true, &[]).is_none());
-        assert!(unavailable_reason(Method::TorchAmp, Method::TorchFp32, false, &notes).is_some());
-        assert!(unavailable_reason(Method::TorchFp32, Method::TorchFp32, false, &[]).is_none());
+        assert!(unavailable_reason(Method::TrtFp16, Method::Amp, true, &[]).is_none());
+        assert!(unavailable_reason(Method::Amp, Method::Fp32, false, &notes).is_some());
+        assert!(unavailable_reason(Method::Fp32, Method::Fp32, false, &[]).is_none());
     }
 }

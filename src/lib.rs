@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod inference;
 pub mod io;
 pub mod model;
+pub mod numerics;
 pub mod pipeline;
 pub mod prompts;
 pub mod runtime;

@@ -212,7 +212,7 @@ struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "torch_fp32,torch_tf32,torch_amp,trt_tf32,trt_fp16,ort"
+        default_value = "fp32,tf32,amp,trt_tf32,trt_fp16,ort"
     )]
     methods: Vec<Method>,
     /// Class prompts of each call (the bundle's table uses one label).

@@ -124,6 +124,16 @@ pub mod torch_switches {
         set_context_flag("_ZN2at7Context17setBenchmarkCuDNNEb", on)
     }
 
+    /// Runs `f` under CUDA autocast to fp16 when `on` (see [`with_cuda_autocast`]), plainly otherwise: the one
+    /// autocast switch of the project (inference and training).
+    pub fn autocast<T>(on: bool, f: impl FnOnce() -> T) -> T {
+        if on {
+            with_cuda_autocast(f)
+        } else {
+            f()
+        }
+    }
+
     /// Runs `f` under CUDA autocast to fp16 (`torch.autocast("cuda")`), as the bundle's `amp: true`.
     /// Uses libtorch's device-typed API directly (tch's wrapper prints a deprecation warning per call).
     pub fn with_cuda_autocast<T>(f: impl FnOnce() -> T) -> T {

@@ -275,8 +275,8 @@ fn unavailable_precisions_fall_back_to_libtorch_and_are_recorded() {
     let (o, fp32_dir) = run("fp32", "precision_fp32");
     assert!(o.status.success(), "{}", text(&o));
     let rec = record(&fp32_dir, "example_ct_sm");
-    assert_eq!(rec["precision"]["requested"], "torch_fp32");
-    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert_eq!(rec["precision"]["requested"], "fp32");
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
 
     // No TensorRT here: the request succeeds through libtorch, says so, and gives the same labels.
     let (o, trt_dir) = run("trt_fp16", "precision_trt");
@@ -284,7 +284,7 @@ fn unavailable_precisions_fall_back_to_libtorch_and_are_recorded() {
     assert!(text(&o).contains("trt_fp16 unavailable"), "{}", text(&o));
     let rec = record(&trt_dir, "example_ct_sm");
     assert_eq!(rec["precision"]["requested"], "trt_fp16");
-    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
     let why = rec["precision"]["fallbacks"][0].as_str().unwrap();
     assert!(why.starts_with("trt_fp16 unavailable"), "{why}");
     let a = read_nifti(&fp32_dir.join("example_ct_sm/example_ct_sm_trans.nii.gz")).unwrap();
@@ -327,8 +327,8 @@ fn batch_items_choose_their_precision() {
     let o = vista3d(&args);
     assert!(o.status.success(), "{}", text(&o));
     let a = record(&out, "a");
-    assert_eq!(a["precision"]["requested"], "torch_amp");
-    assert_eq!(a["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert_eq!(a["precision"]["requested"], "amp");
+    assert_eq!(a["precision"]["used"], serde_json::json!(["fp32"]));
     assert!(a["precision"]["fallbacks"][0]
         .as_str()
         .unwrap()
@@ -395,7 +395,7 @@ fn precision_ort_runs_the_class_path_through_onnx_runtime() {
         "{rec}"
     );
     let rec = run("fp32", &fresh, &work.join("fp32"));
-    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
     // ONNX Runtime's logits differ from libtorch's by ~1e-6 relative: labels agree except at exact ties.
     let (a, b) = (labels(&work.join("ort")), labels(&work.join("fp32")));
     let same = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
@@ -409,7 +409,7 @@ fn precision_ort_runs_the_class_path_through_onnx_runtime() {
     assert_eq!(rec["precision"]["used"], serde_json::json!(["ort"]));
     // An export of other weights is never used: libtorch runs, and the record says why.
     let rec = run("ort", &stale, &work.join("stale"));
-    assert_eq!(rec["precision"]["used"], serde_json::json!(["torch_fp32"]));
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
     let why = rec["precision"]["fallbacks"][0].as_str().unwrap();
     assert!(why.contains("stale ONNX export"), "{why}");
     assert_eq!(labels(&work.join("stale")), b);

@@ -9,11 +9,10 @@ use std::process::{Command, Output};
 use tch::{nn, Device, Kind, Tensor};
 use vista3d::engines::fingerprint::weights_fingerprint;
 use vista3d::engines::onnx::proto::{ModelProto, NodeProto, DTYPE_FLOAT, DTYPE_FLOAT16};
-use vista3d::engines::onnx::{
-    export_onnx, file_sha256, OnnxManifest, OnnxPrecision, WeightsSource,
-};
+use vista3d::engines::onnx::{export_onnx, OnnxManifest, OnnxPrecision, WeightsSource};
 use vista3d::engines::ort_engine::OrtEngine;
 use vista3d::engines::{Method, WindowEngine};
+use vista3d::fsutil::sha256_file;
 use vista3d::{Vista3d, Vista3dConfig};
 
 mod common;
@@ -174,7 +173,7 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
         manifest.weights,
         WeightsSource::Checkpoint {
             path: ckpt.display().to_string(),
-            sha256: file_sha256(&ckpt).unwrap()
+            sha256: sha256_file(&ckpt).unwrap()
         }
     );
     assert_eq!(
@@ -182,7 +181,7 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
         (8, 17, 512)
     );
     for entry in [&manifest.encoder, &manifest.class_head] {
-        assert_eq!(file_sha256(&out.join(&entry.file)).unwrap(), entry.sha256);
+        assert_eq!(sha256_file(&out.join(&entry.file)).unwrap(), entry.sha256);
     }
     // The metadata inside the ONNX files carries the same keys.
     let encoder_bytes = std::fs::read(out.join("encoder.onnx")).unwrap();
@@ -304,7 +303,7 @@ fn broken_exports_are_clear_errors() {
     std::fs::write(dir.join("class_head.onnx"), &junk).unwrap();
     let mut manifest = OnnxManifest::read(&dir).unwrap();
     manifest.class_head.bytes = junk.len() as u64;
-    manifest.class_head.sha256 = file_sha256(&dir.join("class_head.onnx")).unwrap();
+    manifest.class_head.sha256 = sha256_file(&dir.join("class_head.onnx")).unwrap();
     std::fs::write(
         dir.join("manifest.json"),
         serde_json::to_vec(&manifest).unwrap(),
@@ -453,7 +452,7 @@ fn manifest_lists_the_fp16_files_with_their_sha256() {
         ("encoder_fp16", encoder, "fp16"),
         ("class_head_fp16", class_head, "fp16"),
     ] {
-        let sha = file_sha256(&dir.join(&entry.file)).unwrap();
+        let sha = sha256_file(&dir.join(&entry.file)).unwrap();
         assert_eq!(entry.sha256, sha, "{key}");
         assert_eq!(json[key]["precision"], precision, "{key}");
         assert_eq!(json["files"][key]["path"], entry.file.as_str(), "{key}");

@@ -25,10 +25,9 @@ mod zip_archive;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
@@ -345,7 +344,9 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     validate_for_write(tensors)
-        .and_then(|()| write_atomically(path, |w| safetensors_io::write(w, tensors, metadata)))
+        .and_then(|()| {
+            crate::fsutil::write_atomic_with(path, |w| safetensors_io::write(w, tensors, metadata))
+        })
         .map_err(|e| anyhow!("{}: cannot write safetensors file: {e:#}", path.display()))
 }
 
@@ -357,66 +358,11 @@ pub fn write_safetensors(
 pub fn write_torch_state_dict(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
     validate_for_write(tensors)
         .and_then(|()| {
-            write_atomically(path, |w| {
+            crate::fsutil::write_atomic_with(path, |w| {
                 torch_zip::write(w, tensors, &torch_zip::WriteOptions::default()).map(|_| ())
             })
         })
         .map_err(|e| anyhow!("{}: cannot write torch checkpoint: {e:#}", path.display()))
-}
-
-/// Removes the temporary file unless the write completed.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Runs `write` against a temporary sibling of `path`, then syncs and renames it over `path`.
-fn write_atomically<F>(path: &Path, write: F) -> Result<()>
-where
-    F: FnOnce(&mut BufWriter<&File>) -> Result<()>,
-{
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("the path has no file name"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp_path = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp_path)
-        .with_context(|| format!("cannot create temporary file {}", tmp_path.display()))?;
-    let mut guard = TempFile {
-        path: tmp_path,
-        keep: false,
-    };
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, &file);
-        write(&mut w)?;
-        w.flush()?;
-    }
-    file.sync_all().context("cannot sync the temporary file")?;
-    drop(file);
-    fs::rename(&guard.path, path)
-        .with_context(|| format!("cannot rename {} into place", guard.path.display()))?;
-    guard.keep = true;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -471,10 +417,12 @@ mod tests {
 
     #[test]
     fn failed_write_leaves_no_file() {
+        use std::fs;
+        use std::io::Write;
         let dir = std::env::temp_dir().join(format!("vista3d-ckpt-unit-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let target = dir.join("out.pt");
-        let err = write_atomically(&target, |w| {
+        let err = crate::fsutil::write_atomic_with(&target, |w| {
             w.write_all(b"partial")?;
             bail!("simulated failure")
         });

@@ -4,6 +4,7 @@ use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 
 use super::onnx::f32_bytes;
+use crate::fsutil::hex;
 
 /// sha256 over every variable of `vs`, sorted by name: name, shape, dtype and the values as raw f32 bytes;
 /// the first 16 hex characters. Any change of a single weight changes it; it does not depend on the device
@@ -24,11 +25,6 @@ pub fn weights_fingerprint(vs: &VarStore) -> String {
         h.update(f32_bytes(t));
     }
     hex(&h.finalize())[..16].to_string()
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -4,123 +4,21 @@
 //!
 //! Every engine implements [`WindowEngine`]; [`Method`] names what a request asks for (`--precision`).
 
+pub mod error;
 pub mod fingerprint;
+mod method;
 pub mod onnx;
 pub mod ort_engine;
 pub mod runner;
 pub mod tensorrt;
 
-use std::fmt;
+pub use error::EngineError;
+pub use method::Method;
+
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use tch::Tensor;
-
-/// How the network runs for one request (`--precision`, `precision` in configs and batch lists).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// The fastest method available on this machine (see [`Method::auto_order`]).
-    Auto,
-    /// TensorRT engines built with FP16 (and TF32) enabled.
-    TrtFp16,
-    /// TensorRT engines built with TF32 only.
-    TrtTf32,
-    /// ONNX Runtime on the exported ONNX models (CPU execution provider).
-    Ort,
-    /// libtorch with autocast to fp16 on CUDA (the bundle's default `amp: true`).
-    TorchAmp,
-    /// libtorch in fp32 with TF32 tensor cores allowed for convolutions and matmuls (CUDA only).
-    TorchTf32,
-    /// libtorch in strict fp32 (TF32 disabled): the reference.
-    TorchFp32,
-}
-
-impl Method {
-    /// Every concrete method, in the order `auto` tries them on a GPU.
-    pub const ALL: [Method; 6] = [
-        Method::TrtFp16,
-        Method::TrtTf32,
-        Method::TorchAmp,
-        Method::TorchTf32,
-        Method::TorchFp32,
-        Method::Ort,
-    ];
-
-    /// The name used on the command line, in configs, logs and JSON records.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Auto => "auto",
-            Method::TrtFp16 => "trt_fp16",
-            Method::TrtTf32 => "trt_tf32",
-            Method::Ort => "ort",
-            Method::TorchAmp => "torch_amp",
-            Method::TorchTf32 => "torch_tf32",
-            Method::TorchFp32 => "torch_fp32",
-        }
-    }
-
-    /// True for the methods that run the class path through a serialized engine rather than libtorch.
-    pub fn uses_engine(self) -> bool {
-        matches!(self, Method::TrtFp16 | Method::TrtTf32 | Method::Ort)
-    }
-
-    /// True for TensorRT methods.
-    pub fn is_tensorrt(self) -> bool {
-        matches!(self, Method::TrtFp16 | Method::TrtTf32)
-    }
-
-    /// The libtorch method a request falls back to when its engine cannot run.
-    pub fn torch_fallback(self, cuda: bool) -> Method {
-        match self {
-            Method::TorchAmp | Method::TorchTf32 | Method::TorchFp32 => self,
-            Method::TrtFp16 if cuda => Method::TorchAmp,
-            Method::TrtTf32 if cuda => Method::TorchTf32,
-            _ => Method::TorchFp32,
-        }
-    }
-
-    /// The candidates `auto` tries, fastest first: TensorRT FP16, TensorRT TF32, then libtorch amp on a GPU;
-    /// on a CPU ONNX Runtime (about 2x libtorch there, benches/RESULTS.md) when an export of the same weights
-    /// exists, then libtorch fp32 (amp and TF32 act only on CUDA).
-    pub fn auto_order(cuda: bool) -> &'static [Method] {
-        if cuda {
-            &[Method::TrtFp16, Method::TrtTf32, Method::TorchAmp]
-        } else {
-            &[Method::Ort, Method::TorchFp32]
-        }
-    }
-}
-
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Method {
-    type Err = anyhow::Error;
-
-    /// Accepts the names of [`Method::name`] and the short forms `amp`, `tf32`, `fp32`, `fp16` (= trt_fp16).
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(
-            match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
-                "auto" => Method::Auto,
-                "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
-                "trt_tf32" => Method::TrtTf32,
-                "ort" | "onnxruntime" => Method::Ort,
-                "amp" | "torch_amp" => Method::TorchAmp,
-                "tf32" | "torch_tf32" => Method::TorchTf32,
-                "fp32" | "torch_fp32" => Method::TorchFp32,
-                other => bail!(
-                "unknown precision '{other}': use auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort"
-            ),
-            },
-        )
-    }
-}
 
 /// An accelerated class path for one window.
 ///
@@ -224,11 +122,11 @@ pub fn choose(
                     notes.push(msg);
                 }
             }
-        } else if !cuda && matches!(m, Method::TorchAmp | Method::TorchTf32) {
-            let msg = format!("{m} acts only on CUDA devices; running torch_fp32 on the CPU");
+        } else if !cuda && matches!(m, Method::Amp | Method::Tf32) {
+            let msg = format!("{m} acts only on CUDA devices; running fp32 on the CPU");
             log::warn!("{msg}");
             notes.push(msg);
-            return (None, Method::TorchFp32, notes);
+            return (None, Method::Fp32, notes);
         } else {
             return (None, m, notes);
         }
@@ -238,7 +136,7 @@ pub fn choose(
             .iter()
             .copied()
             .find(|m| !m.uses_engine())
-            .unwrap_or(Method::TorchFp32),
+            .unwrap_or(Method::Fp32),
         m => m.torch_fallback(cuda),
     };
     (None, fallback, notes)
@@ -247,25 +145,6 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for m in Method::ALL.into_iter().chain([Method::Auto]) {
-            assert_eq!(m.name().parse::<Method>().unwrap(), m);
-        }
-        assert_eq!("amp".parse::<Method>().unwrap(), Method::TorchAmp);
-        assert!("fp8".parse::<Method>().is_err());
-    }
-
-    #[test]
-    fn fallbacks_are_torch() {
-        for m in Method::ALL {
-            assert!(!m.torch_fallback(true).uses_engine());
-            assert!(!m.torch_fallback(false).uses_engine());
-        }
-        assert_eq!(Method::TrtFp16.torch_fallback(false), Method::TorchFp32);
-        assert_eq!(Method::TrtFp16.torch_fallback(true), Method::TorchAmp);
-    }
 
     fn no_context(_: Method) -> Result<EngineContext> {
         bail!("no ONNX export in onnx/")
@@ -276,23 +155,23 @@ mod tests {
         // A missing engine falls back to libtorch with the reason recorded.
         let (engine, torch, notes) = choose(Method::TrtFp16, true, &mut no_context);
         assert!(engine.is_none());
-        assert_eq!(torch, Method::TorchAmp);
+        assert_eq!(torch, Method::Amp);
         assert!(notes[0].contains("no ONNX export"), "{notes:?}");
         let (_, torch, notes) = choose(Method::Ort, false, &mut no_context);
-        assert_eq!(torch, Method::TorchFp32);
+        assert_eq!(torch, Method::Fp32);
         assert_eq!(notes.len(), 1);
         // auto on a GPU steps down to amp; on a CPU it tries ONNX Runtime, then fp32.
         let (_, torch, notes) = choose(Method::Auto, true, &mut no_context);
-        assert_eq!((torch, notes.len()), (Method::TorchAmp, 2));
+        assert_eq!((torch, notes.len()), (Method::Amp, 2));
         let mut tried = Vec::new();
         let (_, torch, notes) = choose(Method::Auto, false, &mut |m| {
             tried.push(m);
             no_context(m)
         });
-        assert_eq!((torch, notes.len()), (Method::TorchFp32, 1));
+        assert_eq!((torch, notes.len()), (Method::Fp32, 1));
         assert_eq!(tried, vec![Method::Ort]);
         // amp on a CPU runs fp32, said so.
-        let (_, torch, notes) = choose(Method::TorchAmp, false, &mut no_context);
-        assert_eq!((torch, notes.len()), (Method::TorchFp32, 1));
+        let (_, torch, notes) = choose(Method::Amp, false, &mut no_context);
+        assert_eq!((torch, notes.len()), (Method::Fp32, 1));
     }
 }

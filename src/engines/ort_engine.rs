@@ -11,9 +11,11 @@ use ort::environment::Environment;
 use ort::session::Session;
 use tch::{Device, Kind, Tensor};
 
-use super::onnx::{file_sha256, ModelEntry, OnnxManifest};
+use super::onnx::{ModelEntry, OnnxManifest};
 use super::{Method, WindowEngine};
+use crate::fsutil::sha256_file;
 use crate::model::Vista3d;
+use crate::numerics::relative_error;
 
 /// The process's ONNX Runtime environment (ONNX Runtime allows one per process), made on first use.
 static ORT_ENV: Mutex<Option<Environment>> = Mutex::new(None);
@@ -79,7 +81,7 @@ fn check_file(dir: &Path, entry: &ModelEntry) -> Result<PathBuf> {
         meta.len(),
         entry.bytes
     );
-    let sha = file_sha256(&path)?;
+    let sha = sha256_file(&path)?;
     ensure!(
         sha == entry.sha256,
         "corrupt ONNX export: {} does not match its sha256 in the manifest (re-run `vista3d export-onnx`)",
@@ -290,19 +292,6 @@ impl WindowEngine for OrtEngine {
     }
 }
 
-/// `max |a - b| / max |b|` in double precision.
-pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    let a = actual.to_device(Device::Cpu).to_kind(Kind::Double);
-    let b = expected.to_device(Device::Cpu).to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]);
-    let diff = (a - &b).abs().max().double_value(&[]);
-    if scale > 0.0 {
-        diff / scale
-    } else {
-        diff
-    }
-}
-
 /// Relative errors of ONNX Runtime against libtorch on one seeded random window `[1, 1, size^3]`: encoder
 /// features, and class-head logits for `class_ids`.
 pub fn compare_with_torch(
@@ -352,12 +341,5 @@ mod tests {
     fn engine_can_move_between_threads() {
         fn assert_send<T: Send>() {}
         assert_send::<OrtEngine>();
-    }
-
-    #[test]
-    fn relative_error_is_max_abs_over_max_abs() {
-        let expected = Tensor::from_slice(&[1.0f32, -4.0, 2.0]);
-        let actual = Tensor::from_slice(&[1.0f32, -3.0, 2.0]);
-        assert!((relative_error(&actual, &expected) - 0.25).abs() < 1e-12);
     }
 }

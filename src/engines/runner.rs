@@ -9,21 +9,9 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::{Method, WindowEngine};
+use crate::inference::WindowNetwork;
 use crate::model::{ForwardArgs, Vista3d};
 use crate::runtime::torch_switches;
-
-/// Something that runs one sliding window (MONAI `VISTA3D.forward` semantics): the plain network or a
-/// [`WindowRunner`].
-pub trait WindowNetwork {
-    /// Same contract as [`Vista3d::forward`].
-    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor>;
-}
-
-impl WindowNetwork for Vista3d {
-    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
-        self.forward(input, args)
-    }
-}
 
 /// What a request asked for and what actually ran.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -65,16 +53,12 @@ impl<'a> WindowRunner<'a> {
         notes: Vec<String>,
     ) -> Self {
         let cuda = device.is_cuda();
-        let torch_method = if cuda {
-            torch_method
-        } else {
-            Method::TorchFp32
-        };
+        let torch_method = if cuda { torch_method } else { Method::Fp32 };
         // The global TF32 switches follow the libtorch method: strict fp32 turns cuDNN's default TF32 off.
         if cuda {
             match torch_method {
-                Method::TorchFp32 => torch_switches::set_tf32(false, false),
-                Method::TorchTf32 => torch_switches::set_tf32(true, true),
+                Method::Fp32 => torch_switches::set_tf32(false, false),
+                Method::Tf32 => torch_switches::set_tf32(true, true),
                 _ => torch_switches::set_tf32(true, false),
             };
         }
@@ -93,14 +77,7 @@ impl<'a> WindowRunner<'a> {
 
     /// Plain libtorch fp32 (what tests and parity checks use).
     pub fn torch(net: &'a Vista3d, device: Device) -> Self {
-        Self::new(
-            net,
-            device,
-            Method::TorchFp32,
-            None,
-            Method::TorchFp32,
-            Vec::new(),
-        )
+        Self::new(net, device, Method::Fp32, None, Method::Fp32, Vec::new())
     }
 
     /// The libtorch method used for point prompts and as the fallback.
@@ -148,7 +125,7 @@ impl<'a> WindowRunner<'a> {
 
     fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
         self.report.borrow_mut().mark_used(self.torch_method);
-        if self.torch_method == Method::TorchAmp && self.device.is_cuda() {
+        if self.torch_method == Method::Amp && self.device.is_cuda() {
             let out = torch_switches::with_cuda_autocast(|| self.net.forward(input, args))?;
             Ok(out.to_kind(Kind::Float))
         } else {
@@ -249,7 +226,7 @@ mod tests {
             Device::Cpu,
             Method::TrtFp16,
             Some(Box::new(engine)),
-            Method::TorchFp32,
+            Method::Fp32,
             Vec::new(),
         );
         // First window through the engine, second: the engine fails and libtorch takes over, same values.
@@ -261,7 +238,7 @@ mod tests {
         }
         let (engine, report) = runner.into_parts();
         assert!(engine.is_none(), "a failed engine is dropped");
-        assert_eq!(report.used, vec![Method::TrtFp16, Method::TorchFp32]);
+        assert_eq!(report.used, vec![Method::TrtFp16, Method::Fp32]);
         assert_eq!(report.fallbacks.len(), 1);
         assert!(report.fallbacks[0].contains("simulated engine failure"));
     }
@@ -290,7 +267,7 @@ mod tests {
             Device::Cpu,
             Method::TrtFp16,
             Some(Box::new(engine)),
-            Method::TorchFp32,
+            Method::Fp32,
             Vec::new(),
         );
         let _ = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
@@ -299,6 +276,6 @@ mod tests {
             engine.is_some(),
             "the engine was not called, so it is still healthy"
         );
-        assert_eq!(report.used, vec![Method::TorchFp32]);
+        assert_eq!(report.used, vec![Method::Fp32]);
     }
 }

@@ -1,6 +1,7 @@
 //! The bundle's inference on one volume: preprocessing, prompts in the processed grid, sliding-window or
 //! point-window inference, postprocessing, and inversion to the original grid.
 
+mod network;
 pub mod point_window;
 pub mod postprocess;
 pub mod window;
@@ -11,10 +12,10 @@ use anyhow::{Context, Result};
 use ndarray::Array3;
 use tch::{Device, Kind, Tensor};
 
-pub use crate::engines::runner::WindowNetwork;
 use crate::prompts::{Prompts, LAST_SUPPORTED};
 use crate::transforms::{self, PreprocessConfig, SpatialTrace};
 use crate::volume::Volume;
+pub use network::WindowNetwork;
 use point_window::{point_window_inference, PointWindowPrompts};
 use window::{BlendMode, CellSink, Stitcher, WindowGrid};
 

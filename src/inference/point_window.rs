@@ -4,7 +4,7 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::engines::runner::WindowNetwork;
+use super::WindowNetwork;
 use crate::model::ForwardArgs;
 
 /// Window `[start, end)` along one axis for a point at `p` (MONAI `_get_window_idx_c`; `int` truncates).

@@ -29,11 +29,10 @@
 //! Writing ([`write_nifti`]) keeps the reference header's version and every field except those describing the
 //! data (see [`write_nifti`]); the file is always little-endian.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use flate2::read::MultiGzDecoder;
@@ -631,13 +630,7 @@ fn write_impl(
     })?;
     let gzip = name.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
 
-    // Directory, temporary file, rename.
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let created_dirs = create_parent_dirs(&parent)?;
-    let result = write_atomically(path, &parent, name, |w| {
+    crate::fsutil::write_atomic_with(path, |w| {
         if gzip {
             let mut enc = GzEncoder::new(w, Compression::new(1));
             enc.write_all(&head)?;
@@ -648,76 +641,7 @@ fn write_impl(
             w.write_all(&body)?;
         }
         Ok(())
-    });
-    if result.is_err() {
-        for d in created_dirs.iter() {
-            let _ = fs::remove_dir(d);
-        }
-    }
-    result
-}
-
-/// Creates `dir` and its missing ancestors; returns those created, deepest first.
-fn create_parent_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut missing = Vec::new();
-    let mut cur = Some(dir);
-    while let Some(d) = cur {
-        if d.as_os_str().is_empty() || d.exists() {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        cur = d.parent();
-    }
-    if let Err(e) = fs::create_dir_all(dir) {
-        for d in &missing {
-            let _ = fs::remove_dir(d);
-        }
-        return Err(anyhow!(
-            "cannot create the directory {}: {e}",
-            dir.display()
-        ));
-    }
-    ensure!(dir.is_dir(), "{} is not a directory", dir.display());
-    Ok(missing)
-}
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes through `fill` into a new temporary file next to `path`, syncs it and renames it to `path`; removes the
-/// temporary file on any error.
-fn write_atomically(
-    path: &Path,
-    dir: &Path,
-    name: &std::ffi::OsStr,
-    fill: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
-) -> Result<()> {
-    let (tmp, file) = loop {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(
-            ".{}.{}.{n}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => bail!("cannot create a temporary file in {}: {e}", dir.display()),
-        }
-    };
-    let result = (|| -> Result<()> {
-        let mut w = BufWriter::with_capacity(1 << 20, &file);
-        fill(&mut w).context("write failed")?;
-        w.flush().context("write failed")?;
-        drop(w);
-        file.sync_all().context("sync failed")?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("cannot rename the temporary file to {}", path.display()))
-    })();
-    drop(file);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    })
 }
 
 /// Transposes C-order `[x, y, z]` values into x-fastest bytes, `S` bytes per voxel from `enc`; returns the C-order

@@ -53,11 +53,17 @@ fn range(values: impl Iterator<Item = f64>, floor: Option<f64>) -> (f64, f64) {
 /// Writes the plot as a PNG at `path` (via a temporary file renamed at the end).
 pub fn write_plot(path: &Path, data: &PlotData) -> Result<()> {
     register_fonts();
-    let tmp = path.with_extension("tmp.png");
-    draw(&tmp, data).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow!("{}: cannot write the plot: {e}", path.display()))?;
-    Ok(())
+    let tmp = crate::fsutil::temporary_sibling(path);
+    let result = draw(&tmp, data)
+        .map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| anyhow!("{}: cannot write the plot: {e}", path.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn draw(path: &Path, data: &PlotData) -> Result<(), Box<dyn std::error::Error>> {

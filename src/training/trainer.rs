@@ -617,7 +617,7 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         }
         let t = Instant::now();
         let d = tch::no_grad(|| {
-            tch::autocast(amp, || {
+            crate::runtime::torch_switches::autocast(amp, || {
                 validate(net, &val_samples, &label_set, &window, device)
             })
         })?;
@@ -695,7 +695,7 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             for (_, p) in &trainable {
                 p.shallow_clone().zero_grad();
             }
-            let loss = tch::autocast(amp, || -> Result<Tensor> {
+            let loss = crate::runtime::torch_switches::autocast(amp, || -> Result<Tensor> {
                 let out = net.forward(
                     &image,
                     &ForwardArgs {

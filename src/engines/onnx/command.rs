@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Result};
 use tch::{nn, Device};
 
-use super::{export_onnx, file_sha256, OnnxPrecision, WeightsSource};
+use super::{export_onnx, OnnxPrecision, WeightsSource};
 use crate::engines::fingerprint::weights_fingerprint;
 use crate::engines::ort_engine::{compare_with_torch, ort_environment, OrtEngine};
+use crate::fsutil::sha256_file;
 use crate::{Vista3d, Vista3dConfig};
 
 /// Largest relative error `--verify` accepts between ONNX Runtime and libtorch (fp32).
@@ -43,7 +44,7 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
     let (net, source) = match (&req.checkpoint, req.random_width) {
         (Some(path), None) => {
             let m = crate::load_model(path, Device::Cpu, true)?;
-            let sha256 = file_sha256(path)?;
+            let sha256 = sha256_file(path)?;
             vs_holder = m.vs;
             let source = WeightsSource::Checkpoint {
                 path: path.display().to_string(),

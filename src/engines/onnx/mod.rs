@@ -33,7 +33,8 @@ pub use manifest::{
     MANIFEST_FILE,
 };
 
-use super::fingerprint::{hex, weights_fingerprint};
+use super::fingerprint::weights_fingerprint;
+use crate::fsutil::hex;
 use builder::GraphBuilder;
 use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
 
@@ -58,15 +59,6 @@ pub struct ExportSummary {
     pub manifest: OnnxManifest,
     pub dir: PathBuf,
     pub seconds: f64,
-}
-
-/// Hex sha256 of a file, streamed.
-pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex(&h.finalize()))
 }
 
 /// The widths the exported graphs are built for, read from the parameters.

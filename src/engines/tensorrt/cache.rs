@@ -26,7 +26,6 @@
 //! most are the many-class requests ("everything" is 117 classes), which run in chunks of `max_prompt_size`;
 //! spatial dims fixed to the window (patch) size.
 
-use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -36,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::engines::Method;
+use crate::fsutil::{hex, sha256_file};
 
 /// Version of the key and sidecar layout; bumping it makes every older engine stale.
 pub const KEY_SCHEMA: u32 = 1;
@@ -665,29 +665,6 @@ pub fn chunk_ranges(total: usize, max: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Lowercase hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,7 +719,7 @@ mod tests {
         for p in [Precision::Fp16, Precision::Tf32] {
             assert_eq!(Precision::of_method(p.method()), Some(p));
         }
-        assert_eq!(Precision::of_method(Method::TorchAmp), None);
+        assert_eq!(Precision::of_method(Method::Amp), None);
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! [`Method`]: how the network runs for one request. One vocabulary everywhere (CLI flags, config values,
+//! records, bench tables, metrics): `auto`, `trt_fp16`, `trt_tf32`, `ort`, `amp`, `tf32`, `fp32`. The older
+//! spellings `torch_fp32`, `torch_tf32`, `torch_amp` are accepted on input only.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// How the network runs for one request (`--precision`, `precision` in configs and batch lists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    /// The fastest method available on this machine (see [`Method::auto_order`]).
+    Auto,
+    /// TensorRT engines built with FP16 (and TF32) enabled.
+    TrtFp16,
+    /// TensorRT engines built with TF32 only.
+    TrtTf32,
+    /// ONNX Runtime on the exported ONNX models (CPU execution provider).
+    Ort,
+    /// libtorch with autocast to fp16 on CUDA (the bundle's default `amp: true`).
+    Amp,
+    /// libtorch in fp32 with TF32 tensor cores allowed for convolutions and matmuls (CUDA only).
+    Tf32,
+    /// libtorch in strict fp32 (TF32 disabled): the reference.
+    Fp32,
+}
+
+impl Method {
+    /// Every concrete method, in the order `auto` tries them on a GPU.
+    pub const ALL: [Method; 6] = [
+        Method::TrtFp16,
+        Method::TrtTf32,
+        Method::Amp,
+        Method::Tf32,
+        Method::Fp32,
+        Method::Ort,
+    ];
+
+    /// The name used on the command line, in configs, logs, records and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Auto => "auto",
+            Method::TrtFp16 => "trt_fp16",
+            Method::TrtTf32 => "trt_tf32",
+            Method::Ort => "ort",
+            Method::Amp => "amp",
+            Method::Tf32 => "tf32",
+            Method::Fp32 => "fp32",
+        }
+    }
+
+    /// True for the methods that run the class path through a serialized engine rather than libtorch.
+    pub fn uses_engine(self) -> bool {
+        matches!(self, Method::TrtFp16 | Method::TrtTf32 | Method::Ort)
+    }
+
+    /// True for TensorRT methods.
+    pub fn is_tensorrt(self) -> bool {
+        matches!(self, Method::TrtFp16 | Method::TrtTf32)
+    }
+
+    /// The libtorch method a request falls back to when its engine cannot run.
+    pub fn torch_fallback(self, cuda: bool) -> Method {
+        match self {
+            Method::Amp | Method::Tf32 | Method::Fp32 => self,
+            Method::TrtFp16 if cuda => Method::Amp,
+            Method::TrtTf32 if cuda => Method::Tf32,
+            _ => Method::Fp32,
+        }
+    }
+
+    /// The candidates `auto` tries, fastest first: TensorRT FP16, TensorRT TF32, then libtorch amp on a GPU;
+    /// on a CPU ONNX Runtime (about 2x libtorch there, benches/RESULTS.md) when an export of the same weights
+    /// exists, then libtorch fp32 (amp and TF32 act only on CUDA).
+    pub fn auto_order(cuda: bool) -> &'static [Method] {
+        if cuda {
+            &[Method::TrtFp16, Method::TrtTf32, Method::Amp]
+        } else {
+            &[Method::Ort, Method::Fp32]
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown method name.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown precision '{0}': use auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort")]
+pub struct UnknownMethod(pub String);
+
+impl FromStr for Method {
+    type Err = UnknownMethod;
+
+    /// Accepts the names of [`Method::name`], the aliases `torch_fp32`, `torch_tf32`, `torch_amp`, `fp16`
+    /// (= trt_fp16), `trt`, `onnxruntime`; case and `-`/`_` do not matter.
+    fn from_str(s: &str) -> Result<Self, UnknownMethod> {
+        Ok(
+            match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+                "auto" => Method::Auto,
+                "trt_fp16" | "fp16" | "trt" => Method::TrtFp16,
+                "trt_tf32" => Method::TrtTf32,
+                "ort" | "onnxruntime" => Method::Ort,
+                "amp" | "torch_amp" => Method::Amp,
+                "tf32" | "torch_tf32" => Method::Tf32,
+                "fp32" | "torch_fp32" => Method::Fp32,
+                _ => return Err(UnknownMethod(s.trim().to_string())),
+            },
+        )
+    }
+}
+
+impl Serialize for Method {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_aliases_are_input_only() {
+        for m in Method::ALL.into_iter().chain([Method::Auto]) {
+            assert_eq!(m.name().parse::<Method>().unwrap(), m);
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(json, format!("\"{}\"", m.name()));
+            assert_eq!(serde_json::from_str::<Method>(&json).unwrap(), m);
+        }
+        assert_eq!("torch_amp".parse::<Method>().unwrap(), Method::Amp);
+        assert_eq!("TORCH-FP32".parse::<Method>().unwrap(), Method::Fp32);
+        assert_eq!(Method::Amp.to_string(), "amp");
+        let err = "fp8".parse::<Method>().unwrap_err().to_string();
+        assert!(err.contains("'fp8'"), "{err}");
+        assert!(serde_json::from_str::<Method>("\"fp8\"").is_err());
+    }
+
+    #[test]
+    fn fallbacks_are_torch() {
+        for m in Method::ALL {
+            assert!(!m.torch_fallback(true).uses_engine());
+            assert!(!m.torch_fallback(false).uses_engine());
+        }
+        assert_eq!(Method::TrtFp16.torch_fallback(false), Method::Fp32);
+        assert_eq!(Method::TrtFp16.torch_fallback(true), Method::Amp);
+    }
+}
