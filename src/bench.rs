@@ -8,13 +8,13 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::engines::runner::WindowRunner;
-use crate::engines::{self, Method};
+use crate::engines::Method;
 use crate::inference::WindowNetwork;
-use crate::inference::{self, NetworkPrompts};
 use crate::model::ForwardArgs;
 use crate::numerics::relative_error;
-use crate::pipeline::{Model, Settings};
+use crate::prompts::{LabelSpec, RequestPrompts};
+use crate::segmenter::{device_name, Request, SegmentError, Segmenter};
+use crate::volume::{Volume, IDENTITY};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -95,31 +95,19 @@ fn synchronize(device: Device) {
     }
 }
 
-/// Why `method` cannot run as itself here (`None` when it can).
-fn unavailable_reason(
-    method: Method,
-    torch: Method,
-    has_engine: bool,
-    notes: &[String],
-) -> Option<String> {
-    if method.uses_engine() && !has_engine {
-        return Some(notes.join("; "));
-    }
-    if !method.uses_engine() && torch != method {
-        return Some(notes.join("; "));
-    }
-    None
-}
-
-/// Runs the benchmark.
-pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<BenchReport> {
+/// Runs the benchmark through the segmenter: the model computation on one window through the request's network,
+/// and end to end as a request on a random volume of the processed size (at `resample_spacing`, so
+/// preprocessing keeps its size): preprocessing, sliding window, postprocessing and inversion.
+pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.runs >= 1, "--runs must be at least 1");
     ensure!(
         !opts.labels.is_empty(),
         "--labels needs at least one class id"
     );
+    let model = segmenter.model();
     let device = model.device;
-    let patch = settings.window.patch_size;
+    let config = segmenter.config();
+    let patch = config.window().patch_size;
     tch::manual_seed(0);
     let window = Tensor::randn(
         [1, 1, patch[0] as i64, patch[1] as i64, patch[2] as i64],
@@ -128,21 +116,20 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
     let cv = Tensor::from_slice(&opts.labels)
         .view([opts.labels.len() as i64, 1])
         .to_device(device);
-    let volume = opts.volume.map(|v| {
-        Tensor::randn(
-            [1, 1, v[0] as i64, v[1] as i64, v[2] as i64],
-            (Kind::Float, Device::Cpu),
-        )
-    });
-    let prompts = NetworkPrompts::from_labels(&opts.labels);
+    let volume = opts
+        .volume
+        .map(|v| random_volume(v, config.resample_spacing));
+    let prompts = RequestPrompts {
+        label_prompt: Some(opts.labels.iter().map(|&id| LabelSpec::Id(id)).collect()),
+        ..Default::default()
+    };
 
     let mut results = Vec::new();
     let mut reference: Option<Tensor> = None;
     for &method in &opts.methods {
-        let (engine, torch, notes) = engines::choose(method, device.is_cuda(), &mut |m| {
-            model.engine_context_checked(m, settings)
-        });
-        if let Some(reason) = unavailable_reason(method, torch, engine.is_some(), &notes) {
+        let status = segmenter.method_status(method);
+        if status.runs_as != method {
+            let reason = status.notes.join("; ");
             log::info!("{method}: not run ({reason})");
             results.push(MethodResult {
                 method,
@@ -154,24 +141,28 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             });
             continue;
         }
-        let runner = WindowRunner::new(&model.net, device, method, engine, torch, notes);
         let args = ForwardArgs {
             class_vector: Some(&cv),
             transpose: true,
             ..Default::default()
         };
-        let mut times = Vec::new();
-        let mut last = None;
-        for i in 0..opts.warmup + opts.runs {
-            synchronize(device);
-            let t = Instant::now();
-            let out = tch::no_grad(|| runner.forward_window(&window, &args))?;
-            synchronize(device);
-            if i >= opts.warmup {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
+        let ((times, last), report) = segmenter.with_runner(method, |runner| {
+            let mut times = Vec::new();
+            let mut last = None;
+            for i in 0..opts.warmup + opts.runs {
+                synchronize(device);
+                let t = Instant::now();
+                let out = tch::no_grad(|| runner.forward_window(&window, &args))
+                    .map_err(SegmentError::Failed)?;
+                synchronize(device);
+                if i >= opts.warmup {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                last = Some(out);
             }
-            last = Some(out);
-        }
+            Ok((times, last))
+        })?;
+        let mut ran = report.used;
         let logits = last.map(|t| t.to_device(Device::Cpu).to_kind(Kind::Double));
         let rel_error_vs_fp32 = match (&reference, &logits) {
             (Some(r), Some(l)) => Some(relative_error(l, r)),
@@ -189,35 +180,57 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             for _ in 0..opts.e2e_runs {
                 synchronize(device);
                 let t = Instant::now();
-                let image = vol.to_device(device);
-                let labels = inference::infer_labels(&runner, &image, &prompts, &settings.window)?;
-                let _ = labels.to_device(Device::Cpu);
+                let seg = segmenter.segment(&Request {
+                    name: "bench volume",
+                    image: vol,
+                    prompts: prompts.clone(),
+                    precision: Some(method),
+                })?;
+                synchronize(device);
                 e2e.push(t.elapsed().as_secs_f64());
+                for m in seg.method.used {
+                    if !ran.contains(&m) {
+                        ran.push(m);
+                    }
+                }
             }
             log::info!(
                 "{method}: end to end {:?} s",
                 Stats::of(e2e.clone()).map(|s| s.median)
             );
         }
-        let (_, report) = runner.into_parts();
         results.push(MethodResult {
             method,
             model_ms: Stats::of(times),
             end_to_end_s: Stats::of(e2e),
-            ran: report.used,
+            ran,
             unavailable: None,
             rel_error_vs_fp32,
         });
     }
     Ok(BenchReport {
-        device: format!("{device:?}"),
+        device: device_name(device),
         threads: tch::get_num_threads(),
-        width: model.net.config.embed_dim,
+        width: model.width(),
         patch_size: patch,
         volume: opts.volume,
         labels: opts.labels.clone(),
         results,
     })
+}
+
+/// A seeded random CT-like volume (HU in about -1000..1000) of `dims` voxels at `spacing` mm (RAS).
+fn random_volume(dims: [usize; 3], spacing: [f64; 3]) -> Volume {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let data = ndarray::Array3::from_shape_simple_fn((dims[0], dims[1], dims[2]), || {
+        rng.gen_range(-1000.0f32..1000.0)
+    });
+    let mut affine = IDENTITY;
+    for (a, row) in affine.iter_mut().take(3).enumerate() {
+        row[a] = if spacing[a] > 0.0 { spacing[a] } else { 1.0 };
+    }
+    Volume { data, affine }
 }
 
 /// The table as the bundle's README prints it, plus speedups.
@@ -256,9 +269,15 @@ pub fn format_table(r: &BenchReport) -> String {
                 s += &format!("{:<12} not run: {reason}\n", m.method.name());
             }
             None => {
+                let name = if m.ran.iter().all(|&r| r == m.method) {
+                    m.method.name().to_string()
+                } else {
+                    let ran: Vec<&str> = m.ran.iter().map(|r| r.name()).collect();
+                    format!("{} (ran {})", m.method.name(), ran.join("+"))
+                };
                 s += &format!(
                     "{:<12} {:>18} {:>10} {:>18} {:>10} {:>14}\n",
-                    m.method.name(),
+                    name,
                     model_of(m).map_or("-".into(), |v| format!("{v:.1}")),
                     speedup(base_model, model_of(m)),
                     e2e_of(m).map_or("-".into(), |v| format!("{v:.2}")),
@@ -297,15 +316,29 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_methods_say_why() {
-        let notes = vec!["trt_fp16 unavailable: no libnvinfer".to_string()];
-        assert!(
-            unavailable_reason(Method::TrtFp16, Method::Amp, false, &notes)
-                .unwrap()
-                .contains("libnvinfer")
-        );
-        assert!(unavailable_reason(Method::TrtFp16, Method::Amp, true, &[]).is_none());
-        assert!(unavailable_reason(Method::Amp, Method::Fp32, false, &notes).is_some());
-        assert!(unavailable_reason(Method::Fp32, Method::Fp32, false, &[]).is_none());
+    fn the_table_prints_what_ran() {
+        let row = |method, ran: Vec<Method>| MethodResult {
+            method,
+            model_ms: Stats::of(vec![10.0]),
+            end_to_end_s: None,
+            ran,
+            unavailable: None,
+            rel_error_vs_fp32: None,
+        };
+        let report = BenchReport {
+            device: "cpu".into(),
+            threads: 2,
+            width: 8,
+            patch_size: [32; 3],
+            volume: None,
+            labels: vec![1],
+            results: vec![
+                row(Method::Fp32, vec![Method::Fp32]),
+                row(Method::Ort, vec![Method::Ort, Method::Fp32]),
+            ],
+        };
+        let t = format_table(&report);
+        assert!(t.contains("ort (ran ort+fp32)"), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("fp32 ")), "{t}");
     }
 }

@@ -3,6 +3,7 @@
 //! Modules follow the data flow: [`checkpoint`] (reading the bundle's `model.pt` and safetensors) ->
 //! [`model`] (the network on libtorch, MONAI's names and semantics) ; [`runtime`] sets up libtorch.
 
+pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -12,9 +13,10 @@ pub mod inference;
 pub mod io;
 pub mod model;
 pub mod numerics;
-pub mod pipeline;
 pub mod prompts;
 pub mod runtime;
+pub mod segmenter;
+pub mod suggest;
 pub mod training;
 pub mod transforms;
 pub mod volume;

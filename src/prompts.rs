@@ -5,6 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::suggest::edit_distance;
 
 /// The bundle's class table (`metadata.json` `channel_def`: id -> name, 0 = background, 1..132 classes).
 const LABELS_JSON: &str = include_str!("../configs/labels.json");
@@ -102,27 +105,49 @@ impl LabelTable {
     }
 }
 
-/// Levenshtein distance between two strings (in characters).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
 /// One entry of a label prompt as the user gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LabelSpec {
     Id(i64),
     Name(String),
+}
+
+impl LabelSpec {
+    /// A string that holds an integer is an id (`"3"`), anything else a class name.
+    pub fn from_text(s: &str) -> Self {
+        match s.trim().parse::<i64>() {
+            Ok(id) => LabelSpec::Id(id),
+            Err(_) => LabelSpec::Name(s.to_string()),
+        }
+    }
+}
+
+impl Serialize for LabelSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LabelSpec::Id(id) => s.serialize_i64(*id),
+            LabelSpec::Name(n) => s.serialize_str(n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LabelSpec {
+    /// An integer id or a class name (JSON number or string).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Id(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Id(id)) => Ok(LabelSpec::Id(id)),
+            Ok(Raw::Text(s)) => Ok(LabelSpec::from_text(&s)),
+            Err(_) => Err(serde::de::Error::custom(
+                "a label prompt entry must be a class id (integer) or a class name (string)",
+            )),
+        }
+    }
 }
 
 /// Parses `"3,5"`, `"spleen"` or `"spleen,left kidney"` (ids and names may be mixed).
@@ -131,10 +156,7 @@ pub fn parse_label_prompt(text: &str) -> Result<Vec<LabelSpec>> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| match s.parse::<i64>() {
-            Ok(id) => LabelSpec::Id(id),
-            Err(_) => LabelSpec::Name(s.to_string()),
-        })
+        .map(LabelSpec::from_text)
         .collect();
     if items.is_empty() {
         bail!("empty label prompt '{text}': give class ids or names, e.g. --label-prompt 3,5 or --label-prompt spleen");
@@ -174,7 +196,7 @@ pub fn parse_point_labels(text: &str) -> Result<Vec<i64>> {
 }
 
 /// Prompts as given (one request).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestPrompts {
     pub label_prompt: Option<Vec<LabelSpec>>,
     /// Points in voxel indices of the input image.

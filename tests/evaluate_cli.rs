@@ -312,3 +312,86 @@ fn evaluate_rejects_bad_input_without_partial_reports() {
     assert!(!o.status.success());
     assert!(text(&o).contains("300"), "{}", text(&o));
 }
+
+#[test]
+fn evaluate_honours_precision_and_runs_onnx_runtime() {
+    let dir = tmp("precision_ort");
+    let list = make_dataset(&dir);
+    let ckpt = dir.join("w8.safetensors");
+    let onnx = dir.join("onnx");
+    for args in [
+        vec![
+            "init-checkpoint",
+            "--width",
+            "8",
+            "--seed",
+            "0",
+            "--out",
+            ckpt.to_str().unwrap(),
+        ],
+        vec![
+            "export-onnx",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            onnx.to_str().unwrap(),
+        ],
+    ] {
+        let o = vista3d(&args);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let run = |precision: &str, out: &Path| {
+        let mut args = evaluate_args(
+            list.to_str().unwrap(),
+            dir.to_str().unwrap(),
+            ckpt.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        args.extend(
+            [
+                "--precision",
+                precision,
+                "--set",
+                &format!("onnx_dir={}", onnx.display()),
+                "--set",
+                &format!("cache_dir={}", dir.join("cache").display()),
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = vista3d(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        let rec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("spleen/spleen_trans.json")).unwrap(),
+        )
+        .unwrap();
+        let pred = read_nifti(&out.join("spleen/spleen_trans.nii.gz"))
+            .unwrap()
+            .volume
+            .data;
+        (rec, pred)
+    };
+    let (ort, ort_pred) = run("ort", &dir.join("eval_ort"));
+    assert_eq!(ort["precision"]["requested"], "ort", "{ort}");
+    assert_eq!(
+        ort["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{ort}"
+    );
+    let (fp32, fp32_pred) = run("fp32", &dir.join("eval_fp32"));
+    assert_eq!(
+        fp32["precision"]["used"],
+        serde_json::json!(["fp32"]),
+        "{fp32}"
+    );
+    let same = ort_pred
+        .iter()
+        .zip(fp32_pred.iter())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.9999 * ort_pred.len() as f64,
+        "ORT and fp32 predictions agree on {same} of {} voxels",
+        ort_pred.len()
+    );
+}

@@ -13,7 +13,7 @@ use ndarray::Array3;
 use tch::{Device, Kind, Tensor};
 
 use crate::prompts::{Prompts, LAST_SUPPORTED};
-use crate::transforms::{self, PreprocessConfig, SpatialTrace};
+use crate::transforms::SpatialTrace;
 use crate::volume::Volume;
 pub use network::WindowNetwork;
 use point_window::{point_window_inference, PointWindowPrompts};
@@ -347,45 +347,6 @@ pub fn labels_from_logits(logits: &Tensor, prompts: &NetworkPrompts) -> Result<T
         &logits,
         prompts.label_prompt.as_deref(),
     ))
-}
-
-/// The result of segmenting one volume.
-pub struct Segmentation {
-    /// Labels on the original grid (float32 ids, 255 where not computed).
-    pub labels: Array3<f32>,
-    /// Seconds per stage.
-    pub timings: Vec<(&'static str, f64)>,
-}
-
-/// Segments a volume end to end: preprocess, infer, postprocess, invert to the original grid, NaN -> 255.
-pub fn segment(
-    net: &dyn WindowNetwork,
-    device: Device,
-    volume: &Volume,
-    prompts: &Prompts,
-    preprocess: &PreprocessConfig,
-    settings: &WindowSettings,
-) -> Result<Segmentation> {
-    let mut timings = Vec::new();
-    let t = std::time::Instant::now();
-    let (processed, trace): (Volume, SpatialTrace) = transforms::preprocess(volume, preprocess)?;
-    timings.push(("preprocess", t.elapsed().as_secs_f64()));
-
-    let t = std::time::Instant::now();
-    let net_prompts = NetworkPrompts::new(prompts, &trace);
-    let image = volume_to_tensor(&processed)?.to_device(device);
-    let labels = infer_labels(net, &image, &net_prompts, settings)?;
-    timings.push(("inference", t.elapsed().as_secs_f64()));
-
-    let t = std::time::Instant::now();
-    let labels = tensor_to_array(&labels)?;
-    let mut original = transforms::invert_to_original(&labels, &trace)?;
-    original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
-    timings.push(("postprocess", t.elapsed().as_secs_f64()));
-    Ok(Segmentation {
-        labels: original,
-        timings,
-    })
 }
 
 /// A volume as a `[1, 1, X, Y, Z]` CPU tensor.

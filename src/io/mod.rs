@@ -12,3 +12,22 @@ mod nifti_header;
 
 pub use nifti::{read_nifti, write_nifti, NiftiImage, OutputDtype};
 pub use nifti_header::{Endianness, NiftiExtension, NiftiHeader, NiftiVersion};
+
+use std::path::Path;
+
+/// An input image: its voxels with their geometry, and the NIfTI header outputs are written with (so a label map
+/// keeps the input's geometry exactly).
+#[derive(Debug, Clone)]
+pub struct InputImage {
+    pub volume: crate::volume::Volume,
+    pub header: NiftiHeader,
+}
+
+/// Reads an input image (NIfTI `.nii` / `.nii.gz`). Errors name the file and the problem.
+pub fn read_image(path: &Path) -> anyhow::Result<InputImage> {
+    let img = read_nifti(path)?;
+    Ok(InputImage {
+        volume: img.volume,
+        header: img.header,
+    })
+}

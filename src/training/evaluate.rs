@@ -18,168 +18,61 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use ndarray::Array3;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::data::{label_to_u8, load_label_for, LabelMap, LabelMappings};
 use super::datalist::{load_datalist, DataItem};
 use super::metrics::{per_class_dice_labels, write_metrics_reports, MetricDetails};
 use super::{cfg_usize, training_preprocess_config};
-use crate::config::{output_path, Config};
-use crate::inference::{
-    infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowSettings,
-};
-use crate::io::{read_nifti, write_nifti, OutputDtype};
-use crate::model::Vista3d;
-use crate::transforms::{
-    apply_spacing_plan, crop, foreground_box, plan_spacing, resample_to_grid,
-    scale_intensity_range_inplace, uncrop, validate_volume, CropBox, Interp, Orientation,
-    PreprocessConfig, SpacingPlan,
-};
-use crate::volume::{Affine, Volume};
+use crate::batch::{output_path, OutputSpec};
+use crate::config::{Config, InferenceConfig};
+use crate::engines::Method;
+use crate::io::read_image;
+use crate::segmenter::record::{self, build_record, file_identity, request_identity};
+use crate::segmenter::{Pipeline, Request, Segmenter, WeightsSource};
+use crate::volume::Volume;
 
 /// The metric name the bundle's `MetricsSaver` writes.
 pub const METRIC_NAME: &str = "val_mean_dice";
 
-/// What the training-order preprocessing did to an image, to invert a prediction.
-#[derive(Debug, Clone)]
-pub struct TrainOrderTrace {
-    pub original_dims: [usize; 3],
-    pub crop: CropBox,
-    pub orientation: Orientation,
-    /// Affine and shape after crop + RAS (the grid before resampling).
-    pub oriented_affine: Affine,
-    pub oriented_dims: [usize; 3],
-    pub spacing: SpacingPlan,
-}
-
-/// The training pipeline's deterministic transforms on an image alone (`evaluate.json`): foreground crop ->
-/// intensity scaling -> RAS -> spacing (bilinear). Returns the network input and the trace to invert predictions.
-pub fn preprocess_train_order(
-    image: &Volume,
-    pre: &PreprocessConfig,
-) -> Result<(Volume, TrainOrderTrace)> {
-    validate_volume(image)?;
-    let box_ = foreground_box(image.data.view(), pre.crop_margin).with_context(|| {
-        format!(
-            "no foreground: no voxel > 0 in the image of shape {:?} (MONAI would crop it to 0x0x0)",
-            image.dims()
-        )
-    })?;
-    let mut cur = crop(image, &box_)?;
-    scale_intensity_range_inplace(&mut cur.data, &pre.intensity());
-    let orientation = Orientation::to_ras(&cur.affine, cur.dims())?;
-    if !orientation.is_identity() {
-        cur.data = orientation.apply(cur.data.view())?;
-    }
-    cur.affine = orientation.apply_affine(&cur.affine);
-    let plan = plan_spacing(&cur.affine, cur.dims(), pre.spacing)?;
-    let trace = TrainOrderTrace {
-        original_dims: image.dims(),
-        crop: box_,
-        orientation,
-        oriented_affine: cur.affine,
-        oriented_dims: cur.dims(),
-        spacing: plan.clone(),
-    };
-    let out = apply_spacing_plan(&cur, &plan, Interp::Bilinear)?;
-    Ok((out, trace))
-}
-
-/// `Invertd(nearest_interp=True)` of [`preprocess_train_order`]: spacing undone by nearest resampling onto the
-/// oriented grid, orientation undone, crop undone by zero padding. NaN is carried over.
-pub fn invert_train_order(pred: &Array3<f32>, trace: &TrainOrderTrace) -> Result<Array3<f32>> {
-    let s = pred.shape();
-    ensure!(
-        [s[0], s[1], s[2]] == trace.spacing.out_dims,
-        "prediction of shape {s:?} does not match the preprocessed grid {:?}",
-        trace.spacing.out_dims
-    );
-    let vol = Volume {
-        data: pred.as_standard_layout().into_owned(),
-        affine: trace.spacing.out_affine,
-    };
-    let back = resample_to_grid(
-        &vol,
-        &trace.oriented_affine,
-        trace.oriented_dims,
-        Interp::Nearest,
-    )?;
-    let inv = trace.orientation.inverse();
-    let data = if inv.is_identity() {
-        back.data
-    } else {
-        inv.apply(back.data.view())?
-    };
-    uncrop(data.view(), &trace.crop, trace.original_dims)
-}
-
-/// Everything the evaluation reads from the configuration.
+/// What the evaluation reads from the configuration beyond the inference settings.
 #[derive(Debug, Clone)]
 pub struct EvalSettings {
-    pub preprocess: PreprocessConfig,
-    pub window: WindowSettings,
     /// Class prompts (global ids): the evaluation label set.
     pub label_set: Vec<i64>,
     /// `num_classes` of the Dice (see the module documentation).
     pub num_classes: usize,
-    pub output_dir: PathBuf,
-    pub output_postfix: String,
-    pub output_dtype: OutputDtype,
+    /// Where predictions go (`output_dir`, `output_postfix`, `output_dtype`).
+    pub output: OutputSpec,
 }
 
 impl EvalSettings {
-    /// Reads `resample_to_spacing`, `patch_size` / `overlap` / `mode` / `sw_batch_size`, the label sets,
-    /// `output_classes`, `output_dir`, `output_postfix`, `output_dtype`.
-    pub fn from_config(cfg: &Config, mappings: &LabelMappings) -> Result<EvalSettings> {
+    /// Reads the label sets, `output_classes`, `output_dir`, `output_postfix`, `output_dtype`.
+    pub fn from_config(
+        cfg: &Config,
+        inference: &InferenceConfig,
+        mappings: &LabelMappings,
+    ) -> Result<EvalSettings> {
         let label_set = mappings.eval_label_set();
         let num_classes = cfg_usize(cfg, "output_classes")?.unwrap_or(label_set.len() + 1);
-        let (output_dir, output_postfix, output_dtype) = cfg.output_settings()?;
         Ok(EvalSettings {
-            preprocess: training_preprocess_config(cfg)?,
-            window: cfg.window_settings()?,
             label_set,
             num_classes,
-            output_dir,
-            output_postfix,
-            output_dtype,
+            output: OutputSpec {
+                dir: inference.output_dir.clone(),
+                postfix: inference.output_postfix.clone(),
+                dtype: inference.output_dtype,
+            },
         })
     }
-}
 
-/// Automatic segmentation of one image with class prompts `label_set`, on the original grid (255 = not computed).
-pub fn segment_for_eval(
-    net: &Vista3d,
-    device: Device,
-    image: &Volume,
-    settings: &EvalSettings,
-) -> Result<Array3<f32>> {
-    let t = std::time::Instant::now();
-    let (processed, trace) = preprocess_train_order(image, &settings.preprocess)?;
-    log::debug!(
-        "preprocessed to {:?} in {:.2} s",
-        processed.dims(),
-        t.elapsed().as_secs_f64()
-    );
-    let ids = Tensor::from_slice(&settings.label_set).view([-1, 1]);
-    // Vista3dEvaluator without user prompts: class_vector = prompt_class = label_set (no zero-shot switch).
-    let prompts = NetworkPrompts {
-        class_vector: Some(ids.shallow_clone()),
-        prompt_class: Some(ids),
-        point_coords: None,
-        point_labels: None,
-        label_prompt: Some(settings.label_set.clone()),
-        points: Vec::new(),
-    };
-    let input = volume_to_tensor(&processed)?.to_device(device);
-    let t = std::time::Instant::now();
-    let labels = infer_labels(net, &input, &prompts, &settings.window)?;
-    log::debug!("inference in {:.2} s", t.elapsed().as_secs_f64());
-    let t = std::time::Instant::now();
-    let labels = tensor_to_array(&labels)?;
-    let mut original = invert_train_order(&labels, &trace)?;
-    log::debug!("inverted in {:.2} s", t.elapsed().as_secs_f64());
-    original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
-    Ok(original)
+    /// The segmenter pipeline of `evaluate.json`: training-order preprocessing with `resample_to_spacing`.
+    pub fn pipeline(&self, cfg: &Config) -> Result<Pipeline> {
+        Ok(Pipeline::Evaluate {
+            label_set: self.label_set.clone(),
+            preprocess: training_preprocess_config(cfg)?,
+        })
+    }
 }
 
 /// One evaluated image.
@@ -239,10 +132,10 @@ fn u8_tensor(a: &Array3<u8>) -> Result<Tensor> {
     )
 }
 
-/// Evaluates `items` with a loaded network: writes one prediction per image and the MONAI metric reports.
+/// Evaluates `items` with a segmenter built for [`EvalSettings::pipeline`]: writes one prediction (and its
+/// record) per image and the MONAI metric reports.
 pub fn evaluate_items(
-    net: &Vista3d,
-    device: Device,
+    segmenter: &Segmenter,
     items: &[DataItem],
     mappings: &LabelMappings,
     settings: &EvalSettings,
@@ -257,13 +150,37 @@ pub fn evaluate_items(
     };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let input = read_nifti(&item.image)?;
-        let (header, image) = (input.header, input.volume);
-        let label = load_label_for(item, &image)?;
-        let pred = segment_for_eval(net, device, &image, settings)
-            .with_context(|| format!("segmenting {}", item.image.display()))?;
-        let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
-        write_nifti(&out, &pred, &header, settings.output_dtype)?;
+        let input = read_image(&item.image)?;
+        let label = load_label_for(item, &input.volume)?;
+        let name = item.image.display().to_string();
+        let request = Request {
+            name: &name,
+            image: &input.volume,
+            prompts: Default::default(),
+            precision: None,
+        };
+        let seg = segmenter.segment(&request)?;
+        let out = output_path(
+            &settings.output.dir,
+            Path::new(item.image.file_name().unwrap_or_default()),
+            &settings.output.postfix,
+        );
+        let identity = request_identity(
+            segmenter,
+            file_identity(&item.image),
+            &request.prompts,
+            segmenter.config().precision,
+            settings.output.dtype,
+        );
+        let rec = build_record(segmenter, &seg, &input.volume, identity, &out, &seg.timings);
+        record::save(
+            &out,
+            &seg.labels,
+            &input.header,
+            settings.output.dtype,
+            &rec,
+        )?;
+        let pred = seg.labels;
         let dice = match &label {
             None => None,
             Some(l) => {
@@ -297,7 +214,7 @@ pub fn evaluate_items(
         !details.values.is_empty(),
         "no evaluated item has a label: nothing to compute Dice on"
     );
-    write_metrics_reports(&settings.output_dir, &details)?;
+    write_metrics_reports(&settings.output.dir, &details)?;
     let mean_dice = details.aggregate();
     Ok(EvalReport {
         items: out_items,
@@ -307,10 +224,12 @@ pub fn evaluate_items(
 }
 
 /// `vista3d evaluate`: loads the datalist and the checkpoint (`checkpoint`, else `ckpt_path`), evaluates the
-/// validation split of `fold` (or `testing`), and writes predictions and reports to `output_dir`.
+/// validation split of `fold` (or `testing`) through a [`Segmenter`] (so `precision` applies as in `infer`), and
+/// writes predictions, their records and the reports to `output_dir`.
 pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> Result<EvalReport> {
     let mappings = LabelMappings::from_config(cfg)?;
-    let settings = EvalSettings::from_config(cfg, &mappings)?;
+    let inference = cfg.inference()?;
+    let settings = EvalSettings::from_config(cfg, &inference, &mappings)?;
     let dl = load_datalist(cfg)?;
     let items = if testing { dl.testing } else { dl.validation };
     ensure!(
@@ -322,17 +241,21 @@ pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> R
         .map(Path::to_path_buf)
         .or(cfg.path("ckpt_path")?)
         .context("no checkpoint: pass --checkpoint or set ckpt_path")?;
-    let device =
-        crate::runtime::parse_device(&cfg.string("device")?.unwrap_or_else(|| "auto".into()))?;
-    let model = crate::load_model(&ckpt, device, true)?;
+    let pipeline = settings.pipeline(cfg)?;
+    let segmenter = Segmenter::load(
+        inference,
+        &WeightsSource::Checkpoint(ckpt.clone()),
+        pipeline,
+    )?;
     log::info!(
-        "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {device:?}",
+        "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {}",
         items.len(),
         ckpt.display(),
         settings.label_set,
-        crate::training::metrics::evaluated_classes(settings.num_classes).len()
+        crate::training::metrics::evaluated_classes(settings.num_classes).len(),
+        crate::segmenter::device_name(segmenter.model().device)
     );
-    evaluate_items(&model.net, device, &items, &mappings, &settings)
+    evaluate_items(&segmenter, &items, &mappings, &settings)
 }
 
 /// The `vista3d evaluate` command: layered configs, `--set`s, then `--output-dir` / `--device`; prints the mean
@@ -343,14 +266,18 @@ pub fn evaluate_command(
     checkpoint: Option<&Path>,
     output_dir: Option<&Path>,
     device: Option<&str>,
+    precision: Option<Method>,
     testing: bool,
 ) -> Result<()> {
     let mut cfg = Config::load(configs, sets)?;
     if let Some(d) = output_dir {
-        cfg.value["output_dir"] = serde_json::Value::String(d.display().to_string());
+        cfg.set_flag("--output-dir", "output_dir", d.display().to_string().into())?;
     }
     if let Some(d) = device {
-        cfg.value["device"] = serde_json::Value::String(d.to_string());
+        cfg.set_flag("--device", "device", d.into())?;
+    }
+    if let Some(p) = precision {
+        cfg.set_flag("--precision", "precision", p.name().into())?;
     }
     let report = run_evaluate(&cfg, checkpoint, testing)?;
     let dir = cfg
@@ -363,42 +290,4 @@ pub fn evaluate_command(
         dir.display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::volume::IDENTITY;
-
-    #[test]
-    fn train_order_round_trip() {
-        let mut a = IDENTITY;
-        a[0][0] = -3.0;
-        a[1][1] = 3.0;
-        a[2][2] = 2.0;
-        let data = Array3::from_shape_fn((20, 16, 12), |(i, j, k)| {
-            if (4..15).contains(&i) && (3..12).contains(&j) && (2..10).contains(&k) {
-                100.0
-            } else {
-                -1000.0
-            }
-        });
-        let vol = Volume { data, affine: a };
-        let pre = PreprocessConfig {
-            crop_margin: 1,
-            ..PreprocessConfig::default()
-        };
-        let (out, trace) = preprocess_train_order(&vol, &pre).unwrap();
-        assert_eq!(trace.crop.start, [3, 2, 1]);
-        assert_eq!(out.dims(), trace.spacing.out_dims);
-        // A constant prediction maps back to the crop box and zero outside it.
-        let ones = Array3::from_elem(out.data.raw_dim(), 7.0f32);
-        let back = invert_train_order(&ones, &trace).unwrap();
-        assert_eq!(back.shape(), &[20, 16, 12]);
-        for ((i, j, k), &v) in back.indexed_iter() {
-            let inside = (3..16).contains(&i) && (2..13).contains(&j) && (1..11).contains(&k);
-            assert_eq!(v, if inside { 7.0 } else { 0.0 }, "at {:?}", (i, j, k));
-        }
-        assert!(invert_train_order(&Array3::zeros((1, 1, 1)), &trace).is_err());
-    }
 }

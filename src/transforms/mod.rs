@@ -23,6 +23,7 @@ pub mod intensity;
 mod linalg;
 pub mod orientation;
 pub mod spacing;
+pub mod train_order;
 
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array3;
@@ -35,6 +36,7 @@ pub use spacing::{
     apply_spacing_plan, plan_spacing, resample_to_grid, resample_to_spacing, validate_affine,
     Interp, SpacingPlan,
 };
+pub use train_order::{invert_train_order, preprocess_train_order, TrainOrderTrace};
 
 use crate::volume::{Affine, Volume};
 

@@ -1,0 +1,610 @@
+//! `vista3d batch`: many images through one resident [`Segmenter`].
+//!
+//! - Items come from a folder (`--input-dir`, optionally recursive, suffix matched optionally ignoring case) or a
+//!   list (`--input-list`: one path per line, or a JSON list of paths and objects with their own prompts and
+//!   method; unknown keys in an object are errors).
+//! - An item's output mirrors its input's path relative to the input root (the folder, or the common folder of a
+//!   list's images): `<output_dir>/<relative folder>/<stem>/<stem>_<postfix>.nii.gz`, so two patients' `ct.nii.gz`
+//!   never collide. Two items that would still write the same output are refused before any work starts.
+//! - The JSON record beside an output is the only "done" marker: it holds the request's identity (input size and
+//!   mtime, prompts, weights, method, every setting that shapes the label map). An item whose record has the same
+//!   identity is skipped; a different request recomputes and replaces the output (the new record names what it
+//!   replaced); `--overwrite` recomputes everything.
+//! - One failing item (unreadable file, bad prompts, a panic inside libtorch) is reported and the others go on;
+//!   the run exits non-zero at the end. Each process appends one JSON line per item to its own log in
+//!   `<output_dir>/.vista3d/`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::config::{ListItem, Origin};
+use crate::engines::Method;
+use crate::io::{read_image, OutputDtype};
+use crate::prompts::RequestPrompts;
+use crate::segmenter::record::{self, build_record, file_identity, request_identity};
+use crate::segmenter::{Request, SegmentError, Segmenter};
+
+/// One image to segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    /// The input path.
+    pub image: PathBuf,
+    /// The input's path relative to the input root (what the output mirrors).
+    pub relative: PathBuf,
+    /// Prompts of this item.
+    pub prompts: RequestPrompts,
+    /// Method of this item (`None`: the configuration's).
+    pub precision: Option<Method>,
+}
+
+/// Where the items come from.
+#[derive(Debug, Clone)]
+pub enum BatchInput {
+    /// Every file of `dir` whose name ends with `suffix`.
+    Dir {
+        dir: PathBuf,
+        suffix: String,
+        recursive: bool,
+        ignore_case: bool,
+    },
+    /// A list file.
+    List(PathBuf),
+}
+
+/// Finds the items; `prompts` are the prompts of items that do not give their own.
+pub fn discover(input: &BatchInput, prompts: &RequestPrompts) -> Result<Vec<BatchItem>> {
+    let items = match input {
+        BatchInput::Dir {
+            dir,
+            suffix,
+            recursive,
+            ignore_case,
+        } => {
+            ensure!(
+                dir.is_dir(),
+                "--input-dir {} is not a folder",
+                dir.display()
+            );
+            let mut files = Vec::new();
+            list_files(dir, *recursive, &mut files)?;
+            let matches = |p: &Path| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if *ignore_case {
+                    name.to_lowercase().ends_with(&suffix.to_lowercase())
+                } else {
+                    name.ends_with(suffix.as_str())
+                }
+            };
+            let mut images: Vec<PathBuf> = files.into_iter().filter(|p| matches(p)).collect();
+            images.sort();
+            ensure!(
+                !images.is_empty(),
+                "no '*{suffix}' images in {}{}",
+                dir.display(),
+                if *recursive {
+                    " or its subfolders"
+                } else {
+                    " (use --recursive to search subfolders)"
+                }
+            );
+            images
+                .into_iter()
+                .map(|image| BatchItem {
+                    relative: image.strip_prefix(dir).unwrap_or(&image).to_path_buf(),
+                    image,
+                    prompts: prompts.clone(),
+                    precision: None,
+                })
+                .collect()
+        }
+        BatchInput::List(list) => read_list(list, prompts)?,
+    };
+    Ok(items)
+}
+
+fn list_files(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        let p = e.path();
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            if recursive {
+                list_files(&p, true, out)?;
+            }
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Reads a list file: a JSON list of paths or objects, else one path per line (`#` comments).
+fn read_list(list: &Path, prompts: &RequestPrompts) -> Result<Vec<BatchItem>> {
+    let text = std::fs::read_to_string(list)
+        .with_context(|| format!("cannot read --input-list {}", list.display()))?;
+    let base = list.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &str| {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base.join(p)
+        }
+    };
+    let trimmed = text.trim_start();
+    let mut items: Vec<(PathBuf, RequestPrompts, Option<Method>)> = Vec::new();
+    if trimmed.starts_with('[') {
+        let values: Vec<Value> = serde_json::from_str(&text)
+            .with_context(|| format!("--input-list {} is not a valid JSON list", list.display()))?;
+        for (index, v) in values.iter().enumerate() {
+            match v {
+                Value::String(s) => items.push((resolve(s), prompts.clone(), None)),
+                Value::Object(_) => {
+                    let item = ListItem::parse(
+                        v,
+                        Origin::ListItem {
+                            list: list.to_path_buf(),
+                            index,
+                        },
+                    )?;
+                    let own = item.prompts();
+                    let p = if own.label_prompt.is_none() && own.points.is_none() {
+                        RequestPrompts {
+                            point_labels: own.point_labels.or(prompts.point_labels.clone()),
+                            ..prompts.clone()
+                        }
+                    } else {
+                        own
+                    };
+                    items.push((resolve(&item.image), p, item.precision));
+                }
+                other => bail!(
+                    "item {index} of {} must be a path or an object with \"image\", got {other}",
+                    list.display()
+                ),
+            }
+        }
+    } else {
+        for line in text.lines().map(str::trim) {
+            if !line.is_empty() && !line.starts_with('#') {
+                items.push((resolve(line), prompts.clone(), None));
+            }
+        }
+    }
+    ensure!(
+        !items.is_empty(),
+        "--input-list {} holds no image",
+        list.display()
+    );
+    let root = common_folder(items.iter().map(|(p, _, _)| p.as_path()));
+    Ok(items
+        .into_iter()
+        .map(|(image, prompts, precision)| BatchItem {
+            relative: root
+                .as_ref()
+                .and_then(|r| image.strip_prefix(r).ok())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| strip_root(&image)),
+            image,
+            prompts,
+            precision,
+        })
+        .collect())
+}
+
+/// The deepest folder that holds every path (`None` when they share nothing, e.g. relative and absolute).
+fn common_folder<'a>(paths: impl Iterator<Item = &'a Path>) -> Option<PathBuf> {
+    let mut common: Option<Vec<Component<'a>>> = None;
+    for p in paths {
+        let parent: Vec<Component<'a>> = p.parent()?.components().collect();
+        common = Some(match common {
+            None => parent,
+            Some(c) => c
+                .iter()
+                .zip(parent.iter())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| *a)
+                .collect(),
+        });
+    }
+    let c = common?;
+    (!c.is_empty()).then(|| c.iter().collect())
+}
+
+/// A path without its root or `..` parts, so that it can be placed under the output folder.
+fn strip_root(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
+}
+
+/// The file stem of an image path without `.nii.gz` / `.nii` (any case).
+pub fn image_stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lower = name.to_lowercase();
+    for ext in [".nii.gz", ".nii"] {
+        if lower.ends_with(ext) {
+            return name[..name.len() - ext.len()].to_string();
+        }
+    }
+    name
+}
+
+/// `<output_dir>/<relative folder>/<stem>/<stem>_<postfix>.nii.gz`.
+pub fn output_path(output_dir: &Path, relative: &Path, postfix: &str) -> PathBuf {
+    let stem = image_stem(relative);
+    let folder = relative.parent().unwrap_or(Path::new(""));
+    output_dir
+        .join(folder)
+        .join(&stem)
+        .join(format!("{stem}_{postfix}.nii.gz"))
+}
+
+/// Refuses a batch where two items would write the same output (checked before any work).
+pub fn check_collisions(items: &[BatchItem], output_dir: &Path, postfix: &str) -> Result<()> {
+    let mut seen: HashMap<PathBuf, &BatchItem> = HashMap::new();
+    for item in items {
+        let out = output_path(output_dir, &item.relative, postfix);
+        if let Some(first) = seen.insert(out.clone(), item) {
+            bail!(
+                "{} and {} would both be written to {}: rename one, or split the batch",
+                first.image.display(),
+                item.image.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `dir` can be created and written (before any inference).
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the output folder {}", dir.display()))?;
+    let probe = dir.join(format!(".vista3d-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("the output folder {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// How a batch writes its outputs.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub dir: PathBuf,
+    pub postfix: String,
+    pub dtype: OutputDtype,
+}
+
+/// What happened to one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemStatus {
+    /// Segmented and written (with the fallbacks of its method, if any).
+    Done { fallbacks: usize, seconds: f64 },
+    /// An up-to-date output answers the same request.
+    Skipped,
+    /// Failed with this error.
+    Failed(String),
+}
+
+/// Segments one item and writes its label map and record. `replaced` is the identity of the record it
+/// replaces, if any.
+pub fn run_item(
+    segmenter: &Segmenter,
+    item: &BatchItem,
+    out: &Path,
+    spec: &OutputSpec,
+    identity: Value,
+    replaced: Option<Value>,
+) -> Result<(usize, f64), SegmentError> {
+    let t0 = Instant::now();
+    let name = item.image.display().to_string();
+    let input =
+        read_image(&item.image).map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
+    let t_read = t0.elapsed().as_secs_f64();
+    let seg = segmenter.segment(&Request {
+        name: &name,
+        image: &input.volume,
+        prompts: item.prompts.clone(),
+        precision: item.precision,
+    })?;
+    let t = Instant::now();
+    let mut seconds: Vec<(&str, f64)> = vec![("read", t_read)];
+    seconds.extend(seg.timings.iter().map(|(k, v)| (*k, *v)));
+    let mut rec = build_record(segmenter, &seg, &input.volume, identity, out, &seconds);
+    if let Some(old) = replaced {
+        rec["replaced"] = old;
+    }
+    // The write time and total are known only after writing; the record states the time up to the write.
+    rec["seconds"]["total_before_write"] = json!(t0.elapsed().as_secs_f64());
+    record::save(out, &seg.labels, &input.header, spec.dtype, &rec)
+        .map_err(SegmentError::Failed)?;
+    log::debug!("{name}: written in {:.2} s", t.elapsed().as_secs_f64());
+    Ok((seg.method.fallbacks.len(), t0.elapsed().as_secs_f64()))
+}
+
+/// Counts of a finished batch.
+#[derive(Debug, Clone, Default)]
+pub struct BatchSummary {
+    pub total: usize,
+    pub done: usize,
+    pub skipped: usize,
+    /// Items that ran but needed a fallback of their method.
+    pub fell_back: usize,
+    /// Failed items with their errors.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+impl BatchSummary {
+    /// One line for the terminal.
+    pub fn line(&self) -> String {
+        format!(
+            "{} segmented ({} with a fallback), {} skipped (up to date), {} failed, of {}",
+            self.done,
+            self.fell_back,
+            self.skipped,
+            self.failed.len(),
+            self.total
+        )
+    }
+}
+
+/// Options of a batch run.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    pub output: OutputSpec,
+    /// Recompute items whose output answers the same request.
+    pub overwrite: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// Runs every item through `segmenter`; one failure never stops the others.
+pub fn run(
+    segmenter: &Segmenter,
+    items: &[BatchItem],
+    opts: &BatchOptions,
+) -> Result<BatchSummary> {
+    check_collisions(items, &opts.output.dir, &opts.output.postfix)?;
+    check_writable(&opts.output.dir)?;
+    let mut log = ItemLog::open(&opts.output.dir)?;
+    let total = items.len();
+    let bar = opts.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} images, elapsed {elapsed}, ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut summary = BatchSummary {
+        total,
+        ..Default::default()
+    };
+    for (i, item) in items.iter().enumerate() {
+        let out = output_path(&opts.output.dir, &item.relative, &opts.output.postfix);
+        let method = item.precision.unwrap_or(segmenter.config().precision);
+        let identity = request_identity(
+            segmenter,
+            file_identity(&item.image),
+            &item.prompts,
+            method,
+            opts.output.dtype,
+        );
+        let previous = record::read_record(&out).filter(|_| out.is_file());
+        let up_to_date = previous
+            .as_ref()
+            .is_some_and(|r| r.get("request") == Some(&identity));
+        let status = if up_to_date && !opts.overwrite {
+            ItemStatus::Skipped
+        } else {
+            let replaced = previous.and_then(|r| r.get("request").cloned());
+            match run_item(segmenter, item, &out, &opts.output, identity, replaced) {
+                Ok((fallbacks, seconds)) => ItemStatus::Done { fallbacks, seconds },
+                Err(e) => ItemStatus::Failed(e.to_string()),
+            }
+        };
+        let prefix = format!("[{}/{total}] {}", i + 1, item.image.display());
+        match &status {
+            ItemStatus::Skipped => {
+                summary.skipped += 1;
+                log::info!("{prefix}: up to date (same request), skipped");
+            }
+            ItemStatus::Done { fallbacks, seconds } => {
+                summary.done += 1;
+                if *fallbacks > 0 {
+                    summary.fell_back += 1;
+                }
+                if bar.is_none() {
+                    log::info!("{prefix} -> {} ({seconds:.1} s)", out.display());
+                }
+            }
+            ItemStatus::Failed(e) => {
+                log::error!("{prefix}: {e}");
+                summary.failed.push((item.image.clone(), e.clone()));
+            }
+        }
+        log.append(item, &out, &status);
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(summary)
+}
+
+/// This process's JSONL log of items in `<output_dir>/.vista3d/` (one file per process: no shared writes).
+struct ItemLog {
+    file: Option<std::fs::File>,
+}
+
+impl ItemLog {
+    fn open(output_dir: &Path) -> Result<Self> {
+        let dir = output_dir.join(".vista3d");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let host = hostname();
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let path = dir.join(format!("items-{host}-{}-{start}.jsonl", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create the item log {}", path.display()))?;
+        Ok(Self { file: Some(file) })
+    }
+
+    fn append(&mut self, item: &BatchItem, out: &Path, status: &ItemStatus) {
+        let (status_name, error, seconds, fallbacks) = match status {
+            ItemStatus::Done { fallbacks, seconds } => ("done", None, Some(*seconds), *fallbacks),
+            ItemStatus::Skipped => ("skipped", None, None, 0),
+            ItemStatus::Failed(e) => ("failed", Some(e.as_str()), None, 0),
+        };
+        let line = json!({
+            "time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            "host": hostname(),
+            "pid": std::process::id(),
+            "input": item.image.display().to_string(),
+            "output": out.display().to_string(),
+            "status": status_name,
+            "error": error,
+            "seconds": seconds,
+            "fallbacks": fallbacks,
+        });
+        if let Some(f) = &mut self.file {
+            if let Err(e) = writeln!(f, "{line}") {
+                log::warn!("cannot append to the item log: {e}; logging stops");
+                self.file = None;
+            }
+        }
+    }
+}
+
+/// This machine's host name (for logs and claims).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(image: &str, relative: &str) -> BatchItem {
+        BatchItem {
+            image: image.into(),
+            relative: relative.into(),
+            prompts: RequestPrompts::default(),
+            precision: None,
+        }
+    }
+
+    #[test]
+    fn outputs_mirror_relative_paths_and_collisions_are_refused() {
+        let out = Path::new("out");
+        assert_eq!(
+            output_path(out, Path::new("p1/ct.nii.gz"), "trans"),
+            PathBuf::from("out/p1/ct/ct_trans.nii.gz")
+        );
+        assert_eq!(
+            output_path(out, Path::new("ct_01.nii.gz"), "trans"),
+            PathBuf::from("out/ct_01/ct_01_trans.nii.gz")
+        );
+        assert_eq!(
+            output_path(out, Path::new("CT.NII.GZ"), "trans"),
+            PathBuf::from("out/CT/CT_trans.nii.gz")
+        );
+        let ok = [
+            item("/d/p1/ct.nii.gz", "p1/ct.nii.gz"),
+            item("/d/p2/ct.nii.gz", "p2/ct.nii.gz"),
+        ];
+        check_collisions(&ok, out, "trans").unwrap();
+        let clash = [item("/d/a.nii", "a.nii"), item("/d/a.nii.gz", "a.nii.gz")];
+        let e = check_collisions(&clash, out, "trans")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/d/a.nii and /d/a.nii.gz"), "{e}");
+    }
+
+    #[test]
+    fn discovery_recursive_and_case_insensitive() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("p1")).unwrap();
+        std::fs::create_dir_all(d.join("p2")).unwrap();
+        std::fs::write(d.join("p1/ct.nii.gz"), b"").unwrap();
+        std::fs::write(d.join("p2/ct.nii.gz"), b"").unwrap();
+        std::fs::write(d.join("TOP.NII.GZ"), b"").unwrap();
+        std::fs::write(d.join("notes.txt"), b"").unwrap();
+        let find = |recursive, ignore_case| {
+            discover(
+                &BatchInput::Dir {
+                    dir: d.to_path_buf(),
+                    suffix: ".nii.gz".into(),
+                    recursive,
+                    ignore_case,
+                },
+                &RequestPrompts::default(),
+            )
+        };
+        assert!(
+            find(false, false).is_err(),
+            "nothing matches at the top, case-sensitive"
+        );
+        assert_eq!(find(false, true).unwrap().len(), 1);
+        let all = find(true, true).unwrap();
+        let rel: Vec<_> = all.iter().map(|i| i.relative.clone()).collect();
+        assert_eq!(
+            rel,
+            vec![
+                PathBuf::from("TOP.NII.GZ"),
+                PathBuf::from("p1/ct.nii.gz"),
+                PathBuf::from("p2/ct.nii.gz")
+            ]
+        );
+    }
+
+    #[test]
+    fn lists_mirror_their_common_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list.txt");
+        std::fs::write(&list, "# comment\na/ct.nii.gz\nb/ct.nii.gz\n").unwrap();
+        let items = discover(&BatchInput::List(list.clone()), &RequestPrompts::default()).unwrap();
+        assert_eq!(items[0].relative, PathBuf::from("a/ct.nii.gz"));
+        assert_eq!(items[1].relative, PathBuf::from("b/ct.nii.gz"));
+        std::fs::write(&list, r#"[{"image": "x.nii.gz", "lable_prompt": [3]}]"#).unwrap();
+        let e = discover(&BatchInput::List(list), &RequestPrompts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lable_prompt") && e.contains("label_prompt"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! `vista3d infer`, `vista3d batch`, `vista3d bench`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use vista3d::batch::{self, BatchInput, BatchItem, BatchOptions, OutputSpec};
+use vista3d::bench::{self, BenchOptions};
+use vista3d::engines::Method;
+use vista3d::segmenter::{resolve_prompts, Pipeline, Segmenter, WeightsSource};
+
+use super::common::{CommonArgs, RequestArgs};
+use super::out;
+
+/// Options of `vista3d infer`.
+#[derive(clap::Args)]
+pub struct InferArgs {
+    /// Input image (.nii or .nii.gz).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[command(flatten)]
+    request: RequestArgs,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Options of `vista3d batch`.
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    /// Folder of images.
+    #[arg(long, conflicts_with = "input_list")]
+    input_dir: Option<PathBuf>,
+    /// File name suffix of the images in --input-dir (default: input_suffix of the configuration, .nii.gz).
+    #[arg(long)]
+    input_suffix: Option<String>,
+    /// Also search the subfolders of --input-dir (outputs mirror the folder structure).
+    #[arg(long)]
+    recursive: bool,
+    /// Match --input-suffix ignoring case (CT.NII.GZ).
+    #[arg(long)]
+    ignore_case: bool,
+    /// A text file with one image path per line, or a JSON list of paths or objects with "image" and their own
+    /// prompts and "precision".
+    #[arg(long)]
+    input_list: Option<PathBuf>,
+    /// Recompute images whose output already answers the same request.
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    request: RequestArgs,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// Options of `vista3d bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Seeded random weights of this width instead of a checkpoint (default: 48 when no --checkpoint).
+    #[arg(long, conflicts_with = "checkpoint")]
+    random_width: Option<i64>,
+    /// Processed volume size of the end-to-end run (the bundle's 333x333x603 CT), or "none".
+    #[arg(long, default_value = "333,333,603")]
+    volume: String,
+    /// Methods, in table order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fp32,tf32,amp,trt_tf32,trt_fp16,ort"
+    )]
+    methods: Vec<Method>,
+    /// Class prompts of each call (the bundle's table uses one label).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    labels: Vec<i64>,
+    /// Timed runs of the model computation (median reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Timed end-to-end runs.
+    #[arg(long, default_value_t = 3)]
+    e2e_runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+pub fn infer(args: InferArgs) -> Result<()> {
+    let config = args.common.config()?.inference()?;
+    let image = args
+        .image
+        .clone()
+        .or_else(|| config.input_dict.image.as_ref().map(PathBuf::from))
+        .context("no image: pass --image CT.nii.gz (or input_dict#image in a config)")?;
+    let prompts = args.request.apply(config.input_dict.prompts())?;
+    // Check the prompts and the output folder before loading anything.
+    resolve_prompts(&prompts, &config)?;
+    batch::check_writable(&config.output_dir)?;
+    let weights = args.common.weights(&config)?;
+    let output = OutputSpec {
+        dir: config.output_dir.clone(),
+        postfix: config.output_postfix.clone(),
+        dtype: config.output_dtype,
+    };
+    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    let item = BatchItem {
+        relative: PathBuf::from(image.file_name().unwrap_or_default()),
+        image,
+        prompts,
+        precision: None,
+    };
+    let out = batch::output_path(&output.dir, &item.relative, &output.postfix);
+    let identity = vista3d::segmenter::record::request_identity(
+        &segmenter,
+        vista3d::segmenter::record::file_identity(&item.image),
+        &item.prompts,
+        segmenter.config().precision,
+        output.dtype,
+    );
+    let (_, seconds) = batch::run_item(&segmenter, &item, &out, &output, identity, None)?;
+    out!("wrote {} ({seconds:.1} s)", out.display());
+    Ok(())
+}
+
+pub fn batch(args: BatchArgs) -> Result<()> {
+    let config = args.common.config()?.inference()?;
+    let prompts = args.request.apply(config.input_dict.prompts())?;
+    let input = match (
+        &args.input_list,
+        args.input_dir.clone().or(config.input_dir.clone()),
+    ) {
+        (Some(list), _) => BatchInput::List(list.clone()),
+        (None, Some(dir)) => BatchInput::Dir {
+            dir,
+            suffix: args
+                .input_suffix
+                .clone()
+                .or(config.input_suffix.clone())
+                .unwrap_or_else(|| ".nii.gz".into()),
+            recursive: args.recursive,
+            ignore_case: args.ignore_case,
+        },
+        (None, None) => anyhow::bail!("no input: pass --input-dir DIR or --input-list FILE"),
+    };
+    let items = batch::discover(&input, &prompts)?;
+    let output = OutputSpec {
+        dir: config.output_dir.clone(),
+        postfix: config.output_postfix.clone(),
+        dtype: config.output_dtype,
+    };
+    // Refuse colliding outputs and an unwritable folder before loading anything.
+    batch::check_collisions(&items, &output.dir, &output.postfix)?;
+    batch::check_writable(&output.dir)?;
+    let weights = args.common.weights(&config)?;
+    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    let opts = BatchOptions {
+        output,
+        overwrite: args.overwrite,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = batch::run(&segmenter, &items, &opts)?;
+    out!("{}", summary.line());
+    if !summary.failed.is_empty() {
+        for (image, err) in &summary.failed {
+            eprintln!("failed: {}: {err}", image.display());
+        }
+        anyhow::bail!(
+            "{} of {} images failed",
+            summary.failed.len(),
+            summary.total
+        );
+    }
+    Ok(())
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let config = args.common.config()?.inference()?;
+    let weights = match args.random_width {
+        Some(width) => WeightsSource::Random { width, seed: 0 },
+        None if args.common.checkpoint.is_some()
+            || args.common.demo_weights
+            || config.ckpt_path.is_some() =>
+        {
+            args.common.weights(&config)?
+        }
+        None => WeightsSource::Random { width: 48, seed: 0 },
+    };
+    let volume = match args.volume.trim() {
+        "none" | "" => None,
+        v => {
+            let dims: Vec<usize> = v
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--volume {v}: expected X,Y,Z or none"))?;
+            anyhow::ensure!(
+                dims.len() == 3 && dims.iter().all(|&d| d > 0),
+                "--volume {v}: expected three positive sizes X,Y,Z"
+            );
+            Some([dims[0], dims[1], dims[2]])
+        }
+    };
+    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    let opts = BenchOptions {
+        methods: args.methods.clone(),
+        volume,
+        labels: args.labels.clone(),
+        runs: args.runs,
+        e2e_runs: args.e2e_runs,
+        warmup: args.warmup,
+    };
+    let report = bench::run(&segmenter, &opts)?;
+    for line in bench::format_table(&report).lines() {
+        out!("{line}");
+    }
+    if let Some(path) = &args.json {
+        vista3d::fsutil::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        out!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,499 @@
+//! The one request path: a resident [`Segmenter`] that `infer`, `batch`, `evaluate`, `bench` and the server call.
+//!
+//! A segmenter is built once from a configuration: the weights on their device ([`Model`]), the engine choice
+//! and fallback policy, cuDNN's autotuner switched per `cudnn_benchmark`. Each [`Request`] is an image (a
+//! [`Volume`] with its geometry) with prompts and per-request overrides; [`Segmenter::segment`] returns the label
+//! map on the image's own grid and what ran. Nothing is reloaded or re-hashed per request: engines opened for a
+//! method are kept for the next request, and the weights fingerprint is computed at most once (only when an
+//! engine needs it).
+//!
+//! Threading: a segmenter is `Send` but not `Sync`. It is owned by one thread (the CLI's, or one worker thread per
+//! device in the server and multi-device batch) and requests reach it through that thread, because libtorch's
+//! TF32 and autocast switches are process-wide: only the owner of a device may flip them, between requests.
+//!
+//! Failure isolation: bad input (prompts, points outside the image, unusable voxels) is an
+//! [`SegmentError::InvalidRequest`]; a panic inside libtorch (tch panics on CUDA out-of-memory) is caught at the
+//! request boundary and becomes that request's [`SegmentError::Panic`], so one image never takes a batch or a
+//! server down.
+
+pub mod model;
+pub mod record;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use ndarray::Array3;
+use tch::Tensor;
+
+use crate::config::{FallbackPolicy, InferenceConfig};
+use crate::engines::runner::{MethodReport, WindowRunner};
+use crate::engines::{self, EngineContext, Method, WindowEngine};
+use crate::inference::{infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts};
+use crate::prompts::{self, LabelTable, Prompts, RequestPrompts};
+use crate::runtime::torch_switches;
+use crate::transforms::{self, PreprocessConfig};
+use crate::volume::Volume;
+pub use model::{device_name, CheckpointIdentity, Model, WeightsSource};
+
+/// How images are prepared for the network and how predictions return to their grid.
+#[derive(Debug, Clone)]
+pub enum Pipeline {
+    /// The bundle's `inference.json`: spacing -> foreground crop -> intensity -> RAS; prompts resolved with class
+    /// names, subclasses, zero-shot ids and "everything"; `Invertd` back to the input grid.
+    Bundle,
+    /// The bundle's `evaluate.json`: training-order preprocessing (crop -> intensity -> RAS -> spacing), the class
+    /// prompts `label_set` exactly as given (no expansion, no zero-shot switch), inverted in training order.
+    Evaluate {
+        label_set: Vec<i64>,
+        preprocess: PreprocessConfig,
+    },
+}
+
+/// One segmentation request.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// What the request is called in logs and errors (usually the input path).
+    pub name: &'a str,
+    /// The image on its own grid (`[x, y, z]`, RAS affine).
+    pub image: &'a Volume,
+    /// Prompts as given (ignored by [`Pipeline::Evaluate`], whose prompts are its label set).
+    pub prompts: RequestPrompts,
+    /// Method of this request (the configuration's `precision` when `None`).
+    pub precision: Option<Method>,
+}
+
+/// What one request produced.
+#[derive(Debug)]
+pub struct Segmentation {
+    /// Class ids on the image's grid (float32; 255 where nothing was computed).
+    pub labels: Array3<f32>,
+    /// The prompts after resolution (ids, subclasses, special point labels).
+    pub prompts: Prompts,
+    /// The method asked for, what ran, and every fallback.
+    pub method: MethodReport,
+    /// Seconds per stage (`preprocess`, `inference`, `postprocess`).
+    pub timings: Vec<(&'static str, f64)>,
+    /// Shape of the network's input grid after preprocessing.
+    pub processed_shape: [usize; 3],
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// The request cannot be served as given: prompts, points, or the image itself (the client's to fix).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The requested method cannot run and `precision_fallback` is `deny`.
+    #[error("{0}")]
+    FallbackDenied(String),
+    /// libtorch panicked (a bug, or CUDA running out of memory); caught at the request boundary.
+    #[error("internal error while segmenting {name}: {message}")]
+    Panic { name: String, message: String },
+    /// Anything else that went wrong while computing.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+impl SegmentError {
+    fn invalid(e: anyhow::Error) -> Self {
+        SegmentError::InvalidRequest(format!("{e:#}"))
+    }
+}
+
+/// What runs for a requested method ([`Segmenter::method_status`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodStatus {
+    /// The method that computes the class path (the engine's, else the libtorch fallback).
+    pub runs_as: Method,
+    /// Why the requested method steps down, if it does.
+    pub notes: Vec<String>,
+}
+
+/// An engine opened for a method (or the reasons it could not be), kept across requests.
+struct OpenEngine {
+    engine: Option<Box<dyn WindowEngine>>,
+    torch: Method,
+    notes: Vec<String>,
+}
+
+/// Environment variable of a test hook: a request whose name contains its value panics inside the request
+/// (used by the test that checks that one failing image never takes a batch down).
+pub const TEST_PANIC_ENV: &str = "VISTA3D_TEST_PANIC";
+
+/// The resident request path (see the module documentation).
+pub struct Segmenter {
+    model: Model,
+    config: InferenceConfig,
+    pipeline: Pipeline,
+    table: LabelTable,
+    engines: RefCell<HashMap<Method, OpenEngine>>,
+    test_panic: Option<String>,
+}
+
+impl Segmenter {
+    /// A segmenter over loaded weights. Sets cuDNN's autotuner as `cudnn_benchmark` says (CUDA only).
+    pub fn new(model: Model, config: InferenceConfig, pipeline: Pipeline) -> Self {
+        if model.device.is_cuda() {
+            torch_switches::set_cudnn_benchmark(config.cudnn_benchmark);
+        }
+        Self {
+            model,
+            config,
+            pipeline,
+            table: LabelTable::bundle(),
+            engines: RefCell::new(HashMap::new()),
+            test_panic: std::env::var(TEST_PANIC_ENV).ok().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// Loads the weights on the configured device and builds a segmenter.
+    pub fn load(
+        config: InferenceConfig,
+        weights: &WeightsSource,
+        pipeline: Pipeline,
+    ) -> anyhow::Result<Self> {
+        let device = crate::runtime::parse_device(&config.device)?;
+        let model = Model::load(weights, device, &config.cache_dir())?;
+        Ok(Self::new(model, config, pipeline))
+    }
+
+    /// The loaded weights.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The settings every request starts from.
+    pub fn config(&self) -> &InferenceConfig {
+        &self.config
+    }
+
+    /// Runs one window of `patch_size` through `method` (opening its engine), so that the first request does not
+    /// pay for it; returns the method report of that window.
+    pub fn warm_up(&self, method: Option<Method>) -> Result<MethodReport, SegmentError> {
+        let method = method.unwrap_or(self.config.precision);
+        let p = self.config.window().patch_size;
+        self.guard("warm-up", || {
+            self.with_runner(method, |runner| {
+                let x = Tensor::zeros(
+                    [1, 1, p[0] as i64, p[1] as i64, p[2] as i64],
+                    (tch::Kind::Float, self.model.device),
+                );
+                let ids = Tensor::from_slice(&[1i64])
+                    .view([1, 1])
+                    .to_device(self.model.device);
+                let args = crate::model::ForwardArgs {
+                    class_vector: Some(&ids),
+                    transpose: true,
+                    ..Default::default()
+                };
+                tch::no_grad(|| crate::inference::WindowNetwork::forward_window(runner, &x, &args))
+                    .map(|_| ())
+                    .map_err(SegmentError::Failed)
+            })
+            .map(|((), report)| report)
+        })
+    }
+
+    /// Segments one image (see the module documentation for what is guaranteed).
+    pub fn segment(&self, req: &Request<'_>) -> Result<Segmentation, SegmentError> {
+        self.guard(req.name, || self.segment_inner(req))
+    }
+
+    /// Runs `f` with the network of a request for `method`: the engine is opened on first use and kept for the
+    /// next requests; a method that cannot run steps down to libtorch (recorded in the report), unless
+    /// `precision_fallback` is `deny`.
+    pub fn with_runner<T>(
+        &self,
+        method: Method,
+        f: impl FnOnce(&WindowRunner) -> Result<T, SegmentError>,
+    ) -> Result<(T, MethodReport), SegmentError> {
+        let cached = self.engines.borrow_mut().remove(&method);
+        let open = cached.unwrap_or_else(|| self.open(method));
+        let deny = self.config.precision_fallback == FallbackPolicy::Deny;
+        if deny && !open.notes.is_empty() {
+            let why = open.notes.join("; ");
+            self.engines.borrow_mut().insert(method, open);
+            return Err(SegmentError::FallbackDenied(format!(
+                "precision {method} cannot run here and precision_fallback is deny: {why}"
+            )));
+        }
+        let runner = WindowRunner::new(
+            &self.model.net,
+            self.model.device,
+            method,
+            open.engine,
+            open.torch,
+            open.notes.clone(),
+        );
+        let out = f(&runner);
+        let (engine, report) = runner.into_parts();
+        self.engines.borrow_mut().insert(
+            method,
+            OpenEngine {
+                engine,
+                torch: open.torch,
+                notes: open.notes,
+            },
+        );
+        let out = out?;
+        if deny && !report.fallbacks.is_empty() {
+            return Err(SegmentError::FallbackDenied(format!(
+                "precision {method} failed while running and precision_fallback is deny: {}",
+                report.fallbacks.join("; ")
+            )));
+        }
+        Ok((out, report))
+    }
+
+    /// What runs here when `method` is asked for (its engine is opened and kept), and why it steps down when
+    /// it does.
+    pub fn method_status(&self, method: Method) -> MethodStatus {
+        let mut engines = self.engines.borrow_mut();
+        let open = engines.entry(method).or_insert_with(|| self.open(method));
+        MethodStatus {
+            runs_as: open.engine.as_ref().map_or(open.torch, |e| e.method()),
+            notes: open.notes.clone(),
+        }
+    }
+
+    /// Runs `f`, turning a panic into [`SegmentError::Panic`] (and forgetting engines that were in use, since
+    /// their state is unknown).
+    fn guard<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> Result<T, SegmentError>,
+    ) -> Result<T, SegmentError> {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(r) => r,
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                if let Ok(mut e) = self.engines.try_borrow_mut() {
+                    e.clear();
+                }
+                log::error!("{name}: panic caught at the request boundary: {message}");
+                Err(SegmentError::Panic {
+                    name: name.to_string(),
+                    message,
+                })
+            }
+        }
+    }
+
+    /// Opens the engine of `method` (or records why it cannot run).
+    fn open(&self, method: Method) -> OpenEngine {
+        let (engine, torch, notes) =
+            engines::choose(method, self.model.device.is_cuda(), &mut |m| {
+                self.engine_context(m)
+            });
+        OpenEngine {
+            engine,
+            torch,
+            notes,
+        }
+    }
+
+    /// Where the engines of `m` are and what they must match. Refuses early (before hashing any weights) when the
+    /// folder is missing.
+    fn engine_context(&self, m: Method) -> anyhow::Result<EngineContext> {
+        let cache = self.config.cache_dir();
+        let in_cache = |sub: &str| {
+            self.model
+                .known_fingerprint()
+                .map(|fp| cache.join(&fp).join(sub))
+        };
+        let onnx_dir: Option<PathBuf> = self.config.onnx_dir.clone().or_else(|| in_cache("onnx"));
+        let engines_dir: Option<PathBuf> = self
+            .config
+            .engines_dir
+            .clone()
+            .or_else(|| in_cache("engines"));
+        if m == Method::Ort {
+            match &onnx_dir {
+                Some(d) if d.join("manifest.json").is_file() => {}
+                Some(d) => bail!(
+                    "no ONNX export: {} not found (run `vista3d export-onnx --out {}`)",
+                    d.join("manifest.json").display(),
+                    d.display()
+                ),
+                None => bail!(
+                    "no ONNX export of these weights in the cache {} (run `vista3d export-onnx` with the same \
+                     checkpoint, or set onnx_dir)",
+                    cache.display()
+                ),
+            }
+        }
+        if m.is_tensorrt() {
+            if !self.model.device.is_cuda() {
+                bail!("TensorRT needs a CUDA device; this request runs on the CPU");
+            }
+            match &engines_dir {
+                Some(d) if d.is_dir() => {}
+                Some(d) => bail!(
+                    "no TensorRT engines: {} not found (run `vista3d build-engines --out {}`)",
+                    d.display(),
+                    d.display()
+                ),
+                None => bail!(
+                    "no TensorRT engines for these weights in the cache {} (run `vista3d export-onnx` and \
+                     `vista3d build-engines`, or set engines_dir)",
+                    cache.display()
+                ),
+            }
+        }
+        let window = self.config.window();
+        Ok(EngineContext {
+            onnx_dir: onnx_dir.unwrap_or_default(),
+            engines_dir: engines_dir.unwrap_or_default(),
+            weights_fingerprint: self.model.weights_fingerprint(),
+            device: self.model.device,
+            patch_size: window.patch_size,
+            max_prompt_size: self.config.max_prompt_size,
+            sw_batch_size: window.sw_batch_size,
+        })
+    }
+
+    fn segment_inner(&self, req: &Request<'_>) -> Result<Segmentation, SegmentError> {
+        let prompts = match &self.pipeline {
+            Pipeline::Bundle => {
+                resolve_prompts(&req.prompts, &self.config).map_err(SegmentError::invalid)?
+            }
+            Pipeline::Evaluate { label_set, .. } => Prompts {
+                label_prompt: Some(label_set.clone()),
+                points: None,
+                point_labels: None,
+            },
+        };
+        check_points(&prompts, req.image, req.name)?;
+        transforms::validate_volume(req.image)
+            .map_err(|e| SegmentError::invalid(e.context(format!("image {}", req.name))))?;
+        let method = req.precision.unwrap_or(self.config.precision);
+        let (out, report) = self.with_runner(method, |runner| self.run(runner, req, &prompts))?;
+        let (labels, timings, processed_shape) = out;
+        log::info!(
+            "{}: precision {method} -> ran {}",
+            req.name,
+            engines::runner::used_names(&report)
+        );
+        Ok(Segmentation {
+            labels,
+            prompts,
+            method: report,
+            timings,
+            processed_shape,
+        })
+    }
+
+    /// Preprocess, infer, postprocess and invert one image with `runner`.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        runner: &WindowRunner,
+        req: &Request<'_>,
+        prompts: &Prompts,
+    ) -> Result<(Array3<f32>, Vec<(&'static str, f64)>, [usize; 3]), SegmentError> {
+        let device = self.model.device;
+        let window = self.config.window();
+        let mut timings = Vec::new();
+        let t = Instant::now();
+        let prepared = match &self.pipeline {
+            Pipeline::Bundle => transforms::preprocess(req.image, &self.config.preprocess())
+                .map(|(v, trace)| (v, Trace::Bundle(Box::new(trace)))),
+            Pipeline::Evaluate { preprocess, .. } => {
+                transforms::preprocess_train_order(req.image, preprocess)
+                    .map(|(v, trace)| (v, Trace::TrainOrder(Box::new(trace))))
+            }
+        };
+        let (processed, trace) = prepared
+            .map_err(|e| SegmentError::invalid(e.context(format!("preprocessing {}", req.name))))?;
+        timings.push(("preprocess", t.elapsed().as_secs_f64()));
+
+        let t = Instant::now();
+        let net_prompts = match (&trace, &self.pipeline) {
+            (Trace::Bundle(trace), _) => NetworkPrompts::new(prompts, trace),
+            (Trace::TrainOrder(_), Pipeline::Evaluate { label_set, .. }) => {
+                // Vista3dEvaluator without user prompts: class_vector = prompt_class = label_set.
+                let ids = Tensor::from_slice(label_set).view([-1, 1]);
+                NetworkPrompts {
+                    class_vector: Some(ids.shallow_clone()),
+                    prompt_class: Some(ids),
+                    point_coords: None,
+                    point_labels: None,
+                    label_prompt: Some(label_set.clone()),
+                    points: Vec::new(),
+                }
+            }
+            (Trace::TrainOrder(_), Pipeline::Bundle) => {
+                return Err(SegmentError::Failed(anyhow!(
+                    "internal: training-order trace in the bundle pipeline"
+                )))
+            }
+        };
+        if let Some(needle) = &self.test_panic {
+            if req.name.contains(needle.as_str()) {
+                panic!("test hook {TEST_PANIC_ENV}: forced panic in {}", req.name);
+            }
+        }
+        let image = volume_to_tensor(&processed)
+            .map_err(SegmentError::Failed)?
+            .to_device(device);
+        let labels = infer_labels(runner, &image, &net_prompts, &window)
+            .with_context(|| format!("segmenting {}", req.name))
+            .map_err(SegmentError::Failed)?;
+        timings.push(("inference", t.elapsed().as_secs_f64()));
+
+        let t = Instant::now();
+        let labels = tensor_to_array(&labels).map_err(SegmentError::Failed)?;
+        let mut original = match &trace {
+            Trace::Bundle(trace) => transforms::invert_to_original(&labels, trace),
+            Trace::TrainOrder(trace) => transforms::invert_train_order(&labels, trace),
+        }
+        .map_err(SegmentError::Failed)?;
+        original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
+        timings.push(("postprocess", t.elapsed().as_secs_f64()));
+        Ok((original, timings, processed.dims()))
+    }
+
+    /// The class table requests are resolved against.
+    pub fn label_table(&self) -> &LabelTable {
+        &self.table
+    }
+}
+
+/// The preprocessing trace of either pipeline.
+enum Trace {
+    Bundle(Box<transforms::SpatialTrace>),
+    TrainOrder(Box<transforms::TrainOrderTrace>),
+}
+
+/// Resolves a request's prompts with the configured everything labels and subclasses (checks only: no weights
+/// needed, so front ends call it before loading anything).
+pub fn resolve_prompts(req: &RequestPrompts, config: &InferenceConfig) -> anyhow::Result<Prompts> {
+    prompts::resolve(
+        req,
+        &LabelTable::bundle(),
+        &config.subclass,
+        &config.everything_labels,
+    )
+}
+
+/// Points must lie inside the image (voxel indices from 0 to size - 1).
+fn check_points(prompts: &Prompts, image: &Volume, name: &str) -> Result<(), SegmentError> {
+    let d = image.dims();
+    for p in prompts.points.iter().flatten() {
+        if (0..3).any(|a| p[a] < 0.0 || p[a] > (d[a] - 1) as f64) {
+            return Err(SegmentError::InvalidRequest(format!(
+                "point {p:?} is outside the image {name}, whose voxel indices run from 0 to {:?}",
+                d.map(|s| s.saturating_sub(1))
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The JSON record written beside every label map, and the atomic save of both.
+//!
+//! The record says what was asked (the request's identity: input, prompts, weights, method and every setting that
+//! shapes the label map), what ran (methods, fallbacks, device) and how long each stage took. It is written after
+//! the label map, atomically, so it is the "done" marker of batch jobs: an output without its record is not done.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use super::{device_name, Segmentation, Segmenter};
+use crate::io::{write_nifti, NiftiHeader, OutputDtype};
+use crate::prompts::RequestPrompts;
+
+/// Record format version (bumped when a field changes meaning).
+pub const RECORD_VERSION: u32 = 2;
+
+/// The identity of an input file: path, size and modification time (cheap; a changed file gets a new identity).
+pub fn file_identity(path: &Path) -> Value {
+    let meta = std::fs::metadata(path).ok();
+    let mtime_ns = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    json!({
+        "path": path.display().to_string(),
+        "size": meta.map_or(0, |m| m.len()),
+        "mtime_ns": mtime_ns.to_string(),
+    })
+}
+
+/// What a request is, for deciding whether an existing output answers it: input identity, prompts as given,
+/// weights, requested method and every setting that changes the label map.
+pub fn request_identity(
+    segmenter: &Segmenter,
+    input: Value,
+    prompts: &RequestPrompts,
+    method: crate::engines::Method,
+    output_dtype: OutputDtype,
+) -> Value {
+    let c = segmenter.config();
+    let w = c.window();
+    let weights = match segmenter.model().identity() {
+        Some(id) => json!({"sha256": id.sha256}),
+        None => segmenter.model().describe(),
+    };
+    json!({
+        "input": input,
+        "prompts": {
+            "label_prompt": prompts.label_prompt,
+            "points": prompts.points,
+            "point_labels": prompts.point_labels,
+        },
+        "weights": weights,
+        "precision": method,
+        "settings": {
+            "resample_spacing": c.resample_spacing,
+            "patch_size": w.patch_size,
+            "overlap": w.overlap,
+            "mode": w.mode,
+            "sw_batch_size": w.sw_batch_size,
+            "use_point_window": w.use_point_window,
+            "everything_labels": c.everything_labels,
+            "subclass": c.subclass,
+            "output_dtype": output_dtype.name(),
+        },
+    })
+}
+
+/// The record of one segmentation written to `output`.
+pub fn build_record(
+    segmenter: &Segmenter,
+    seg: &Segmentation,
+    image: &crate::volume::Volume,
+    identity: Value,
+    output: &Path,
+    seconds: &[(&str, f64)],
+) -> Value {
+    let w = segmenter.config().window();
+    let mut timings = Map::new();
+    for (k, v) in seconds {
+        timings.insert((*k).to_string(), json!(v));
+    }
+    json!({
+        "record_version": RECORD_VERSION,
+        "tool": format!("vista3d {}", env!("CARGO_PKG_VERSION")),
+        "created": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        "image": identity["input"]["path"],
+        "output": output.display().to_string(),
+        "request": identity,
+        "input_shape": image.dims(),
+        "input_spacing": image.spacing(),
+        "processed_shape": seg.processed_shape,
+        "label_prompt": seg.prompts.label_prompt,
+        "points": seg.prompts.points,
+        "point_labels": seg.prompts.point_labels,
+        "weights": segmenter.model().describe(),
+        "device": device_name(segmenter.model().device),
+        "precision": seg.method,
+        "patch_size": w.patch_size,
+        "overlap": w.overlap,
+        "use_point_window": w.use_point_window,
+        "seconds": timings,
+    })
+}
+
+/// Writes the label map (with the input's header: its geometry is kept) and then its JSON record beside it
+/// (`<output without .nii.gz>.json`), both atomically. Returns the record's path.
+pub fn save(
+    output: &Path,
+    labels: &ndarray::Array3<f32>,
+    header: &NiftiHeader,
+    dtype: OutputDtype,
+    record: &Value,
+) -> anyhow::Result<std::path::PathBuf> {
+    write_nifti(output, labels, header, dtype)?;
+    let json_path = record_path(output);
+    crate::fsutil::write_atomic(&json_path, serde_json::to_string_pretty(record)?.as_bytes())?;
+    Ok(json_path)
+}
+
+/// The record beside a label map: `x_trans.nii.gz` -> `x_trans.json`.
+pub fn record_path(output: &Path) -> std::path::PathBuf {
+    output.with_extension("").with_extension("json")
+}
+
+/// The record beside `output`, if it exists and parses.
+pub fn read_record(output: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(record_path(output)).ok()?;
+    serde_json::from_str(&text).ok()
+}
