@@ -27,12 +27,14 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use ndarray::Array3;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::config::{FallbackPolicy, InferenceConfig};
 use crate::engines::runner::{MethodReport, WindowRunner};
 use crate::engines::{self, EngineContext, Method, WindowEngine};
-use crate::inference::{infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts};
+use crate::inference::{
+    infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowNetwork,
+};
 use crate::prompts::{self, LabelTable, Prompts, RequestPrompts};
 use crate::runtime::torch_switches;
 use crate::transforms::{self, PreprocessConfig};
@@ -124,14 +126,45 @@ struct OpenEngine {
 /// (used by the test that checks that one failing image never takes a batch down).
 pub const TEST_PANIC_ENV: &str = "VISTA3D_TEST_PANIC";
 
-/// The resident request path (see the module documentation).
-pub struct Segmenter {
-    model: Model,
+/// Where a request's windows run: the local model (a [`Segmenter`]) or, in the server, a device executor shared by
+/// concurrent requests.
+pub trait WindowBackend {
+    /// The device the preprocessed image is put on (windows are cut from it there).
+    fn input_device(&self) -> Device;
+
+    /// Runs `f` with the network of `method` and returns its result with what ran.
+    fn run_windows(
+        &self,
+        method: Method,
+        f: &mut dyn FnMut(&dyn WindowNetwork) -> Result<Computed, SegmentError>,
+    ) -> Result<(Computed, MethodReport), SegmentError>;
+}
+
+/// What a request computed on its image's grid.
+#[derive(Debug)]
+pub struct Computed {
+    /// Class ids on the image's grid (255 where nothing was computed).
+    pub labels: Array3<f32>,
+    /// Seconds per stage.
+    pub timings: Vec<(&'static str, f64)>,
+    /// Shape of the network's input grid.
+    pub processed_shape: [usize; 3],
+}
+
+/// The request logic every backend shares: prompts, checks, preprocessing, inference through the backend's
+/// network, postprocessing and inversion. `Sync`: the server runs it on many request threads at once.
+pub struct RequestPath {
     config: InferenceConfig,
     pipeline: Pipeline,
     table: LabelTable,
-    engines: RefCell<HashMap<Method, OpenEngine>>,
     test_panic: Option<String>,
+}
+
+/// The resident request path on a local model (see the module documentation).
+pub struct Segmenter {
+    path: RequestPath,
+    model: Model,
+    engines: RefCell<HashMap<Method, OpenEngine>>,
 }
 
 impl Segmenter {
@@ -141,12 +174,9 @@ impl Segmenter {
             torch_switches::set_cudnn_benchmark(config.cudnn_benchmark);
         }
         Self {
+            path: RequestPath::new(config, pipeline),
             model,
-            config,
-            pipeline,
-            table: LabelTable::bundle(),
             engines: RefCell::new(HashMap::new()),
-            test_panic: std::env::var(TEST_PANIC_ENV).ok().filter(|s| !s.is_empty()),
         }
     }
 
@@ -168,15 +198,20 @@ impl Segmenter {
 
     /// The settings every request starts from.
     pub fn config(&self) -> &InferenceConfig {
-        &self.config
+        &self.path.config
+    }
+
+    /// The request logic (shared with other backends).
+    pub fn request_path(&self) -> &RequestPath {
+        &self.path
     }
 
     /// Runs one window of `patch_size` through `method` (opening its engine), so that the first request does not
     /// pay for it; returns the method report of that window.
     pub fn warm_up(&self, method: Option<Method>) -> Result<MethodReport, SegmentError> {
-        let method = method.unwrap_or(self.config.precision);
-        let p = self.config.window().patch_size;
-        self.guard("warm-up", || {
+        let method = method.unwrap_or(self.config().precision);
+        let p = self.config().window().patch_size;
+        self.forget_engines_on_panic(guard("warm-up", || {
             self.with_runner(method, |runner| {
                 let x = Tensor::zeros(
                     [1, 1, p[0] as i64, p[1] as i64, p[2] as i64],
@@ -195,12 +230,22 @@ impl Segmenter {
                     .map_err(SegmentError::Failed)
             })
             .map(|((), report)| report)
-        })
+        }))
     }
 
     /// Segments one image (see the module documentation for what is guaranteed).
     pub fn segment(&self, req: &Request<'_>) -> Result<Segmentation, SegmentError> {
-        self.guard(req.name, || self.segment_inner(req))
+        self.forget_engines_on_panic(self.path.segment(self, req))
+    }
+
+    /// After a panic, engines that were in use are in an unknown state: open them again next time.
+    fn forget_engines_on_panic<T>(&self, r: Result<T, SegmentError>) -> Result<T, SegmentError> {
+        if matches!(r, Err(SegmentError::Panic { .. })) {
+            if let Ok(mut e) = self.engines.try_borrow_mut() {
+                e.clear();
+            }
+        }
+        r
     }
 
     /// Runs `f` with the network of a request for `method`: the engine is opened on first use and kept for the
@@ -213,7 +258,7 @@ impl Segmenter {
     ) -> Result<(T, MethodReport), SegmentError> {
         let cached = self.engines.borrow_mut().remove(&method);
         let open = cached.unwrap_or_else(|| self.open(method));
-        let deny = self.config.precision_fallback == FallbackPolicy::Deny;
+        let deny = self.config().precision_fallback == FallbackPolicy::Deny;
         if deny && !open.notes.is_empty() {
             let why = open.notes.join("; ");
             self.engines.borrow_mut().insert(method, open);
@@ -260,33 +305,6 @@ impl Segmenter {
         }
     }
 
-    /// Runs `f`, turning a panic into [`SegmentError::Panic`] (and forgetting engines that were in use, since
-    /// their state is unknown).
-    fn guard<T>(
-        &self,
-        name: &str,
-        f: impl FnOnce() -> Result<T, SegmentError>,
-    ) -> Result<T, SegmentError> {
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(r) => r,
-            Err(payload) => {
-                let message = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                if let Ok(mut e) = self.engines.try_borrow_mut() {
-                    e.clear();
-                }
-                log::error!("{name}: panic caught at the request boundary: {message}");
-                Err(SegmentError::Panic {
-                    name: name.to_string(),
-                    message,
-                })
-            }
-        }
-    }
-
     /// Opens the engine of `method` (or records why it cannot run).
     fn open(&self, method: Method) -> OpenEngine {
         let (engine, torch, notes) =
@@ -303,15 +321,15 @@ impl Segmenter {
     /// Where the engines of `m` are and what they must match. Refuses early (before hashing any weights) when the
     /// folder is missing.
     fn engine_context(&self, m: Method) -> anyhow::Result<EngineContext> {
-        let cache = self.config.cache_dir();
+        let cache = self.config().cache_dir();
         let in_cache = |sub: &str| {
             self.model
                 .known_fingerprint()
                 .map(|fp| cache.join(&fp).join(sub))
         };
-        let onnx_dir: Option<PathBuf> = self.config.onnx_dir.clone().or_else(|| in_cache("onnx"));
+        let onnx_dir: Option<PathBuf> = self.config().onnx_dir.clone().or_else(|| in_cache("onnx"));
         let engines_dir: Option<PathBuf> = self
-            .config
+            .config()
             .engines_dir
             .clone()
             .or_else(|| in_cache("engines"));
@@ -348,19 +366,68 @@ impl Segmenter {
                 ),
             }
         }
-        let window = self.config.window();
+        let window = self.config().window();
         Ok(EngineContext {
             onnx_dir: onnx_dir.unwrap_or_default(),
             engines_dir: engines_dir.unwrap_or_default(),
             weights_fingerprint: self.model.weights_fingerprint(),
             device: self.model.device,
             patch_size: window.patch_size,
-            max_prompt_size: self.config.max_prompt_size,
+            max_prompt_size: self.config().max_prompt_size,
             sw_batch_size: window.sw_batch_size,
         })
     }
 
-    fn segment_inner(&self, req: &Request<'_>) -> Result<Segmentation, SegmentError> {
+    /// The class table requests are resolved against.
+    pub fn label_table(&self) -> &LabelTable {
+        &self.path.table
+    }
+}
+
+impl WindowBackend for Segmenter {
+    fn input_device(&self) -> Device {
+        self.model.device
+    }
+
+    fn run_windows(
+        &self,
+        method: Method,
+        f: &mut dyn FnMut(&dyn WindowNetwork) -> Result<Computed, SegmentError>,
+    ) -> Result<(Computed, MethodReport), SegmentError> {
+        self.with_runner(method, |runner| f(runner))
+    }
+}
+
+impl RequestPath {
+    /// The request logic for `config` and `pipeline` (reads the test hook [`TEST_PANIC_ENV`]).
+    pub fn new(config: InferenceConfig, pipeline: Pipeline) -> Self {
+        Self {
+            config,
+            pipeline,
+            table: LabelTable::bundle(),
+            test_panic: std::env::var(TEST_PANIC_ENV).ok().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The settings every request starts from.
+    pub fn config(&self) -> &InferenceConfig {
+        &self.config
+    }
+
+    /// Segments one image with the windows running on `backend`; a panic fails this request only.
+    pub fn segment(
+        &self,
+        backend: &dyn WindowBackend,
+        req: &Request<'_>,
+    ) -> Result<Segmentation, SegmentError> {
+        guard(req.name, || self.segment_inner(backend, req))
+    }
+
+    fn segment_inner(
+        &self,
+        backend: &dyn WindowBackend,
+        req: &Request<'_>,
+    ) -> Result<Segmentation, SegmentError> {
         let prompts = match &self.pipeline {
             Pipeline::Bundle => {
                 resolve_prompts(&req.prompts, &self.config).map_err(SegmentError::invalid)?
@@ -375,31 +442,31 @@ impl Segmenter {
         transforms::validate_volume(req.image)
             .map_err(|e| SegmentError::invalid(e.context(format!("image {}", req.name))))?;
         let method = req.precision.unwrap_or(self.config.precision);
-        let (out, report) = self.with_runner(method, |runner| self.run(runner, req, &prompts))?;
-        let (labels, timings, processed_shape) = out;
+        let (out, report) = backend.run_windows(method, &mut |net| {
+            self.run(net, backend.input_device(), req, &prompts)
+        })?;
         log::info!(
             "{}: precision {method} -> ran {}",
             req.name,
             engines::runner::used_names(&report)
         );
         Ok(Segmentation {
-            labels,
+            labels: out.labels,
             prompts,
             method: report,
-            timings,
-            processed_shape,
+            timings: out.timings,
+            processed_shape: out.processed_shape,
         })
     }
 
     /// Preprocess, infer, postprocess and invert one image with `runner`.
-    #[allow(clippy::type_complexity)]
     fn run(
         &self,
-        runner: &WindowRunner,
+        net: &dyn WindowNetwork,
+        device: Device,
         req: &Request<'_>,
         prompts: &Prompts,
-    ) -> Result<(Array3<f32>, Vec<(&'static str, f64)>, [usize; 3]), SegmentError> {
-        let device = self.model.device;
+    ) -> Result<Computed, SegmentError> {
         let window = self.config.window();
         let mut timings = Vec::new();
         let t = Instant::now();
@@ -444,7 +511,7 @@ impl Segmenter {
         let image = volume_to_tensor(&processed)
             .map_err(SegmentError::Failed)?
             .to_device(device);
-        let labels = infer_labels(runner, &image, &net_prompts, &window)
+        let labels = infer_labels(net, &image, &net_prompts, &window)
             .with_context(|| format!("segmenting {}", req.name))
             .map_err(SegmentError::Failed)?;
         timings.push(("inference", t.elapsed().as_secs_f64()));
@@ -458,12 +525,33 @@ impl Segmenter {
         .map_err(SegmentError::Failed)?;
         original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
         timings.push(("postprocess", t.elapsed().as_secs_f64()));
-        Ok((original, timings, processed.dims()))
+        Ok(Computed {
+            labels: original,
+            timings,
+            processed_shape: processed.dims(),
+        })
     }
+}
 
-    /// The class table requests are resolved against.
-    pub fn label_table(&self) -> &LabelTable {
-        &self.table
+/// Runs `f`, turning a panic into [`SegmentError::Panic`] (the request boundary).
+pub fn guard<T>(
+    name: &str,
+    f: impl FnOnce() -> Result<T, SegmentError>,
+) -> Result<T, SegmentError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            log::error!("{name}: panic caught at the request boundary: {message}");
+            Err(SegmentError::Panic {
+                name: name.to_string(),
+                message,
+            })
+        }
     }
 }
 
