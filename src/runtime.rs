@@ -53,6 +53,71 @@ fn dlopen(name: &str) -> Result<(), String> {
     })
 }
 
+/// The folder of the libtorch the process runs against (where `libtorch_cpu.so` was loaded from).
+pub fn libtorch_dir() -> Option<std::path::PathBuf> {
+    let name = CString::new("_ZN2at13globalContextEv").ok()?;
+    // SAFETY: dlsym on the global namespace with a valid C string; null is handled.
+    let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    if sym.is_null() {
+        return None;
+    }
+    // SAFETY: Dl_info is a plain C struct of pointers, valid when zeroed.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr fills `info` for an address inside a loaded object; `dli_fname` is then a valid C string
+    // owned by the loader (or null, handled).
+    let ok = unsafe { libc::dladdr(sym, &mut info) };
+    if ok == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: checked non-null above.
+    let file = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let path = std::fs::canonicalize(&file).ok()?;
+    path.parent().map(std::path::Path::to_path_buf)
+}
+
+/// Where ONNX Runtime's shared library is, in the order the project looks (no environment needed):
+/// `ORT_DYLIB_PATH`, then the Python environment of the libtorch the binary runs against
+/// (`site-packages/onnxruntime/capi/`), then the install prefix of `scripts/install.sh` (`<bin>/../lib`, and the
+/// folder libtorch was loaded from). Candidates are returned in that order; the first that exists should be used.
+pub fn onnxruntime_candidates() -> Vec<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let mut out: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        out.push(PathBuf::from(p));
+    }
+    let in_dir = |dir: &std::path::Path| -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .map(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The most specific name first (libonnxruntime.so.1.31.1 before libonnxruntime.so).
+        found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        found
+    };
+    if let Some(torch_lib) = libtorch_dir() {
+        if let Some(site) = torch_lib.parent().and_then(|t| t.parent()) {
+            out.extend(in_dir(&site.join("onnxruntime").join("capi")));
+        }
+        out.extend(in_dir(&torch_lib));
+    }
+    if let Some(bin) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_path_buf()))
+    {
+        out.extend(in_dir(&bin.join("..").join("lib")));
+    }
+    out
+}
+
 /// Parses a device name: `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU when there is one).
 pub fn parse_device(name: &str) -> anyhow::Result<Device> {
     init_cuda();
@@ -171,6 +236,23 @@ pub mod torch_switches {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn libtorch_and_onnxruntime_are_found_without_environment() {
+            let dir = crate::runtime::libtorch_dir().expect("libtorch is loaded");
+            assert!(dir.join("libtorch_cpu.so").is_file(), "{}", dir.display());
+            // The test environment has onnxruntime in the same Python environment as torch.
+            let saved = std::env::var_os("ORT_DYLIB_PATH");
+            let found = crate::runtime::onnxruntime_candidates();
+            let from_env = saved.map(std::path::PathBuf::from);
+            let first_not_env = found.iter().find(|p| Some(*p) != from_env.as_ref());
+            assert!(
+                first_not_env.is_some_and(
+                    |p| p.is_file() && p.to_string_lossy().contains("libonnxruntime.so")
+                ),
+                "{found:?}"
+            );
+        }
 
         #[test]
         fn libtorch_symbols_resolve() {
