@@ -83,6 +83,9 @@ fn round_trip(source: &Path, series: &DicomVolume, labels: &Array3<f32>) -> Valu
     .unwrap();
     let (errors, text) = dciodvfy(&seg);
     assert!(errors.is_empty(), "dciodvfy reports errors:\n{text}");
+    if let Some(keep) = std::env::var_os("VISTA3D_KEEP_SEG") {
+        std::fs::copy(&seg, keep).unwrap();
+    }
     let (back, summary) = read_back(&seg, source);
     let expected = labels.mapv(|v| if v == 255.0 { 0.0 } else { v });
     assert_eq!(back.shape(), expected.shape());

@@ -33,6 +33,15 @@
 //! what nibabel reads from dcm2niix's NIfTI of the same series. Voxels are `stored * RescaleSlope +
 //! RescaleIntercept` per slice, with signed/unsigned data and `BitsStored` honoured.
 //!
+//! # Transfer syntaxes
+//!
+//! Decoded in the default build: implicit and explicit VR little endian, deflated explicit VR little endian, RLE
+//! lossless, JPEG baseline / extended / lossless (processes 1, 2-4, 14 and 14 SV1; `jpeg-decoder`), JPEG 2000
+//! lossless and lossy (Parts 1 and 2; `openjp2`, the pure-Rust port of OpenJPEG). JPEG-LS needs
+//! CharLS, a C++ library built with CMake, so it is behind the `jpegls` cargo feature (checked here: it builds
+//! and decodes losslessly with CMake installed); without it a JPEG-LS file is refused with a message saying so.
+//! Not read: JPEG XL, video syntaxes, and the retired Explicit VR Big Endian (refused by name).
+//!
 //! # Refusals
 //!
 //! Missing or duplicate slices (a gap more than `slice_spacing_tolerance` off the median step), mixed

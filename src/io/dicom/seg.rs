@@ -434,6 +434,7 @@ pub fn write_seg(
                                     VR::UI,
                                     source.sop_instance_uid.as_str(),
                                 ),
+                                el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
                                 seq(
                                     tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
                                     vec![dcm_code(

@@ -20,6 +20,8 @@ use super::{DicomError, DicomOptions, DicomVolume};
 use crate::io::NiftiHeader;
 use crate::volume::{Affine, Volume};
 
+/// Explicit VR Big Endian: retired; dicom-pixeldata would hand its pixels over unswapped, so it is refused.
+const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
 /// Orientation cosines of two slices differing by more than this are "mixed orientations".
 const ORIENTATION_TOLERANCE: f64 = 1e-3;
 /// Two slices closer than this along the normal (mm) are at the same position.
@@ -713,6 +715,14 @@ fn decode_slice(loc: &Location, rows: usize, cols: usize) -> Result<Vec<f32>, Di
         .transfer_syntax()
         .trim_end_matches('\0')
         .to_string();
+    if ts_uid == EXPLICIT_VR_BIG_ENDIAN {
+        return Err(DicomError::Unsupported {
+            path: loc.to_string(),
+            what: format!(
+                "transfer syntax Explicit VR Big Endian ({ts_uid}, retired in 2004) is not read; convert the file to little endian first (e.g. gdcmconv or dcmconv)"
+            ),
+        });
+    }
     match TransferSyntaxRegistry.get(&ts_uid) {
         None => {
             return Err(DicomError::Unsupported {
@@ -724,8 +734,13 @@ fn decode_slice(loc: &Location, rows: usize, cols: usize) -> Result<Vec<f32>, Di
             return Err(DicomError::Unsupported {
                 path: loc.to_string(),
                 what: format!(
-                    "transfer syntax {} ({ts_uid}) cannot be decoded by this build (see src/io/dicom/mod.rs for the codecs compiled in)",
-                    ts.name()
+                    "transfer syntax {} ({ts_uid}) cannot be decoded by this build{}",
+                    ts.name(),
+                    if ts.name().contains("JPEG-LS") {
+                        " (JPEG-LS needs CharLS: build vista3d with `--features jpegls`, which needs CMake)"
+                    } else {
+                        ""
+                    }
                 ),
             })
         }
