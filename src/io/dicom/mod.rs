@@ -101,12 +101,12 @@ pub enum DicomError {
         reason: String,
     },
     /// Slices of one series differ in orientation.
-    #[error("mixed orientations in one series: {first} has ImageOrientationPatient {a:?}, {other} has {b:?}")]
+    #[error("mixed orientations in one series: {first} has ImageOrientationPatient {a}, {other} has {b}")]
     MixedOrientation {
         first: String,
         other: String,
-        a: [f64; 6],
-        b: [f64; 6],
+        a: String,
+        b: String,
     },
     /// Slices of one series differ in size or pixel spacing.
     #[error("mixed slice sizes in one series: {first} is {a}, {other} is {b}")]

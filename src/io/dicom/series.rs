@@ -494,8 +494,8 @@ fn build(
             return Err(DicomError::MixedOrientation {
                 first: first_loc.clone(),
                 other: h.loc.to_string(),
-                a: std::array::from_fn(|i| iop0[i]),
-                b: std::array::from_fn(|i| iop[i]),
+                a: format!("{iop0:?}"),
+                b: format!("{iop:?}"),
             });
         }
         let ps = required(&h, tags::PIXEL_SPACING, "PixelSpacing", 2)?;
