@@ -13,16 +13,29 @@ use anyhow::{Context, Result};
 use vista3d::io::dicom::{read_series, write_seg, DicomOptions, SegOptions};
 use vista3d::prompts::LabelTable;
 
-fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// User + system CPU seconds of this process so far (all threads).
+fn cpu_seconds() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Median wall seconds and median CPU seconds of `reps` runs after one warm-up run (CPU time is what to compare
+/// on a loaded machine).
+fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     f()?;
-    let mut times = Vec::with_capacity(reps);
+    let (mut wall, mut cpu) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for _ in 0..reps {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds());
         f()?;
-        times.push(t0.elapsed().as_secs_f64());
+        wall.push(t0.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds() - c0);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    wall.sort_by(|a, b| a.total_cmp(b));
+    cpu.sort_by(|a, b| a.total_cmp(b));
+    Ok((wall[reps / 2], cpu[reps / 2]))
 }
 
 fn main() -> Result<()> {
@@ -39,6 +52,7 @@ fn main() -> Result<()> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
+    anyhow::ensure!(reps > 0, "--reps must be at least 1");
     let options = DicomOptions::default();
     let dicom = read_series(&series, &options)?;
     let read = median(reps, || {
@@ -67,14 +81,17 @@ fn main() -> Result<()> {
     })?;
     let size = std::fs::metadata(&out)?.len();
     println!(
-        "series {} ({} slices {}x{}, {}): read {:.3} s; SEG write {:.3} s ({} bytes); median of {reps}, {} rayon threads",
+        "series {} ({} slices {}x{}, {}): read {:.3} s wall / {:.3} s CPU; SEG write {:.3} s wall / {:.3} s CPU \
+         ({} bytes); medians of {reps}, {} rayon threads",
         series.display(),
         dicom.series.slices.len(),
         dicom.series.columns,
         dicom.series.rows,
         dicom.series.transfer_syntaxes.join(","),
-        read,
-        write,
+        read.0,
+        read.1,
+        write.0,
+        write.1,
         size,
         rayon::current_num_threads()
     );
