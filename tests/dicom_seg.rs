@@ -9,7 +9,7 @@ use std::process::Command;
 use ndarray::Array3;
 use serde_json::Value;
 use vista3d::io::dicom::{
-    read_series, write_seg, DicomError, DicomOptions, DicomVolume, SegOptions,
+    read_series, write_seg, DicomError, DicomOptions, DicomVolume, SegOptions, SegmentationKind,
 };
 use vista3d::io::read_nifti;
 use vista3d::prompts::LabelTable;
@@ -69,20 +69,32 @@ fn read_back(seg: &Path, source: &Path) -> (Array3<f32>, Value) {
     (labels, summary)
 }
 
-/// Writes the SEG of `labels`, validates it, reads it back, and checks masks, references and codes.
-fn round_trip(source: &Path, series: &DicomVolume, labels: &Array3<f32>) -> Value {
+/// Writes the SEG of `labels`, validates it (BINARY: dciodvfy; its 2022 build does not know LABELMAP), reads
+/// it back, and checks masks, references and codes.
+fn round_trip(
+    source: &Path,
+    series: &DicomVolume,
+    labels: &Array3<f32>,
+    kind: SegmentationKind,
+) -> Value {
     let tmp = tempfile::tempdir().unwrap();
     let seg = tmp.path().join("out").join("seg.dcm");
+    let options = SegOptions {
+        kind,
+        ..SegOptions::default()
+    };
     write_seg(
         &seg,
         labels,
         &series.series,
         &LabelTable::bundle(),
-        &SegOptions::default(),
+        &options,
     )
     .unwrap();
-    let (errors, text) = dciodvfy(&seg);
-    assert!(errors.is_empty(), "dciodvfy reports errors:\n{text}");
+    if kind == SegmentationKind::Binary {
+        let (errors, text) = dciodvfy(&seg);
+        assert!(errors.is_empty(), "dciodvfy reports errors:\n{text}");
+    }
     if let Some(keep) = std::env::var_os("VISTA3D_KEEP_SEG") {
         std::fs::copy(&seg, keep).unwrap();
     }
@@ -99,9 +111,18 @@ fn round_trip(source: &Path, series: &DicomVolume, labels: &Array3<f32>) -> Valu
         "{differ} voxels of highdicom's masks differ from the label map"
     );
 
-    assert_eq!(summary["sop_class_uid"], "1.2.840.10008.5.1.4.1.1.66.4");
-    assert_eq!(summary["segmentation_type"], "BINARY");
-    assert_eq!(summary["bits_allocated"], 1);
+    let binary = kind == SegmentationKind::Binary;
+    let sop_class = if binary {
+        "1.2.840.10008.5.1.4.1.1.66.4"
+    } else {
+        "1.2.840.10008.5.1.4.1.1.66.7"
+    };
+    assert_eq!(summary["sop_class_uid"], sop_class);
+    assert_eq!(
+        summary["segmentation_type"],
+        if binary { "BINARY" } else { "LABELMAP" }
+    );
+    assert_eq!(summary["bits_allocated"], if binary { 1 } else { 8 });
     assert!(summary["series_description"]
         .as_str()
         .unwrap()
@@ -110,9 +131,11 @@ fn round_trip(source: &Path, series: &DicomVolume, labels: &Array3<f32>) -> Valu
         .as_str()
         .unwrap()
         .contains("research"));
-    // Frames: one per (segment, slice) holding the segment; empty ones omitted.
+    // Frames: BINARY one per (segment, slice) holding the segment, LABELMAP one per slice holding any; empty
+    // ones omitted.
     let n = labels.shape()[2];
     let mut frames = 0;
+    let mut slices_with_any = 0;
     for k in 0..n {
         let plane = labels.index_axis(ndarray::Axis(2), k);
         let mut ids: Vec<i64> = plane
@@ -123,13 +146,17 @@ fn round_trip(source: &Path, series: &DicomVolume, labels: &Array3<f32>) -> Valu
         ids.sort_unstable();
         ids.dedup();
         frames += ids.len();
+        slices_with_any += usize::from(!ids.is_empty());
         assert_eq!(
             summary["frames_per_slice"][k.to_string()],
             ids.len(),
             "slice {k}"
         );
     }
-    assert_eq!(summary["number_of_frames"], frames);
+    assert_eq!(
+        summary["number_of_frames"],
+        if binary { frames } else { slices_with_any }
+    );
     // References: the source series, all its instances; frames reference the slices they segment.
     assert_eq!(
         summary["referenced_series"][0],
@@ -184,13 +211,15 @@ fn seg_of_a_crafted_series_validates_and_reads_back_voxel_for_voxel() {
     labels[[30, 5, 4]] = 3.0;
     labels[[40, 30, 1]] = 5.0;
     labels[[10, 40, 5]] = 255.0;
-    let summary = round_trip(&source, &series, &labels);
+    let summary = round_trip(&source, &series, &labels, SegmentationKind::Binary);
     let segments = summary["segments"].as_array().unwrap();
     let names: Vec<&str> = segments
         .iter()
         .map(|s| s["label"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["liver", "spleen", "right kidney"]);
+    let labelmap = round_trip(&source, &series, &labels, SegmentationKind::Labelmap);
+    assert_eq!(labelmap["segments"], summary["segments"]);
     assert_eq!(
         segments[0]["type"][0],
         serde_json::json!(["SCT", "10200004", "Liver"])
@@ -231,7 +260,7 @@ fn seg_of_the_real_example_series_validates_and_reads_back() {
             0.0
         }
     });
-    let summary = round_trip(&source, &series, &labels);
+    let summary = round_trip(&source, &series, &labels, SegmentationKind::Binary);
     let segments = summary["segments"].as_array().unwrap();
     let names: Vec<&str> = segments
         .iter()

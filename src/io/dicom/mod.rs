@@ -58,7 +58,7 @@ mod source;
 use std::path::Path;
 
 pub use codes::{CodedConcept, SegmentCodes};
-pub use seg::{write_seg, SegOptions};
+pub use seg::{write_seg, SegOptions, SegmentationKind};
 pub use series::{read_series, scan_series, SeriesInfo, SeriesSummary, SliceRef};
 
 use crate::io::NiftiHeader;

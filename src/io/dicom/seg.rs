@@ -24,9 +24,24 @@ const NOT_COMPUTED: f32 = 255.0;
 /// This implementation's class UID in the file meta group (a fixed `2.25.` UID).
 const IMPLEMENTATION_CLASS_UID: &str = "2.25.231876502372716367620402342381813526537";
 
+/// Which kind of DICOM Segmentation to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SegmentationKind {
+    /// Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4), SegmentationType BINARY: one bit-packed frame per
+    /// (segment, slice) holding the segment. What every SEG viewer reads; the default.
+    #[default]
+    Binary,
+    /// Label Map Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.7, DICOM 2024), SegmentationType LABELMAP: one
+    /// 8- or 16-bit frame per slice holding any segment, pixel values = segment numbers. Read back by highdicom
+    /// here; dicom3tools' dciodvfy (Debian 2022 build) does not know this SOP class yet, so it is an option.
+    Labelmap,
+}
+
 /// Settings of a written SEG.
 #[derive(Debug, Clone)]
 pub struct SegOptions {
+    /// BINARY (default) or LABELMAP.
+    pub kind: SegmentationKind,
     /// SeriesNumber of the new series.
     pub series_number: i64,
     /// SeriesDescription of the new series.
@@ -38,6 +53,7 @@ pub struct SegOptions {
 impl Default for SegOptions {
     fn default() -> Self {
         Self {
+            kind: SegmentationKind::Binary,
             series_number: 3000,
             series_description: "vista3d segmentation (research use only)".into(),
             algorithm_name: "VISTA3D".into(),
@@ -156,6 +172,13 @@ pub fn write_seg(
     let date = now.format("%Y%m%d").to_string();
     let time = now.format("%H%M%S%.6f").to_string();
 
+    let (sop_class, segmentation_type, bits_allocated) = match options.kind {
+        SegmentationKind::Binary => (uids::SEGMENTATION_STORAGE, "BINARY", 1u16),
+        SegmentationKind::Labelmap if present.len() > 255 => {
+            (uids::LABEL_MAP_SEGMENTATION_STORAGE, "LABELMAP", 16)
+        }
+        SegmentationKind::Labelmap => (uids::LABEL_MAP_SEGMENTATION_STORAGE, "LABELMAP", 8),
+    };
     let mut ds_obj = InMemDicomObject::new_empty();
     // Patient and study modules: copied, with the type 2 attributes present even when empty.
     for e in &series.copied {
@@ -179,7 +202,7 @@ pub fn write_seg(
     let software = env!("CARGO_PKG_VERSION");
     for e in [
         el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
-        el(tags::SOP_CLASS_UID, VR::UI, uids::SEGMENTATION_STORAGE),
+        el(tags::SOP_CLASS_UID, VR::UI, sop_class),
         el(tags::SOP_INSTANCE_UID, VR::UI, sop_instance_uid.as_str()),
         el(tags::STUDY_INSTANCE_UID, VR::UI, study_uid.as_str()),
         el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
@@ -234,12 +257,12 @@ pub fn write_seg(
         el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
         el(tags::ROWS, VR::US, rows as u16),
         el(tags::COLUMNS, VR::US, cols as u16),
-        el(tags::BITS_ALLOCATED, VR::US, 1u16),
-        el(tags::BITS_STORED, VR::US, 1u16),
-        el(tags::HIGH_BIT, VR::US, 0u16),
+        el(tags::BITS_ALLOCATED, VR::US, bits_allocated),
+        el(tags::BITS_STORED, VR::US, bits_allocated),
+        el(tags::HIGH_BIT, VR::US, bits_allocated - 1),
         el(tags::PIXEL_REPRESENTATION, VR::US, 0u16),
         el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
-        el(tags::SEGMENTATION_TYPE, VR::CS, "BINARY"),
+        el(tags::SEGMENTATION_TYPE, VR::CS, segmentation_type),
     ] {
         ds_obj.put(e);
     }
@@ -304,7 +327,7 @@ pub fn write_seg(
     }
     ds_obj.put(seq(tags::SEGMENT_SEQUENCE, segment_items));
 
-    // Dimensions: segment number, then image position.
+    // Dimensions: segment number (BINARY only), then image position.
     ds_obj.put(seq(
         tags::DIMENSION_ORGANIZATION_SEQUENCE,
         vec![obj(vec![el(
@@ -313,55 +336,55 @@ pub fn write_seg(
             dimension_uid.as_str(),
         )])],
     ));
-    ds_obj.put(seq(
-        tags::DIMENSION_INDEX_SEQUENCE,
-        vec![
-            obj(vec![
-                el(
-                    tags::DIMENSION_ORGANIZATION_UID,
-                    VR::UI,
-                    dimension_uid.as_str(),
-                ),
-                el(
-                    tags::DIMENSION_INDEX_POINTER,
-                    VR::AT,
-                    tags::REFERENCED_SEGMENT_NUMBER,
-                ),
-                el(
-                    tags::FUNCTIONAL_GROUP_POINTER,
-                    VR::AT,
-                    tags::SEGMENT_IDENTIFICATION_SEQUENCE,
-                ),
-                el(
-                    tags::DIMENSION_DESCRIPTION_LABEL,
-                    VR::LO,
-                    "ReferencedSegmentNumber",
-                ),
-            ]),
-            obj(vec![
-                el(
-                    tags::DIMENSION_ORGANIZATION_UID,
-                    VR::UI,
-                    dimension_uid.as_str(),
-                ),
-                el(
-                    tags::DIMENSION_INDEX_POINTER,
-                    VR::AT,
-                    tags::IMAGE_POSITION_PATIENT,
-                ),
-                el(
-                    tags::FUNCTIONAL_GROUP_POINTER,
-                    VR::AT,
-                    tags::PLANE_POSITION_SEQUENCE,
-                ),
-                el(
-                    tags::DIMENSION_DESCRIPTION_LABEL,
-                    VR::LO,
-                    "ImagePositionPatient",
-                ),
-            ]),
-        ],
-    ));
+    let segment_dimension = obj(vec![
+        el(
+            tags::DIMENSION_ORGANIZATION_UID,
+            VR::UI,
+            dimension_uid.as_str(),
+        ),
+        el(
+            tags::DIMENSION_INDEX_POINTER,
+            VR::AT,
+            tags::REFERENCED_SEGMENT_NUMBER,
+        ),
+        el(
+            tags::FUNCTIONAL_GROUP_POINTER,
+            VR::AT,
+            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+        ),
+        el(
+            tags::DIMENSION_DESCRIPTION_LABEL,
+            VR::LO,
+            "ReferencedSegmentNumber",
+        ),
+    ]);
+    let position_dimension = obj(vec![
+        el(
+            tags::DIMENSION_ORGANIZATION_UID,
+            VR::UI,
+            dimension_uid.as_str(),
+        ),
+        el(
+            tags::DIMENSION_INDEX_POINTER,
+            VR::AT,
+            tags::IMAGE_POSITION_PATIENT,
+        ),
+        el(
+            tags::FUNCTIONAL_GROUP_POINTER,
+            VR::AT,
+            tags::PLANE_POSITION_SEQUENCE,
+        ),
+        el(
+            tags::DIMENSION_DESCRIPTION_LABEL,
+            VR::LO,
+            "ImagePositionPatient",
+        ),
+    ]);
+    let dimensions = match options.kind {
+        SegmentationKind::Binary => vec![segment_dimension, position_dimension],
+        SegmentationKind::Labelmap => vec![position_dimension],
+    };
+    ds_obj.put(seq(tags::DIMENSION_INDEX_SEQUENCE, dimensions));
 
     // Shared functional groups: pixel measures and orientation.
     let thickness = series
@@ -394,90 +417,83 @@ pub fn write_seg(
         ])],
     ));
 
-    // Frames: segment-major, slices in volume order, empty ones omitted; bits packed LSB first across frames.
+    // Frames, empty ones omitted. BINARY: segment-major, slices in volume order, bits packed LSB first across
+    // frames. LABELMAP: one frame per slice holding any segment, segment numbers as 8- or 16-bit pixels.
     let frame_pixels = rows * cols;
-    let n_frames: usize = present
-        .values()
-        .map(|s| s.iter().filter(|&&b| b).count())
-        .sum();
-    let mut bits = vec![0u8; (n_frames * frame_pixels).div_ceil(8).next_multiple_of(2)];
-    let mut per_frame = Vec::with_capacity(n_frames);
-    let mut frame = 0usize;
-    for (number, (&id, slices)) in present.iter().enumerate() {
-        let value = id as f32;
-        for (k, _) in slices.iter().enumerate().filter(|(_, &b)| b) {
-            let base = frame * frame_pixels;
-            for r in 0..rows {
-                let y = rows - 1 - r;
-                for c in 0..cols {
-                    if labels[[c, y, k]] == value {
-                        let bit = base + r * cols + c;
-                        bits[bit / 8] |= 1 << (bit % 8);
+    let mut per_frame = Vec::new();
+    let pixel_data = match options.kind {
+        SegmentationKind::Binary => {
+            let n_frames: usize = present
+                .values()
+                .map(|s| s.iter().filter(|&&b| b).count())
+                .sum();
+            let mut bits = vec![0u8; (n_frames * frame_pixels).div_ceil(8).next_multiple_of(2)];
+            let mut frame = 0usize;
+            for (number, (&id, slices)) in present.iter().enumerate() {
+                let value = id as f32;
+                for (k, _) in slices.iter().enumerate().filter(|(_, &b)| b) {
+                    let base = frame * frame_pixels;
+                    for r in 0..rows {
+                        let y = rows - 1 - r;
+                        for c in 0..cols {
+                            if labels[[c, y, k]] == value {
+                                let bit = base + r * cols + c;
+                                bits[bit / 8] |= 1 << (bit % 8);
+                            }
+                        }
                     }
+                    let segment = (number + 1) as u16;
+                    per_frame.push(frame_item(
+                        &series.slices[k],
+                        &[segment as u32, (k + 1) as u32],
+                        Some(segment),
+                    ));
+                    frame += 1;
                 }
             }
-            let source = &series.slices[k];
-            per_frame.push(obj(vec![
-                seq(
-                    tags::DERIVATION_IMAGE_SEQUENCE,
-                    vec![obj(vec![
-                        seq(
-                            tags::SOURCE_IMAGE_SEQUENCE,
-                            vec![obj(vec![
-                                el(
-                                    tags::REFERENCED_SOP_CLASS_UID,
-                                    VR::UI,
-                                    source.sop_class_uid.as_str(),
-                                ),
-                                el(
-                                    tags::REFERENCED_SOP_INSTANCE_UID,
-                                    VR::UI,
-                                    source.sop_instance_uid.as_str(),
-                                ),
-                                el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
-                                seq(
-                                    tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                                    vec![dcm_code(
-                                        "121322",
-                                        "Source image for image processing operation",
-                                    )],
-                                ),
-                            ])],
-                        ),
-                        seq(
-                            tags::DERIVATION_CODE_SEQUENCE,
-                            vec![dcm_code("113076", "Segmentation")],
-                        ),
-                    ])],
-                ),
-                seq(
-                    tags::FRAME_CONTENT_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::DIMENSION_INDEX_VALUES,
-                        VR::UL,
-                        dicom_value!(U32, [(number + 1) as u32, (k + 1) as u32]),
-                    )])],
-                ),
-                seq(
-                    tags::PLANE_POSITION_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::IMAGE_POSITION_PATIENT,
-                        VR::DS,
-                        ds_multi(&source.position),
-                    )])],
-                ),
-                seq(
-                    tags::SEGMENT_IDENTIFICATION_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::REFERENCED_SEGMENT_NUMBER,
-                        VR::US,
-                        (number + 1) as u16,
-                    )])],
-                ),
-            ]));
-            frame += 1;
+            DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(bits))
         }
-    }
+        SegmentationKind::Labelmap => {
+            let number_of: std::collections::BTreeMap<i64, u16> = present
+                .keys()
+                .enumerate()
+                .map(|(i, &id)| (id, (i + 1) as u16))
+                .collect();
+            let wide = number_of.len() > 255;
+            let mut bytes = Vec::new();
+            for k in 0..n {
+                if !present.values().any(|s| s[k]) {
+                    continue;
+                }
+                for r in 0..rows {
+                    let y = rows - 1 - r;
+                    for c in 0..cols {
+                        let v = labels[[c, y, k]];
+                        let number = if v == 0.0 || v == NOT_COMPUTED {
+                            0
+                        } else {
+                            number_of[&(v as i64)]
+                        };
+                        if wide {
+                            bytes.extend_from_slice(&number.to_le_bytes());
+                        } else {
+                            bytes.push(number as u8);
+                        }
+                    }
+                }
+                per_frame.push(frame_item(&series.slices[k], &[(k + 1) as u32], None));
+            }
+            if bytes.len() % 2 == 1 {
+                bytes.push(0);
+            }
+            DataElement::new(
+                tags::PIXEL_DATA,
+                if wide { VR::OW } else { VR::OB },
+                PrimitiveValue::from(bytes),
+            )
+        }
+    };
+    let n_frames = per_frame.len();
     ds_obj.put(el(tags::NUMBER_OF_FRAMES, VR::IS, n_frames.to_string()));
     ds_obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
 
@@ -511,7 +527,7 @@ pub fn write_seg(
             seq(tags::REFERENCED_INSTANCE_SEQUENCE, referenced),
         ])],
     ));
-    ds_obj.put(el(tags::PIXEL_DATA, VR::OB, bits));
+    ds_obj.put(pixel_data);
 
     let file = ds_obj
         .with_meta(
@@ -526,6 +542,72 @@ pub fn write_seg(
             .map_err(|e| anyhow::anyhow!("cannot encode the DICOM data set: {e}"))
     })
     .map_err(|e| err(format!("{e:#}")))
+}
+
+/// The per-frame functional groups of a frame on `source`: derivation (source image, spatial locations
+/// preserved), dimension index values, plane position and, for BINARY, the segment.
+fn frame_item(source: &super::SliceRef, index: &[u32], segment: Option<u16>) -> InMemDicomObject {
+    let mut item = obj(vec![
+        seq(
+            tags::DERIVATION_IMAGE_SEQUENCE,
+            vec![obj(vec![
+                seq(
+                    tags::SOURCE_IMAGE_SEQUENCE,
+                    vec![obj(vec![
+                        el(
+                            tags::REFERENCED_SOP_CLASS_UID,
+                            VR::UI,
+                            source.sop_class_uid.as_str(),
+                        ),
+                        el(
+                            tags::REFERENCED_SOP_INSTANCE_UID,
+                            VR::UI,
+                            source.sop_instance_uid.as_str(),
+                        ),
+                        el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
+                        seq(
+                            tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+                            vec![dcm_code(
+                                "121322",
+                                "Source image for image processing operation",
+                            )],
+                        ),
+                    ])],
+                ),
+                seq(
+                    tags::DERIVATION_CODE_SEQUENCE,
+                    vec![dcm_code("113076", "Segmentation")],
+                ),
+            ])],
+        ),
+        seq(
+            tags::FRAME_CONTENT_SEQUENCE,
+            vec![obj(vec![el(
+                tags::DIMENSION_INDEX_VALUES,
+                VR::UL,
+                PrimitiveValue::U32(index.iter().copied().collect()),
+            )])],
+        ),
+        seq(
+            tags::PLANE_POSITION_SEQUENCE,
+            vec![obj(vec![el(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                ds_multi(&source.position),
+            )])],
+        ),
+    ]);
+    if let Some(number) = segment {
+        item.put(seq(
+            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+            vec![obj(vec![el(
+                tags::REFERENCED_SEGMENT_NUMBER,
+                VR::US,
+                number,
+            )])],
+        ));
+    }
+    item
 }
 
 fn truncate(s: &str, max: usize) -> String {
