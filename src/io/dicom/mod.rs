@@ -31,7 +31,8 @@
 //! LPS voxel-to-patient matrix becomes RAS by negating its first two rows, and rows are flipped as dcm2niix
 //! flips them (NIfTI's `j` runs from the last DICOM row to the first), so the [`Volume`] and its affine equal
 //! what nibabel reads from dcm2niix's NIfTI of the same series. Voxels are `stored * RescaleSlope +
-//! RescaleIntercept` per slice, with signed/unsigned data and `BitsStored` honoured.
+//! RescaleIntercept` per slice, with signed/unsigned data and `BitsStored` honoured (values sign-extended or
+//! masked to the stored bits). MONOCHROME1 is read as stored, without inversion (CT is MONOCHROME2).
 //!
 //! # Transfer syntaxes
 //!
