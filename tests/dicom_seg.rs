@@ -95,6 +95,7 @@ fn round_trip(
         let (errors, text) = dciodvfy(&seg);
         assert!(errors.is_empty(), "dciodvfy reports errors:\n{text}");
     }
+    // VISTA3D_KEEP_SEG=path keeps a copy of the SEG for inspection (e.g. in a viewer).
     if let Some(keep) = std::env::var_os("VISTA3D_KEEP_SEG") {
         std::fs::copy(&seg, keep).unwrap();
     }
