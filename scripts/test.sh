@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh test
 export VISTA3D_DATA="${VISTA3D_DATA:-$PWD/target/data}"
 bash scripts/fetch_data.sh > /dev/null
+# DICOM oracles from Debian: dcm2niix (the reference geometry) and dicom3tools' dciodvfy (SEG validation).
+if ! command -v dcm2niix > /dev/null || ! command -v dciodvfy > /dev/null; then
+    echo "[test] installing Debian's dcm2niix and dicom3tools" >&2
+    { apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcm2niix dicom3tools > /dev/null; } \
+        || echo "[test] could not install dcm2niix/dicom3tools: tests/dicom_io.rs and tests/dicom_seg.rs will fail" >&2
+fi
 # TensorRT headers, so that the TensorRT shim is compiled and tested (no TensorRT library is needed).
 if [ -z "${TENSORRT_INCLUDE_DIR:-}" ]; then
     TENSORRT_INCLUDE_DIR="$(bash scripts/fetch_trt_headers.sh)"
@@ -41,5 +47,8 @@ generate transforms tests/fixtures/make_transform_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_transform_fixtures.py --data "$VISTA3D_DATA" --out "$fixtures/transforms"
 generate training tests/fixtures/make_training_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_training_fixtures.py --out "$fixtures/training"
+generate dicom tests/fixtures/make_dicom_cases.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_dicom_cases.py --ct-small "$VISTA3D_DATA/pydicom/CT_small.dcm" \
+    --example "$VISTA3D_DATA/totalsegmentator/example_ct_dicom" --out "$fixtures/dicom"
 
 cargo test --release --no-fail-fast "$@"

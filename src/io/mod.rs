@@ -1,5 +1,7 @@
 //! Image input/output: what turns files into [`crate::volume::Volume`]s and label maps back into files.
 //!
+//! [`dicom`] reads a DICOM CT series into a volume (dcm2niix's geometry) and writes DICOM SEG objects.
+//!
 //! [`nifti`] reads and writes NIfTI-1 / NIfTI-2 (`.nii`, `.nii.gz`) the way the MONAI bundle's `LoadImage` sees
 //! them through nibabel. It is our own reader/writer rather than the `nifti` crate, whose gaps matter here
 //! (see `shared/reference/BUILD.md`): its qform affine is off by up to 5e-4 when the quaternion's `a` is near 0
@@ -7,6 +9,7 @@
 //! takes the datatype from the array and cannot be told to keep the input geometry exactly, and it uses
 //! ndarray 0.17 while the rest of the project (tch) is on 0.16.
 
+pub mod dicom;
 pub mod nifti;
 mod nifti_header;
 

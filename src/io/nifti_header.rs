@@ -741,6 +741,99 @@ impl NiftiHeader {
             extension_bytes: Vec::new(),
         }
     }
+
+    /// A NIfTI-1 header for a volume of `dims` converted from DICOM, as dcm2niix writes it: `affine` as sform
+    /// and as qform (both code 1, scanner anatomical), the quaternion, `qfac` and voxel sizes derived from the
+    /// affine (NIfTI's `nifti_mat44_to_quatern`, after orthonormalising the rotation), millimetre and second
+    /// units. Readers (nibabel, ours) use the sform, which is `affine` exactly.
+    pub fn scanner_from_affine(affine: &Affine, dims: [usize; 3]) -> NiftiHeader {
+        let mut h = NiftiHeader::from_affine(affine);
+        h.dim = [
+            3,
+            dims[0] as i64,
+            dims[1] as i64,
+            dims[2] as i64,
+            1,
+            1,
+            1,
+            1,
+        ];
+        h.sform_code = 1;
+        h.qform_code = 1;
+        h.xyzt_units = 10;
+        let (quatern, qfac) = quaternion_of(affine);
+        h.pixdim[0] = qfac;
+        h.quatern_b = quatern[0];
+        h.quatern_c = quatern[1];
+        h.quatern_d = quatern[2];
+        h
+    }
+}
+
+/// The quaternion (b, c, d) and qfac of an affine's rotation: columns normalised, Gram-Schmidt
+/// orthonormalised, the third negated when the determinant is negative (qfac -1), then `nifti_mat44_to_quatern`.
+fn quaternion_of(affine: &Affine) -> ([f64; 3], f64) {
+    let col = |c: usize| -> [f64; 3] { [affine[0][c], affine[1][c], affine[2][c]] };
+    let norm = |v: [f64; 3]| (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+    let unit = |v: [f64; 3]| {
+        let n = norm(v);
+        if n > 0.0 {
+            v.map(|x| x / n)
+        } else {
+            v
+        }
+    };
+    let dot = |a: [f64; 3], b: [f64; 3]| a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+    let x = unit(col(0));
+    let y0 = col(1);
+    let y = unit(std::array::from_fn(|i| y0[i] - dot(x, y0) * x[i]));
+    let z = [
+        x[1] * y[2] - x[2] * y[1],
+        x[2] * y[0] - x[0] * y[2],
+        x[0] * y[1] - x[1] * y[0],
+    ];
+    // The stored rotation is R * diag(1, 1, qfac) with R proper: R's third column is always x cross y.
+    let qfac = if dot(z, col(2)) < 0.0 { -1.0 } else { 1.0 };
+    let r = [[x[0], y[0], z[0]], [x[1], y[1], z[1]], [x[2], y[2], z[2]]];
+    let (r11, r12, r13) = (r[0][0], r[0][1], r[0][2]);
+    let (r21, r22, r23) = (r[1][0], r[1][1], r[1][2]);
+    let (r31, r32, r33) = (r[2][0], r[2][1], r[2][2]);
+    let trace = r11 + r22 + r33 + 1.0;
+    if trace > 0.5 {
+        let a = 0.5 * trace.sqrt();
+        (
+            [
+                0.25 * (r32 - r23) / a,
+                0.25 * (r13 - r31) / a,
+                0.25 * (r21 - r12) / a,
+            ],
+            qfac,
+        )
+    } else {
+        let (a, b, c, d);
+        let xd = 1.0 + r11 - (r22 + r33);
+        let yd = 1.0 + r22 - (r11 + r33);
+        let zd = 1.0 + r33 - (r11 + r22);
+        if xd > 1.0 {
+            b = 0.5 * xd.sqrt();
+            c = 0.25 * (r12 + r21) / b;
+            d = 0.25 * (r13 + r31) / b;
+            a = 0.25 * (r32 - r23) / b;
+        } else if yd > 1.0 {
+            c = 0.5 * yd.sqrt();
+            b = 0.25 * (r12 + r21) / c;
+            d = 0.25 * (r23 + r32) / c;
+            a = 0.25 * (r13 - r31) / c;
+        } else {
+            d = 0.5 * zd.sqrt();
+            b = 0.25 * (r13 + r31) / d;
+            c = 0.25 * (r23 + r32) / d;
+            a = 0.25 * (r21 - r12) / d;
+        }
+        // q and -q are the same rotation; NIfTI stores the one with a >= 0.
+        let sign = if a < 0.0 { -1.0 } else { 1.0 };
+        ([sign * b, sign * c, sign * d], qfac)
+    }
 }
 
 fn check_magic(magic: &[u8; 4], version: NiftiVersion) -> Result<()> {
@@ -910,6 +1003,55 @@ mod tests {
             f64::NEG_INFINITY
         );
         assert!(one_minus_sum_of_squares(f64::NAN, 0.0, 0.0).is_nan());
+    }
+
+    #[test]
+    fn scanner_headers_carry_the_affine_in_sform_and_qform() {
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        let cases: [Affine; 4] = [
+            // dcm2niix's axial LAS (det < 0 -> qfac -1).
+            [
+                [-0.9765625, 0.0, 0.0, 249.5],
+                [0.0, 0.9765625, 0.0, -61.5],
+                [0.0, 0.0, 2.0, -804.5],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+            // Sagittal: i -> A, j -> S, k -> L (a rotation with trace < 0.5).
+            [
+                [0.0, 0.0, -1.5, 10.0],
+                [0.8, 0.0, 0.0, -20.0],
+                [0.0, 0.8, 0.0, 30.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+            // Oblique, proper rotation.
+            [
+                [s, -s, 0.0, 1.0],
+                [s, s, 0.0, 2.0],
+                [0.0, 0.0, 3.0, 3.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+            // A 180-degree rotation about x (a = 0).
+            [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, -1.0, 0.0, 0.0],
+                [0.0, 0.0, -1.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        ];
+        for a in cases {
+            let h = NiftiHeader::scanner_from_affine(&a, [4, 5, 6]);
+            assert_eq!((h.sform_code, h.qform_code), (1, 1));
+            assert_eq!(h.shape().unwrap(), vec![4, 5, 6]);
+            assert_eq!(h.affine().unwrap(), a, "sform wins and is exact");
+            let q = h.qform().unwrap();
+            for r in 0..3 {
+                for c in 0..4 {
+                    assert!((q[r][c] - a[r][c]).abs() < 1e-6, "{a:?}: qform {q:?}");
+                }
+            }
+            let parsed = NiftiHeader::parse(&h.to_bytes().unwrap()).unwrap();
+            assert_eq!(parsed.qform_code, 1);
+        }
     }
 
     #[test]
