@@ -1,15 +1,19 @@
 //! `vista3d batch`: many images through one resident [`Segmenter`].
 //!
-//! - Items come from a folder (`--input-dir`, optionally recursive, suffix matched optionally ignoring case) or a
-//!   list (`--input-list`: one path per line, or a JSON list of paths and objects with their own prompts and
-//!   method; unknown keys in an object are errors).
+//! - Items come from a folder (`--input-dir`, optionally recursive, suffix matched optionally ignoring case; with
+//!   `--dicom`, every DICOM series of the folder tree), or a list (`--input-list`: one path per line, or a JSON
+//!   list of paths and objects with their own prompts and method; unknown keys in an object are errors). A path
+//!   may name a NIfTI file or a DICOM series (a folder or a `.zip`).
 //! - An item's output mirrors its input's path relative to the input root (the folder, or the common folder of a
 //!   list's images): `<output_dir>/<relative folder>/<stem>/<stem>_<postfix>.nii.gz`, so two patients' `ct.nii.gz`
-//!   never collide. Two items that would still write the same output are refused before any work starts.
+//!   never collide; a DICOM series is named by its folder and its SeriesInstanceUID
+//!   (`<output_dir>/<relative folder>/<uid>/<uid>_trans.nii.gz`). Two items that would still write the same output
+//!   are refused before any work starts.
 //! - The JSON record beside an output is the only "done" marker: it holds the request's identity (input size and
 //!   mtime, prompts, weights, method, every setting that shapes the label map). An item whose record has the same
 //!   identity is skipped; a different request recomputes and replaces the output (the new record names what it
-//!   replaced); `--overwrite` recomputes everything.
+//!   replaced); `--overwrite` recomputes everything. Extras asked for later (a DICOM SEG) are made from the current
+//!   label map without running the network again.
 //! - One failing item (unreadable file, bad prompts, a panic inside libtorch) is reported and the others go on;
 //!   the run exits non-zero at the end. Each process appends one JSON line per item to its own log in
 //!   `<output_dir>/.vista3d/`.
@@ -22,9 +26,10 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::config::{ListItem, Origin};
+use crate::config::{ListItem, Origin, OutputFormat};
 use crate::engines::Method;
-use crate::io::{read_image, OutputDtype};
+use crate::io::dicom::{self, DicomOptions, SegOptions};
+use crate::io::{read_image, read_nifti, OutputDtype};
 use crate::prompts::RequestPrompts;
 use crate::segmenter::record::{self, build_record, file_identity, request_identity};
 use crate::segmenter::{Request, SegmentError, Segmenter};
@@ -40,6 +45,21 @@ pub struct BatchItem {
     pub prompts: RequestPrompts,
     /// Method of this item (`None`: the configuration's).
     pub precision: Option<Method>,
+    /// For a DICOM series item: its SeriesInstanceUID (`image` is the folder holding it).
+    pub series_uid: Option<String>,
+}
+
+impl BatchItem {
+    /// An item for one image path with the given prompts; the output mirrors `relative`.
+    pub fn new(image: PathBuf, relative: PathBuf, prompts: RequestPrompts) -> Self {
+        Self {
+            image,
+            relative,
+            prompts,
+            precision: None,
+            series_uid: None,
+        }
+    }
 }
 
 /// Where the items come from.
@@ -52,6 +72,8 @@ pub enum BatchInput {
         recursive: bool,
         ignore_case: bool,
     },
+    /// Every DICOM series of a folder tree, one item each.
+    DicomTree(PathBuf),
     /// A list file.
     List(PathBuf),
 }
@@ -97,17 +119,50 @@ pub fn discover(input: &BatchInput, prompts: &RequestPrompts) -> Result<Vec<Batc
             );
             images
                 .into_iter()
-                .map(|image| BatchItem {
-                    relative: image.strip_prefix(dir).unwrap_or(&image).to_path_buf(),
-                    image,
-                    prompts: prompts.clone(),
-                    precision: None,
+                .map(|image| {
+                    let relative = image.strip_prefix(dir).unwrap_or(&image).to_path_buf();
+                    BatchItem::new(image, relative, prompts.clone())
                 })
                 .collect()
         }
+        BatchInput::DicomTree(dir) => dicom_items(dir, prompts)?,
         BatchInput::List(list) => read_list(list, prompts)?,
     };
     Ok(items)
+}
+
+/// One item per DICOM series under `dir`: the series is read from the folder of its first file, and its output is
+/// named by that folder (relative to `dir`) and its SeriesInstanceUID.
+fn dicom_items(dir: &Path, prompts: &RequestPrompts) -> Result<Vec<BatchItem>> {
+    ensure!(
+        dir.is_dir(),
+        "--input-dir {} is not a folder",
+        dir.display()
+    );
+    let series = dicom::scan_series(dir)?;
+    ensure!(
+        !series.is_empty(),
+        "no DICOM series in {} or its subfolders",
+        dir.display()
+    );
+    Ok(series
+        .into_iter()
+        .map(|s| {
+            let folder = Path::new(&s.first_file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| dir.to_path_buf());
+            let relative = folder
+                .strip_prefix(dir)
+                .unwrap_or(Path::new(""))
+                .join(&s.series_instance_uid);
+            log::info!("DICOM series {s} in {}", folder.display());
+            BatchItem {
+                series_uid: Some(s.series_instance_uid),
+                ..BatchItem::new(folder, relative, prompts.clone())
+            }
+        })
+        .collect())
 }
 
 fn list_files(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -192,15 +247,16 @@ fn read_list(list: &Path, prompts: &RequestPrompts) -> Result<Vec<BatchItem>> {
     let root = common_folder(items.iter().map(|(p, _, _)| p.as_path()));
     Ok(items
         .into_iter()
-        .map(|(image, prompts, precision)| BatchItem {
-            relative: root
+        .map(|(image, prompts, precision)| {
+            let relative = root
                 .as_ref()
                 .and_then(|r| image.strip_prefix(r).ok())
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| strip_root(&image)),
-            image,
-            prompts,
-            precision,
+                .unwrap_or_else(|| strip_root(&image));
+            BatchItem {
+                precision,
+                ..BatchItem::new(image, relative, prompts)
+            }
         })
         .collect())
 }
@@ -231,14 +287,14 @@ fn strip_root(p: &Path) -> PathBuf {
         .collect()
 }
 
-/// The file stem of an image path without `.nii.gz` / `.nii` (any case).
+/// The file stem of an image path without `.nii.gz` / `.nii` / `.zip` (any case).
 pub fn image_stem(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let lower = name.to_lowercase();
-    for ext in [".nii.gz", ".nii"] {
+    for ext in [".nii.gz", ".nii", ".zip"] {
         if lower.ends_with(ext) {
             return name[..name.len() - ext.len()].to_string();
         }
@@ -290,6 +346,20 @@ pub struct OutputSpec {
     pub dir: PathBuf,
     pub postfix: String,
     pub dtype: OutputDtype,
+    /// Extras beside the NIfTI label map (a DICOM SEG).
+    pub format: OutputFormat,
+}
+
+/// The DICOM SEG beside a label map: `x_trans.nii.gz` -> `x_trans.dcm`.
+pub fn seg_path(output: &Path) -> PathBuf {
+    output.with_extension("").with_extension("dcm")
+}
+
+/// The extras `spec` asks for that are missing beside `out`.
+fn missing_extras(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
+    spec.format.wants_seg()
+        && !seg_path(out).is_file()
+        && record["outputs"]["dicom_seg_skipped"].is_null()
 }
 
 /// What happened to one item.
@@ -299,12 +369,14 @@ pub enum ItemStatus {
     Done { fallbacks: usize, seconds: f64 },
     /// An up-to-date output answers the same request.
     Skipped,
+    /// An up-to-date output got the extras it lacked (no network run).
+    Completed,
     /// Failed with this error.
     Failed(String),
 }
 
-/// Segments one item and writes its label map and record. `replaced` is the identity of the record it
-/// replaces, if any.
+/// Segments one item and writes its label map, its extras (a DICOM SEG when asked) and its record. `replaced` is
+/// the identity of the record it replaces, if any.
 pub fn run_item(
     segmenter: &Segmenter,
     item: &BatchItem,
@@ -315,8 +387,14 @@ pub fn run_item(
 ) -> Result<(usize, f64), SegmentError> {
     let t0 = Instant::now();
     let name = item.image.display().to_string();
-    let input =
-        read_image(&item.image).map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
+    let input = read_image(&item.image, &dicom_options(segmenter, item))
+        .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
+    if spec.format.wants_seg() && input.dicom.is_none() {
+        return Err(SegmentError::InvalidRequest(format!(
+            "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {name} is not a DICOM series",
+            spec.format
+        )));
+    }
     let t_read = t0.elapsed().as_secs_f64();
     let seg = segmenter.segment(&Request {
         name: &name,
@@ -324,19 +402,82 @@ pub fn run_item(
         prompts: item.prompts.clone(),
         precision: item.precision,
     })?;
-    let t = Instant::now();
     let mut seconds: Vec<(&str, f64)> = vec![("read", t_read)];
     seconds.extend(seg.timings.iter().map(|(k, v)| (*k, *v)));
     let mut rec = build_record(segmenter, &seg, &input.volume, identity, out, &seconds);
     if let Some(old) = replaced {
         rec["replaced"] = old;
     }
-    // The write time and total are known only after writing; the record states the time up to the write.
     rec["seconds"]["total_before_write"] = json!(t0.elapsed().as_secs_f64());
-    record::save(out, &seg.labels, &input.header, spec.dtype, &rec)
+    crate::io::write_nifti(out, &seg.labels, &input.header, spec.dtype)
         .map_err(SegmentError::Failed)?;
-    log::debug!("{name}: written in {:.2} s", t.elapsed().as_secs_f64());
+    if let (true, Some(series)) = (spec.format.wants_seg(), &input.dicom) {
+        write_extra_seg(segmenter, out, &seg.labels, series, &mut rec)?;
+    }
+    record::save_record(out, &rec).map_err(SegmentError::Failed)?;
     Ok((seg.method.fallbacks.len(), t0.elapsed().as_secs_f64()))
+}
+
+/// How the DICOM series of `item` is read.
+fn dicom_options(segmenter: &Segmenter, item: &BatchItem) -> DicomOptions {
+    let mut o = segmenter.config().dicom_options();
+    if item.series_uid.is_some() {
+        o.series_uid = item.series_uid.clone();
+    }
+    o
+}
+
+/// Writes the DICOM SEG of `labels` beside `out` and notes it in the record; a label map without any class
+/// (a SEG needs at least one segment) is noted as skipped.
+fn write_extra_seg(
+    segmenter: &Segmenter,
+    out: &Path,
+    labels: &ndarray::Array3<f32>,
+    series: &dicom::SeriesInfo,
+    rec: &mut Value,
+) -> Result<(), SegmentError> {
+    let found = labels.iter().any(|&v| v > 0.0 && v != 255.0);
+    if !found {
+        log::warn!("{}: nothing found, no DICOM SEG written", out.display());
+        rec["outputs"]["dicom_seg_skipped"] =
+            json!("no class found: a SEG needs at least one segment");
+        return Ok(());
+    }
+    let path = seg_path(out);
+    dicom::write_seg(
+        &path,
+        labels,
+        series,
+        segmenter.label_table(),
+        &SegOptions::default(),
+    )
+    .map_err(|e| SegmentError::Failed(e.into()))?;
+    rec["outputs"]["dicom_seg"] = json!(path.display().to_string());
+    Ok(())
+}
+
+/// Makes the extras an up-to-date output lacks from its label map, without the network (e.g. a DICOM SEG asked for
+/// after a NIfTI-only run).
+fn complete_extras(
+    segmenter: &Segmenter,
+    item: &BatchItem,
+    out: &Path,
+    spec: &OutputSpec,
+    mut rec: Value,
+) -> Result<(), SegmentError> {
+    let input = read_image(&item.image, &dicom_options(segmenter, item))
+        .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
+    let Some(series) = &input.dicom else {
+        return Err(SegmentError::InvalidRequest(format!(
+            "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {} is not a DICOM series",
+            spec.format,
+            item.image.display()
+        )));
+    };
+    let labels = read_nifti(out).map_err(SegmentError::Failed)?.volume.data;
+    write_extra_seg(segmenter, out, &labels, series, &mut rec)?;
+    record::save_record(out, &rec).map_err(SegmentError::Failed)?;
+    Ok(())
 }
 
 /// Counts of a finished batch.
@@ -404,7 +545,7 @@ pub fn run(
         let method = item.precision.unwrap_or(segmenter.config().precision);
         let identity = request_identity(
             segmenter,
-            file_identity(&item.image),
+            input_identity(item),
             &item.prompts,
             method,
             opts.output.dtype,
@@ -414,7 +555,15 @@ pub fn run(
             .as_ref()
             .is_some_and(|r| r.get("request") == Some(&identity));
         let status = if up_to_date && !opts.overwrite {
-            ItemStatus::Skipped
+            match previous {
+                Some(rec) if missing_extras(&out, &opts.output, &rec) => {
+                    match complete_extras(segmenter, item, &out, &opts.output, rec) {
+                        Ok(()) => ItemStatus::Completed,
+                        Err(e) => ItemStatus::Failed(e.to_string()),
+                    }
+                }
+                _ => ItemStatus::Skipped,
+            }
         } else {
             let replaced = previous.and_then(|r| r.get("request").cloned());
             match run_item(segmenter, item, &out, &opts.output, identity, replaced) {
@@ -427,6 +576,10 @@ pub fn run(
             ItemStatus::Skipped => {
                 summary.skipped += 1;
                 log::info!("{prefix}: up to date (same request), skipped");
+            }
+            ItemStatus::Completed => {
+                summary.skipped += 1;
+                log::info!("{prefix}: up to date; missing extras written from the label map");
             }
             ItemStatus::Done { fallbacks, seconds } => {
                 summary.done += 1;
@@ -451,6 +604,36 @@ pub fn run(
         bar.finish();
     }
     Ok(summary)
+}
+
+/// The identity of an item's input: its file (size, mtime), or for a DICOM series its folder, UID and the sizes
+/// and mtimes of the folder's files.
+pub fn input_identity(item: &BatchItem) -> Value {
+    if !item.image.is_dir() {
+        return file_identity(&item.image);
+    }
+    let mut files = Vec::new();
+    let _ = list_files(&item.image, true, &mut files);
+    files.sort();
+    let (mut size, mut newest) = (0u64, 0u128);
+    for f in &files {
+        if let Ok(m) = std::fs::metadata(f) {
+            size += m.len();
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            newest = newest.max(t);
+        }
+    }
+    json!({
+        "path": item.image.display().to_string(),
+        "series_uid": item.series_uid,
+        "files": files.len(),
+        "size": size,
+        "mtime_ns": newest.to_string(),
+    })
 }
 
 /// This process's JSONL log of items in `<output_dir>/.vista3d/` (one file per process: no shared writes).
@@ -480,6 +663,7 @@ impl ItemLog {
         let (status_name, error, seconds, fallbacks) = match status {
             ItemStatus::Done { fallbacks, seconds } => ("done", None, Some(*seconds), *fallbacks),
             ItemStatus::Skipped => ("skipped", None, None, 0),
+            ItemStatus::Completed => ("completed", None, None, 0),
             ItemStatus::Failed(e) => ("failed", Some(e.as_str()), None, 0),
         };
         let line = json!({
@@ -517,12 +701,7 @@ mod tests {
     use super::*;
 
     fn item(image: &str, relative: &str) -> BatchItem {
-        BatchItem {
-            image: image.into(),
-            relative: relative.into(),
-            prompts: RequestPrompts::default(),
-            precision: None,
-        }
+        BatchItem::new(image.into(), relative.into(), RequestPrompts::default())
     }
 
     #[test]

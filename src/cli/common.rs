@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::Value;
-use vista3d::config::{Config, FallbackPolicy, InferenceConfig, Schema};
+use vista3d::config::{Config, FallbackPolicy, InferenceConfig, OutputFormat, Schema};
 use vista3d::engines::Method;
 use vista3d::prompts::{self, RequestPrompts};
 use vista3d::segmenter::WeightsSource;
@@ -84,6 +84,15 @@ pub struct CommonArgs {
     /// TensorRT engine folder (default: in the cache, keyed by the weights).
     #[arg(long)]
     pub engines_dir: Option<PathBuf>,
+    /// nifti (default), dicom-seg or both: a DICOM SEG beside the NIfTI label map (DICOM inputs).
+    #[arg(long)]
+    pub output_format: Option<OutputFormat>,
+    /// DICOM inputs: the SeriesInstanceUID to read (default: the CT series with the most slices).
+    #[arg(long)]
+    pub series_uid: Option<String>,
+    /// DICOM inputs: a modality accepted besides CT (repeatable), e.g. --allow-modality MR.
+    #[arg(long = "allow-modality")]
+    pub allow_modalities: Vec<String>,
 }
 
 fn path_value(p: &std::path::Path) -> Value {
@@ -119,6 +128,19 @@ impl CommonArgs {
                 FallbackPolicy::Deny => "deny",
             };
             cfg.set_flag("--precision-fallback", "precision_fallback", name.into())?;
+        }
+        if let Some(f) = self.output_format {
+            cfg.set_flag("--output-format", "output_format", serde_json::to_value(f)?)?;
+        }
+        if let Some(u) = &self.series_uid {
+            cfg.set_flag("--series-uid", "series_uid", u.as_str().into())?;
+        }
+        if !self.allow_modalities.is_empty() {
+            cfg.set_flag(
+                "--allow-modality",
+                "allow_modalities",
+                serde_json::to_value(&self.allow_modalities)?,
+            )?;
         }
         for (flag, key, v) in [
             ("--cache-dir", "cache_dir", &self.cache_dir),

@@ -14,7 +14,7 @@ use super::out;
 /// Options of `vista3d infer`.
 #[derive(clap::Args)]
 pub struct InferArgs {
-    /// Input image (.nii or .nii.gz).
+    /// Input image: a NIfTI file (.nii, .nii.gz) or a DICOM series (a folder searched recursively, or a .zip).
     #[arg(long)]
     image: Option<PathBuf>,
     #[command(flatten)]
@@ -38,6 +38,9 @@ pub struct BatchArgs {
     /// Match --input-suffix ignoring case (CT.NII.GZ).
     #[arg(long)]
     ignore_case: bool,
+    /// Treat every DICOM series under --input-dir as one item (named by its folder and SeriesInstanceUID).
+    #[arg(long, conflicts_with_all = ["input_suffix", "ignore_case"])]
+    dicom: bool,
     /// A text file with one image path per line, or a JSON list of paths or objects with "image" and their own
     /// prompts and "precision".
     #[arg(long)]
@@ -86,6 +89,16 @@ pub struct BenchArgs {
     common: CommonArgs,
 }
 
+/// Where and how label maps (and their extras) are written.
+fn output_spec(config: &vista3d::config::InferenceConfig) -> OutputSpec {
+    OutputSpec {
+        dir: config.output_dir.clone(),
+        postfix: config.output_postfix.clone(),
+        dtype: config.output_dtype,
+        format: config.output_format,
+    }
+}
+
 pub fn infer(args: InferArgs) -> Result<()> {
     let config = args.common.config()?.inference()?;
     let image = args
@@ -98,22 +111,14 @@ pub fn infer(args: InferArgs) -> Result<()> {
     resolve_prompts(&prompts, &config)?;
     batch::check_writable(&config.output_dir)?;
     let weights = args.common.weights(&config)?;
-    let output = OutputSpec {
-        dir: config.output_dir.clone(),
-        postfix: config.output_postfix.clone(),
-        dtype: config.output_dtype,
-    };
+    let output = output_spec(&config);
     let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
-    let item = BatchItem {
-        relative: PathBuf::from(image.file_name().unwrap_or_default()),
-        image,
-        prompts,
-        precision: None,
-    };
+    let relative = PathBuf::from(image.file_name().unwrap_or_default());
+    let item = BatchItem::new(image, relative, prompts);
     let out = batch::output_path(&output.dir, &item.relative, &output.postfix);
     let identity = vista3d::segmenter::record::request_identity(
         &segmenter,
-        vista3d::segmenter::record::file_identity(&item.image),
+        batch::input_identity(&item),
         &item.prompts,
         segmenter.config().precision,
         output.dtype,
@@ -144,11 +149,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         (None, None) => anyhow::bail!("no input: pass --input-dir DIR or --input-list FILE"),
     };
     let items = batch::discover(&input, &prompts)?;
-    let output = OutputSpec {
-        dir: config.output_dir.clone(),
-        postfix: config.output_postfix.clone(),
-        dtype: config.output_dtype,
-    };
+    let output = output_spec(&config);
     // Refuse colliding outputs and an unwritable folder before loading anything.
     batch::check_collisions(&items, &output.dir, &output.postfix)?;
     batch::check_writable(&output.dir)?;

@@ -39,6 +39,41 @@ impl FromStr for FallbackPolicy {
     }
 }
 
+/// Which files a request writes beside its record (`output_format`, `--output-format`). The NIfTI label map is
+/// always written (it identifies a finished item and extras are made from it); `dicom-seg` and `both` add a DICOM
+/// Segmentation object, which needs a DICOM input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OutputFormat {
+    #[default]
+    #[serde(rename = "nifti")]
+    Nifti,
+    #[serde(rename = "dicom-seg")]
+    DicomSeg,
+    #[serde(rename = "both")]
+    Both,
+}
+
+impl OutputFormat {
+    /// True when a DICOM SEG is written.
+    pub fn wants_seg(self) -> bool {
+        matches!(self, OutputFormat::DicomSeg | OutputFormat::Both)
+    }
+}
+
+impl FromStr for OutputFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "nifti" => Ok(Self::Nifti),
+            "dicom-seg" | "seg" => Ok(Self::DicomSeg),
+            "both" => Ok(Self::Both),
+            other => Err(format!(
+                "unknown output_format '{other}': use nifti, dicom-seg or both"
+            )),
+        }
+    }
+}
+
 /// `patch_size`: three sizes, or one size for all axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PatchSize(pub [usize; 3]);
@@ -167,6 +202,15 @@ pub struct InferenceConfig {
     /// `float32` (the bundle's), `uint8` or `int16`.
     #[serde(deserialize_with = "from_str")]
     pub output_dtype: OutputDtype,
+    /// `nifti` (default), `dicom-seg` or `both` (see [`OutputFormat`]).
+    #[serde(default, deserialize_with = "from_str")]
+    pub output_format: OutputFormat,
+    /// DICOM inputs: the SeriesInstanceUID to read (default: the CT series with the most slices).
+    #[serde(default)]
+    pub series_uid: Option<String>,
+    /// DICOM inputs: modalities accepted besides CT (e.g. `["MR"]`).
+    #[serde(default)]
+    pub allow_modalities: Vec<String>,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
     /// How the network runs (see [`Method`]).
@@ -280,6 +324,15 @@ impl InferenceConfig {
         PreprocessConfig {
             spacing: self.resample_spacing,
             ..PreprocessConfig::default()
+        }
+    }
+
+    /// How DICOM series are chosen and checked.
+    pub fn dicom_options(&self) -> crate::io::dicom::DicomOptions {
+        crate::io::dicom::DicomOptions {
+            series_uid: self.series_uid.clone(),
+            allow_modalities: self.allow_modalities.clone(),
+            ..Default::default()
         }
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-pub use inference::{FallbackPolicy, InferenceConfig, InputDict, ListItem};
+pub use inference::{FallbackPolicy, InferenceConfig, InputDict, ListItem, OutputFormat};
 pub use source::{ConfigError, Origin};
 
 /// The built-in defaults: `configs/inference.json`.

@@ -18,19 +18,40 @@ pub use nifti_header::{Endianness, NiftiExtension, NiftiHeader, NiftiVersion};
 
 use std::path::Path;
 
-/// An input image: its voxels with their geometry, and the NIfTI header outputs are written with (so a label map
-/// keeps the input's geometry exactly).
+/// An input image: its voxels with their geometry, the NIfTI header outputs are written with (so a label map
+/// keeps the input's geometry exactly), and for a DICOM series what a DICOM SEG must reference.
 #[derive(Debug, Clone)]
 pub struct InputImage {
     pub volume: crate::volume::Volume,
     pub header: NiftiHeader,
+    /// The source series (DICOM inputs only).
+    pub dicom: Option<Box<dicom::SeriesInfo>>,
 }
 
-/// Reads an input image (NIfTI `.nii` / `.nii.gz`). Errors name the file and the problem.
-pub fn read_image(path: &Path) -> anyhow::Result<InputImage> {
+/// True for a path that names a NIfTI file (`.nii`, `.nii.gz`, any case).
+pub fn is_nifti_path(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    name.ends_with(".nii") || name.ends_with(".nii.gz")
+}
+
+/// Reads an input image: a NIfTI file, or a DICOM series (a folder searched recursively, a `.zip`, or one DICOM
+/// file) chosen and checked by `dicom`. Errors name the file and the problem.
+pub fn read_image(path: &Path, dicom: &dicom::DicomOptions) -> anyhow::Result<InputImage> {
+    if !is_nifti_path(path) && dicom::is_dicom_input(path) {
+        let d = dicom::read_series(path, dicom)?;
+        return Ok(InputImage {
+            volume: d.volume,
+            header: d.header,
+            dicom: Some(Box::new(d.series)),
+        });
+    }
     let img = read_nifti(path)?;
     Ok(InputImage {
         volume: img.volume,
         header: img.header,
+        dicom: None,
     })
 }

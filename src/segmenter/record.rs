@@ -93,6 +93,7 @@ pub fn build_record(
         "input_shape": image.dims(),
         "input_spacing": image.spacing(),
         "processed_shape": seg.processed_shape,
+        "outputs": {"label_map": output.display().to_string()},
         "label_prompt": seg.prompts.label_prompt,
         "points": seg.prompts.points,
         "point_labels": seg.prompts.point_labels,
@@ -116,6 +117,11 @@ pub fn save(
     record: &Value,
 ) -> anyhow::Result<std::path::PathBuf> {
     write_nifti(output, labels, header, dtype)?;
+    save_record(output, record)
+}
+
+/// Writes the JSON record of the label map `output` atomically (last: it marks the output as done).
+pub fn save_record(output: &Path, record: &Value) -> anyhow::Result<std::path::PathBuf> {
     let json_path = record_path(output);
     crate::fsutil::write_atomic(&json_path, serde_json::to_string_pretty(record)?.as_bytes())?;
     Ok(json_path)

@@ -62,6 +62,7 @@ impl EvalSettings {
                 dir: inference.output_dir.clone(),
                 postfix: inference.output_postfix.clone(),
                 dtype: inference.output_dtype,
+                format: crate::config::OutputFormat::Nifti,
             },
         })
     }
@@ -150,7 +151,7 @@ pub fn evaluate_items(
     };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let input = read_image(&item.image)?;
+        let input = read_image(&item.image, &Default::default())?;
         let label = load_label_for(item, &input.volume)?;
         let name = item.image.display().to_string();
         let request = Request {
