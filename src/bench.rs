@@ -139,10 +139,13 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
     let mut results = Vec::new();
     let mut reference: Option<Tensor> = None;
     for &method in &opts.methods {
-        let (engine, torch, notes) = engines::choose(method, device.is_cuda(), &mut |m| {
+        let choice = engines::choose(method, device.is_cuda(), &mut |m| {
             model.engine_context_checked(m, settings)
         });
-        if let Some(reason) = unavailable_reason(method, torch, engine.is_some(), &notes) {
+        let notes: Vec<String> = choice.fallbacks.iter().map(|f| f.to_string()).collect();
+        if let Some(reason) =
+            unavailable_reason(method, choice.torch, choice.engine.is_some(), &notes)
+        {
             log::info!("{method}: not run ({reason})");
             results.push(MethodResult {
                 method,
@@ -154,7 +157,7 @@ pub fn run(model: &Model, settings: &Settings, opts: &BenchOptions) -> Result<Be
             });
             continue;
         }
-        let runner = WindowRunner::new(&model.net, device, method, engine, torch, notes);
+        let runner = WindowRunner::new(&model.net, device, method, choice);
         let args = ForwardArgs {
             class_vector: Some(&cv),
             transpose: true,

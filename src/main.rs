@@ -386,7 +386,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = trt::BuildOptions {
                 onnx_dir: onnx,
                 out_dir: out,
-                precisions: trt::Precision::parse_list(&precision)?,
+                methods: trt::parse_methods(&precision)?,
                 max_prompt_size,
                 patch: trt::parse_patch(&patch)?,
                 sw_batch_size,

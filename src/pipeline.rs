@@ -11,7 +11,7 @@ use tch::{nn, Device};
 
 use crate::config::{output_path, Config};
 use crate::engines::runner::{MethodReport, WindowRunner};
-use crate::engines::{self, EngineContext, Method, WindowEngine};
+use crate::engines::{self, EngineChoice, EngineContext, EngineError, Method};
 use crate::inference::{self, WindowSettings};
 use crate::io::{read_nifti, write_nifti, OutputDtype};
 use crate::model::Vista3d;
@@ -28,13 +28,6 @@ pub enum Weights {
     Random { width: i64, seed: i64 },
 }
 
-/// How a request method is served: an open engine (if any), the libtorch method, and why it stepped down.
-struct Choice {
-    engine: Option<Box<dyn WindowEngine>>,
-    torch: Method,
-    notes: Vec<String>,
-}
-
 /// A loaded network ready for requests, with the engines opened for it so far (kept across a batch).
 pub struct Model {
     pub net: Vista3d,
@@ -42,7 +35,7 @@ pub struct Model {
     pub weights: Weights,
     vs: nn::VarStore,
     fingerprint: OnceCell<String>,
-    choices: RefCell<HashMap<Method, Choice>>,
+    choices: RefCell<HashMap<Method, EngineChoice>>,
 }
 
 impl Model {
@@ -102,24 +95,8 @@ impl Model {
         &self,
         method: Method,
         settings: &Settings,
-    ) -> Result<EngineContext> {
-        if method == Method::Ort {
-            let manifest = settings.onnx_dir.join("manifest.json");
-            if !manifest.is_file() {
-                bail!(
-                    "no ONNX export: {} not found (run `vista3d export-onnx --checkpoint ... --out {}`)",
-                    manifest.display(),
-                    settings.onnx_dir.display()
-                );
-            }
-        }
-        if method.is_tensorrt() && !settings.engines_dir.is_dir() {
-            bail!(
-                "no TensorRT engines: {} not found (run `vista3d build-engines --out {}`)",
-                settings.engines_dir.display(),
-                settings.engines_dir.display()
-            );
-        }
+    ) -> Result<EngineContext, EngineError> {
+        engines::artifacts_present(method, &settings.onnx_dir, &settings.engines_dir)?;
         Ok(self.engine_context_for(settings))
     }
 
@@ -133,33 +110,14 @@ impl Model {
     ) -> Result<(T, MethodReport)> {
         let cached = self.choices.borrow_mut().remove(&method);
         let choice = cached.unwrap_or_else(|| {
-            let (engine, torch, notes) = engines::choose(method, self.device.is_cuda(), &mut |m| {
+            engines::choose(method, self.device.is_cuda(), &mut |m| {
                 self.engine_context_checked(m, settings)
-            });
-            Choice {
-                engine,
-                torch,
-                notes,
-            }
+            })
         });
-        let runner = WindowRunner::new(
-            &self.net,
-            self.device,
-            method,
-            choice.engine,
-            choice.torch,
-            choice.notes.clone(),
-        );
+        let runner = WindowRunner::new(&self.net, self.device, method, choice);
         let out = f(&runner);
-        let (engine, report) = runner.into_parts();
-        self.choices.borrow_mut().insert(
-            method,
-            Choice {
-                engine,
-                torch: choice.torch,
-                notes: choice.notes,
-            },
-        );
+        let (next, report) = runner.into_parts();
+        self.choices.borrow_mut().insert(method, next);
         Ok((out?, report))
     }
 }

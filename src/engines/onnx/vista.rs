@@ -4,14 +4,14 @@
 //! Only standard opset-17 operators (no `Gelu`: the exact GELU is written with `Erf`), so TensorRT 10/11 parses
 //! the graphs as they are.
 //!
-//! Each graph is built in float32 or float16 ([`OnnxPrecision`], from the [`GraphBuilder`]): the float16 graph
+//! Each graph is built in float32 or float16 ([`FloatType`], from the [`GraphBuilder`]): the float16 graph
 //! has float16 weights and compute, float32 inputs and outputs (`Cast` at the boundaries), and computes every
 //! `InstanceNormalization` in float32 with float32 scale and bias.
 
 use anyhow::{ensure, Result};
 
 use super::builder::{attr_float, attr_int, attr_ints, GraphBuilder};
-use super::manifest::{Dim, OnnxPrecision, TensorSpec};
+use super::manifest::{Dim, FloatType, TensorSpec};
 use super::proto::GraphProto;
 use crate::model::BLOCKS_DOWN;
 
@@ -139,12 +139,12 @@ fn upsample(g: &mut GraphBuilder, x: &str, weight: &str) -> Result<String> {
 /// `add_casts_around_norms`), so the statistics never overflow or lose precision in float16.
 fn instance_norm(g: &mut GraphBuilder, x: &str, scale: &str, bias: &str, hint: &str) -> String {
     let attrs = vec![attr_float("epsilon", NORM_EPS)];
-    match g.precision() {
-        OnnxPrecision::Fp32 => g.op("InstanceNormalization", &[x, scale, bias], attrs, hint),
-        OnnxPrecision::Fp16 => {
-            let x32 = g.cast(x, OnnxPrecision::Fp32, hint);
+    match g.float_type() {
+        FloatType::F32 => g.op("InstanceNormalization", &[x, scale, bias], attrs, hint),
+        FloatType::F16 => {
+            let x32 = g.cast(x, FloatType::F32, hint);
             let y = g.op("InstanceNormalization", &[&x32, scale, bias], attrs, hint);
-            g.cast(&y, OnnxPrecision::Fp16, hint)
+            g.cast(&y, FloatType::F16, hint)
         }
     }
 }
