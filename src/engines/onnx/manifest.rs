@@ -293,3 +293,151 @@ impl OnnxManifest {
         }
     }
 }
+
+#[cfg(test)]
+impl OnnxManifest {
+    /// A manifest of a width-8 export (with or without float16 entries) for unit tests; no files behind it.
+    pub(crate) fn example(with_fp16: bool) -> Self {
+        let entry = |file: &str, float_type| ModelEntry {
+            file: file.into(),
+            float_type,
+            bytes: 4,
+            sha256: "ab".repeat(32),
+            inputs: vec![TensorSpec::float32(
+                "image",
+                vec![Dim::Symbolic("b".into())],
+            )],
+            outputs: Vec::new(),
+        };
+        OnnxManifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: MANIFEST_VERSION,
+            vista3d_version: "0.1.0".into(),
+            opset: 17,
+            ir_version: 8,
+            weights_fingerprint: "0123456789abcdef".into(),
+            embed_dim: 8,
+            n_classes: 512,
+            weights: WeightsSource::random(8, 0),
+            encoder: entry("encoder.onnx", FloatType::F32),
+            class_head: entry("class_head.onnx", FloatType::F32),
+            encoder_fp16: with_fp16.then(|| entry("encoder_fp16.onnx", FloatType::F16)),
+            class_head_fp16: with_fp16.then(|| entry("class_head_fp16.onnx", FloatType::F16)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::EngineErrorKind;
+
+    fn manifest() -> OnnxManifest {
+        OnnxManifest::example(true)
+    }
+
+    #[test]
+    fn parts_and_float_types_map_to_entries() {
+        let m = manifest();
+        assert_eq!(m.model(Part::Encoder, FloatType::F32), Some(&m.encoder));
+        assert_eq!(
+            m.model(Part::ClassHead, FloatType::F16),
+            m.class_head_fp16.as_ref()
+        );
+        assert_eq!(
+            m.models(FloatType::F16).unwrap().0.file,
+            "encoder_fp16.onnx"
+        );
+        let old = OnnxManifest {
+            encoder_fp16: None,
+            class_head_fp16: None,
+            ..m
+        };
+        assert!(old.models(FloatType::F16).is_none());
+        assert!(old.model(Part::ClassHead, FloatType::F32).is_some());
+        // The on-disk word stays `precision`.
+        let json = serde_json::to_value(&old).unwrap();
+        assert_eq!(json["encoder"]["precision"], "fp32");
+        assert!(json.get("encoder_fp16").is_none());
+    }
+
+    #[test]
+    fn reading_classifies_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none");
+        let err = OnnxManifest::read(&missing).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+        assert!(err.to_string().contains("none/manifest.json"), "{err}");
+        let err = OnnxManifest::read(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+        assert!(
+            err.to_string().contains("not a complete ONNX export"),
+            "{err}"
+        );
+
+        let path = dir.path().join(MANIFEST_FILE);
+        let write = |v: &serde_json::Value| std::fs::write(&path, v.to_string()).unwrap();
+        let good = serde_json::to_value(manifest()).unwrap();
+        write(&good);
+        assert_eq!(OnnxManifest::read(dir.path()).unwrap(), manifest());
+        // A manifest of an older vista3d with the `files` index: still read, the index ignored.
+        let mut old = good.clone();
+        old["files"] = serde_json::json!({"encoder": {"path": "encoder.onnx"}});
+        write(&old);
+        assert_eq!(OnnxManifest::read(dir.path()).unwrap(), manifest());
+
+        for (value, kind, needle) in [
+            (
+                serde_json::json!({"weights_fingerprint": "x"}),
+                EngineErrorKind::Corrupt,
+                "not a valid",
+            ),
+            (
+                {
+                    let mut v = good.clone();
+                    v["format"] = "other".into();
+                    v
+                },
+                EngineErrorKind::Corrupt,
+                "is not vista3d-onnx",
+            ),
+            (
+                {
+                    let mut v = good.clone();
+                    v["format_version"] = 2.into();
+                    v
+                },
+                EngineErrorKind::Stale,
+                "layout v2",
+            ),
+        ] {
+            write(&value);
+            let err = OnnxManifest::read(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        std::fs::write(&path, b"{").unwrap();
+        assert_eq!(
+            OnnxManifest::read(dir.path()).unwrap_err().kind(),
+            EngineErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn other_weights_are_stale() {
+        let m = manifest();
+        assert!(m
+            .check_fingerprint(Path::new("onnx"), "0123456789abcdef")
+            .is_ok());
+        let err = m
+            .check_fingerprint(Path::new("onnx"), "fedcba9876543210")
+            .unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("0123456789abcdef") && msg.contains("fedcba9876543210"),
+            "{msg}"
+        );
+        assert!(msg.contains("vista3d export-onnx"), "{msg}");
+    }
+}

@@ -31,43 +31,25 @@ fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
+/// A float32 batch of windows `[b, channels, H, W, D]` (batch and spatial dims dynamic).
+fn windows(name: &str, channels: i64) -> TensorSpec {
+    TensorSpec::float32(
+        name,
+        vec![sym("b"), Dim::Fixed(channels), sym("H"), sym("W"), sym("D")],
+    )
+}
+
 /// Input and output declarations of `encoder.onnx` for `in_channels` image channels and width `embed_dim`.
 pub fn encoder_io(in_channels: i64, embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    let image = TensorSpec::float32(
-        "image",
-        vec![
-            sym("b"),
-            Dim::Fixed(in_channels),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
-    let features = TensorSpec::float32(
-        "features",
-        vec![
-            sym("b"),
-            Dim::Fixed(embed_dim),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
-    (vec![image], vec![features])
+    (
+        vec![windows("image", in_channels)],
+        vec![windows("features", embed_dim)],
+    )
 }
 
 /// Input and output declarations of `class_head.onnx` for width `embed_dim`.
 pub fn class_head_io(embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    let features = TensorSpec::float32(
-        "features",
-        vec![
-            sym("b"),
-            Dim::Fixed(embed_dim),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
+    let features = windows("features", embed_dim);
     let class_ids = TensorSpec {
         name: "class_ids".into(),
         dtype: "int64".into(),

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 
 use super::cache::{
     candidates, check_engine, precision_name, superseded, EngineKey, EngineProfile, Freshness,
-    OnnxStat, Part, Platform, Sidecar, KEY_SCHEMA,
+    OnnxStat, Part, Platform, Sidecar,
 };
 use super::cuda::CudaDevice;
 use super::engine::{onnx_source, OnnxSource};
@@ -215,29 +215,6 @@ fn onnx_stat(
     Ok(stat)
 }
 
-/// The key `opts` asks for.
-fn build_key(
-    opts: &BuildOptions,
-    manifest: &OnnxManifest,
-    part: Part,
-    method: Method,
-    platform: &Platform,
-    onnx: &OnnxStat,
-) -> Result<EngineKey> {
-    Ok(EngineKey {
-        schema: KEY_SCHEMA,
-        part,
-        method,
-        tensorrt_version: platform.tensorrt_version.clone(),
-        compute_capability: platform.compute_capability.clone(),
-        profile: EngineProfile::new(part, opts.patch, opts.sw_batch_size, opts.max_prompt_size)?,
-        builder_optimization_level: opts.optimization_level,
-        weights_fingerprint: manifest.weights_fingerprint.clone(),
-        embed_dim: manifest.embed_dim,
-        onnx_sha256: onnx.sha256.clone(),
-    })
-}
-
 /// Builds one engine unless it is up to date; returns its plan path.
 fn build_one(
     library: &'static TrtLibrary,
@@ -251,7 +228,16 @@ fn build_one(
     let precision = precision_name(method);
     let source = onnx_source(manifest, &opts.onnx_dir, part, method)?;
     let onnx = onnx_stat(&source, part, method, &opts.out_dir)?;
-    let key = build_key(opts, manifest, part, method, platform, &onnx)?;
+    let profile = EngineProfile::new(part, opts.patch, opts.sw_batch_size, opts.max_prompt_size)?;
+    let key = EngineKey::new(
+        part,
+        method,
+        platform,
+        manifest,
+        &onnx.sha256,
+        profile,
+        opts.optimization_level,
+    );
     let paths = key.paths(&opts.out_dir);
     match check_engine(&opts.out_dir, &key, true) {
         Freshness::UpToDate(p) => {

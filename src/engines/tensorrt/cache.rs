@@ -37,6 +37,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::engines::onnx::OnnxManifest;
 pub use crate::engines::onnx::Part;
 use crate::engines::{EngineError, Method};
 use crate::fsutil::{hex, sha256_file};
@@ -237,6 +238,31 @@ pub struct EngineKey {
 }
 
 impl EngineKey {
+    /// The key of the engine of `part` for the TensorRT `method` on `platform`, compiled from the export
+    /// `manifest`'s model with sha256 `onnx_sha256`, with `profile` and builder `optimization_level`.
+    pub fn new(
+        part: Part,
+        method: Method,
+        platform: &Platform,
+        manifest: &OnnxManifest,
+        onnx_sha256: &str,
+        profile: EngineProfile,
+        optimization_level: i32,
+    ) -> Self {
+        Self {
+            schema: KEY_SCHEMA,
+            part,
+            method,
+            tensorrt_version: platform.tensorrt_version.clone(),
+            compute_capability: platform.compute_capability.clone(),
+            profile,
+            builder_optimization_level: optimization_level,
+            weights_fingerprint: manifest.weights_fingerprint.clone(),
+            embed_dim: manifest.embed_dim,
+            onnx_sha256: onnx_sha256.to_string(),
+        }
+    }
+
     /// The first 16 hex digits of the sha256 of the key's JSON (fields in declaration order).
     pub fn short(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::{
     chunk_ranges, precision_name, select_engine, EngineKey, EnginePaths, EngineProfile, MinOptMax,
-    Part, Platform, Sidecar, KEY_SCHEMA,
+    Part, Platform, Sidecar,
 };
 use super::cuda::CudaDevice;
 use super::library::{Context, DataType, IoTensor, Runtime, TrtLibrary};
@@ -80,19 +80,17 @@ pub fn run_key(
     window: [i64; 3],
     max_prompt_size: i64,
 ) -> Result<EngineKey, EngineError> {
-    Ok(EngineKey {
-        schema: KEY_SCHEMA,
+    let profile =
+        EngineProfile::new(part, window, 1, max_prompt_size).map_err(EngineError::unavailable)?;
+    Ok(EngineKey::new(
         part,
         method,
-        tensorrt_version: platform.tensorrt_version.clone(),
-        compute_capability: platform.compute_capability.clone(),
-        profile: EngineProfile::new(part, window, 1, max_prompt_size)
-            .map_err(EngineError::unavailable)?,
-        builder_optimization_level: 0,
-        weights_fingerprint: manifest.weights_fingerprint.clone(),
-        embed_dim: manifest.embed_dim,
-        onnx_sha256: onnx_sha256.to_string(),
-    })
+        platform,
+        manifest,
+        onnx_sha256,
+        profile,
+        0,
+    ))
 }
 
 /// The libtorch kind of a TensorRT data type.
@@ -710,31 +708,8 @@ mod tests {
         assert_eq!(err.kind(), EngineErrorKind::Unavailable);
     }
 
-    /// A manifest of an export of width 8 with fp16 entries or without.
     fn manifest(with_fp16: bool) -> OnnxManifest {
-        let entry = |file: &str, float_type| ModelEntry {
-            file: file.into(),
-            float_type,
-            bytes: 4,
-            sha256: format!("{file}-sha"),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-        };
-        OnnxManifest {
-            format: crate::engines::onnx::manifest::MANIFEST_FORMAT.into(),
-            format_version: crate::engines::onnx::manifest::MANIFEST_VERSION,
-            vista3d_version: "0.1.0".into(),
-            opset: 17,
-            ir_version: 8,
-            weights_fingerprint: "0123456789abcdef".into(),
-            embed_dim: 8,
-            n_classes: 512,
-            weights: crate::engines::onnx::WeightsSource::random(8, 0),
-            encoder: entry("encoder.onnx", FloatType::F32),
-            class_head: entry("class_head.onnx", FloatType::F32),
-            encoder_fp16: with_fp16.then(|| entry("encoder_fp16.onnx", FloatType::F16)),
-            class_head_fp16: with_fp16.then(|| entry("class_head_fp16.onnx", FloatType::F16)),
-        }
+        OnnxManifest::example(with_fp16)
     }
 
     #[test]

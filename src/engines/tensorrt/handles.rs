@@ -64,25 +64,54 @@ fn take_bytes(blob: NonNull<ffi::TrtShimBytes>) -> Vec<u8> {
     }
 }
 
+/// A non-null shim object with the shim function that destroys it, called once when this is dropped.
+struct Owned<T> {
+    raw: NonNull<T>,
+    destroy: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Owned<T> {
+    /// Takes ownership of `raw`, a live object that `destroy` releases.
+    fn new(raw: NonNull<T>, destroy: unsafe extern "C" fn(*mut T)) -> Self {
+        Self { raw, destroy }
+    }
+
+    /// The pointer, for shim calls while `self` is alive.
+    fn as_ptr(&self) -> *mut T {
+        self.raw.as_ptr()
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: `raw` was created live by the shim and handed to this owner only; it is destroyed once, here,
+        // by its matching destroy function. Objects it depends on (an engine's runtime, a context's engine) are
+        // held by the owning handle in fields declared after it, so they are dropped later.
+        unsafe { (self.destroy)(self.raw.as_ptr()) }
+    }
+}
+
 /// TensorRT builder + network + ONNX parser + builder config (one model per builder).
 pub struct Builder {
-    raw: NonNull<ffi::TrtShimBuilder>,
+    raw: Owned<ffi::TrtShimBuilder>,
 }
 
 /// A TensorRT runtime; engines keep it alive.
 pub struct Runtime {
-    raw: NonNull<ffi::TrtShimRuntime>,
+    raw: Owned<ffi::TrtShimRuntime>,
 }
 
 /// A deserialized engine; contexts keep it alive.
 pub struct Engine {
-    raw: NonNull<ffi::TrtShimEngine>,
+    // Declared (so dropped) before the runtime it came from.
+    raw: Owned<ffi::TrtShimEngine>,
     _runtime: Arc<Runtime>,
 }
 
 /// An execution context of an engine.
 pub struct Context {
-    raw: NonNull<ffi::TrtShimContext>,
+    // Declared (so dropped) before its engine.
+    raw: Owned<ffi::TrtShimContext>,
     engine: Arc<Engine>,
 }
 
@@ -119,7 +148,9 @@ impl Builder {
                 )
             }
         })?;
-        Ok(Self { raw })
+        Ok(Self {
+            raw: Owned::new(raw, ffi::trt_shim_builder_destroy),
+        })
     }
 
     /// Parses an ONNX file (NATIVE_INSTANCENORM).
@@ -238,13 +269,6 @@ impl Builder {
     }
 }
 
-impl Drop for Builder {
-    fn drop(&mut self) {
-        // SAFETY: created by trt_shim_builder_create, destroyed once.
-        unsafe { ffi::trt_shim_builder_destroy(self.raw.as_ptr()) }
-    }
-}
-
 impl Runtime {
     /// A runtime from a factory function (TensorRT's, or the shim's test factories).
     pub fn with_factory(create: InferFactory) -> Result<Self, ShimError> {
@@ -260,7 +284,9 @@ impl Runtime {
                 )
             }
         })?;
-        Ok(Self { raw })
+        Ok(Self {
+            raw: Owned::new(raw, ffi::trt_shim_runtime_destroy),
+        })
     }
 
     /// Deserializes a plan.
@@ -275,16 +301,9 @@ impl Runtime {
             )
         })?;
         Ok(Engine {
-            raw,
+            raw: Owned::new(raw, ffi::trt_shim_engine_destroy),
             _runtime: self.clone(),
         })
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        // SAFETY: created by trt_shim_runtime_create; engines hold an Arc, so none is left.
-        unsafe { ffi::trt_shim_runtime_destroy(self.raw.as_ptr()) }
     }
 }
 
@@ -357,16 +376,9 @@ impl Engine {
         // SAFETY: live engine and error buffer.
         let raw = call(|err| unsafe { ffi::trt_shim_context_create(self.raw.as_ptr(), err) })?;
         Ok(Context {
-            raw,
+            raw: Owned::new(raw, ffi::trt_shim_context_destroy),
             engine: self.clone(),
         })
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // SAFETY: created by trt_shim_engine_deserialize; contexts hold an Arc, so none is left.
-        unsafe { ffi::trt_shim_engine_destroy(self.raw.as_ptr()) }
     }
 }
 
@@ -422,13 +434,6 @@ impl Context {
     pub unsafe fn enqueue(&mut self, stream: *mut c_void) -> Result<(), ShimError> {
         // SAFETY: guaranteed by the caller; live context and error buffer.
         call(|err| unsafe { ffi::trt_shim_context_enqueue(self.raw.as_ptr(), stream, err) })
-    }
-}
-
-impl Drop for Context {
-    fn drop(&mut self) {
-        // SAFETY: created by trt_shim_context_create, destroyed once, before its engine (held by the Arc).
-        unsafe { ffi::trt_shim_context_destroy(self.raw.as_ptr()) }
     }
 }
 

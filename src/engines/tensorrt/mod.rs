@@ -21,7 +21,7 @@
 //! `cache.rs` and `engine.rs` unit tests; the shim's failure paths through its test factories (`handles.rs`);
 //! the call helper, dims and data types (`shim.rs`); library search order (`library.rs`); the checked-in
 //! bindings against bindgen's; and, end to end, `tests/tensorrt.rs` (build-engines and loading without TensorRT).
-//! Building and running real engines needs a GPU with TensorRT: `benches/gpu_check.sh`.
+//! Building and running real engines needs a GPU with TensorRT and is not tested yet (engines/README.md).
 
 pub mod build_engines;
 pub mod cache;
