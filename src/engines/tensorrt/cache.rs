@@ -576,39 +576,60 @@ fn check_sidecar(
     Ok(())
 }
 
-/// Sidecars in `dir` for `part` and the TensorRT `method` (any key), sorted by path; unreadable ones are
-/// skipped.
-pub fn candidates(dir: &Path, part: Part, method: Method) -> Vec<(PathBuf, Sidecar)> {
+/// The sidecar files in `dir` named for `part` and the TensorRT `method` (any key), sorted by path.
+fn sidecar_files(dir: &Path, part: Part, method: Method) -> Vec<PathBuf> {
     let prefix = format!("{}_{}_", part.name(), precision_name(method));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<(PathBuf, Sidecar)> = entries
+    let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension().is_some_and(|e| e == "json")
                 && p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
         })
-        .filter_map(|p| Sidecar::read(&p).ok().map(|s| (p, s)))
-        .filter(|(_, s)| s.key.part == part && s.key.method == method)
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort();
     out
+}
+
+/// Reads a sidecar found under the name of `part` and `method`, checked to be one of theirs.
+fn read_candidate(path: &Path, part: Part, method: Method) -> Result<Sidecar> {
+    let sidecar = Sidecar::read(path)?;
+    ensure!(
+        sidecar.key.part == part && sidecar.key.method == method,
+        "{} is named for a {} {} engine but describes a {} {} one",
+        path.display(),
+        precision_name(method),
+        part.name(),
+        precision_name(sidecar.key.method),
+        sidecar.key.part.name()
+    );
+    Ok(sidecar)
+}
+
+/// Sidecars in `dir` for `part` and the TensorRT `method` (any key), sorted by path; unreadable ones are
+/// skipped (what `build-engines` replaces).
+pub fn candidates(dir: &Path, part: Part, method: Method) -> Vec<(PathBuf, Sidecar)> {
+    sidecar_files(dir, part, method)
+        .into_iter()
+        .filter_map(|p| read_candidate(&p, part, method).ok().map(|s| (p, s)))
+        .collect()
 }
 
 /// The engine a run uses: the sidecar of an up-to-date engine in `dir` whose identity fields (everything but
 /// the build choices, see [`EngineKey::identity_differences`]) equal `want`'s; the largest window batch wins
 /// when there are several. The error's kind tells the caller what to do:
 /// [`Unavailable`](EngineError::Unavailable) when no engine of this part and method was built here,
-/// [`Corrupt`](EngineError::Corrupt) when the matching engine's plan is missing, truncated or does not match
-/// its sidecar, [`Stale`](EngineError::Stale) when every engine there was built for something else (other
+/// [`Corrupt`](EngineError::Corrupt) when a sidecar does not parse or the matching engine's plan is missing,
+/// truncated or does not match its sidecar, [`Stale`](EngineError::Stale) when every engine there was built for something else (other
 /// weights, TensorRT version, GPU, window size or `max_prompt_size`): the message names each difference and
 /// the `build-engines` command that makes the wanted one.
 pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidecar), EngineError> {
     let rebuild = build_command(dir, want);
-    let all = candidates(dir, want.part, want.method);
-    if all.is_empty() {
+    let files = sidecar_files(dir, want.part, want.method);
+    if files.is_empty() {
         return Err(EngineError::Unavailable(format!(
             "no {} {} engine in {}: run `{rebuild}`",
             precision_name(want.method),
@@ -617,7 +638,14 @@ pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidec
         )));
     }
     let (mut stale, mut corrupt, mut usable) = (Vec::new(), Vec::new(), Vec::new());
-    for (path, sidecar) in all {
+    for path in files {
+        let sidecar = match read_candidate(&path, want.part, want.method) {
+            Ok(sidecar) => sidecar,
+            Err(e) => {
+                corrupt.push(format!("{e:#}"));
+                continue;
+            }
+        };
         let diff = want.identity_differences(&sidecar.key);
         if !diff.is_empty() {
             stale.push(format!("{} is stale ({})", path.display(), diff.join("; ")));
@@ -1048,6 +1076,13 @@ mod tests {
         let err = select_engine(dir.path(), &with_prompts(4)).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains("truncated"), "{err}");
+        // A sidecar that does not parse is corrupt too (not "nothing built").
+        let other = tempfile::tempdir().unwrap();
+        let paths = store(other.path(), &with_prompts(4), b"four");
+        std::fs::write(&paths.sidecar, b"{\"key\": 1").unwrap();
+        let err = select_engine(other.path(), &with_prompts(4)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("not an engine sidecar"), "{err}");
     }
 
     #[test]
