@@ -63,8 +63,8 @@ fn main() -> Result<()> {
         let _ = tch::no_grad(|| net.class_head.forward(&features, &ids));
         Ok(())
     })?;
-    let t_ort_enc = median(reps, || engine.encode(&image).map(|_| ()))?;
-    let t_ort_head = median(reps, || engine.classify(&features, &ids).map(|_| ()))?;
+    let t_ort_enc = median(reps, || Ok(engine.encode(&image).map(|_| ())?))?;
+    let t_ort_head = median(reps, || Ok(engine.classify(&features, &ids).map(|_| ())?))?;
     let err_f = relative_error(&engine.encode(&image)?, &features);
     let logits = tch::no_grad(|| net.class_head.forward(&features, &ids));
     let err_l = relative_error(&engine.classify(&features, &ids)?, &logits);

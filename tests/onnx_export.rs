@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 use tch::{nn, Device, Kind, Tensor};
 use vista3d::engines::fingerprint::weights_fingerprint;
 use vista3d::engines::onnx::proto::{ModelProto, NodeProto, DTYPE_FLOAT, DTYPE_FLOAT16};
-use vista3d::engines::onnx::{export_onnx, OnnxManifest, OnnxPrecision, WeightsSource};
+use vista3d::engines::onnx::{export_onnx, FloatType, OnnxManifest, WeightsSource};
 use vista3d::engines::ort_engine::OrtEngine;
-use vista3d::engines::{Method, WindowEngine};
+use vista3d::engines::{EngineErrorKind, Method, WindowEngine};
 use vista3d::fsutil::sha256_file;
 use vista3d::{Vista3d, Vista3dConfig};
 
@@ -233,6 +233,7 @@ fn stale_export_is_rejected() {
     let err = OrtEngine::load(&dir, &weights_fingerprint(&other), 1)
         .err()
         .expect("a stale export must be refused");
+    assert_eq!(err.kind(), EngineErrorKind::Stale);
     let msg = format!("{err:#}");
     assert!(msg.contains("stale ONNX export"), "{msg}");
     assert!(msg.contains(&weights_fingerprint(&other)), "{msg}");
@@ -248,6 +249,12 @@ fn broken_exports_are_clear_errors() {
             OrtEngine::load(dir, &fp, 1).err().expect("must fail")
         )
     };
+    let load_kind = |dir: &Path| {
+        OrtEngine::load(dir, &fp, 1)
+            .err()
+            .expect("must fail")
+            .kind()
+    };
     let copy = |name: &str| -> PathBuf {
         let dir = tmp(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -259,6 +266,10 @@ fn broken_exports_are_clear_errors() {
 
     let msg = load_err(&tmp("does_not_exist"));
     assert!(msg.contains("does not exist"), "{msg}");
+    assert_eq!(
+        load_kind(&tmp("does_not_exist")),
+        EngineErrorKind::Unavailable
+    );
 
     let dir = copy("no_manifest");
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
@@ -267,10 +278,12 @@ fn broken_exports_are_clear_errors() {
         msg.contains("manifest.json") && msg.contains("not a complete ONNX export"),
         "{msg}"
     );
+    assert_eq!(load_kind(&dir), EngineErrorKind::Unavailable);
 
     let dir = copy("garbage_manifest");
     std::fs::write(dir.join("manifest.json"), b"{\"format\": 3").unwrap();
     assert!(load_err(&dir).contains("not a valid ONNX export manifest"));
+    assert_eq!(load_kind(&dir), EngineErrorKind::Corrupt);
 
     let dir = copy("missing_file");
     std::fs::remove_file(dir.join("class_head.onnx")).unwrap();
@@ -279,6 +292,7 @@ fn broken_exports_are_clear_errors() {
         msg.contains("corrupt ONNX export") && msg.contains("missing"),
         "{msg}"
     );
+    assert_eq!(load_kind(&dir), EngineErrorKind::Corrupt);
 
     let dir = copy("truncated");
     let bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
@@ -288,6 +302,7 @@ fn broken_exports_are_clear_errors() {
         msg.contains("corrupt ONNX export") && msg.contains("bytes"),
         "{msg}"
     );
+    assert_eq!(load_kind(&dir), EngineErrorKind::Corrupt);
 
     let dir = copy("bit_flip");
     let mut bytes = std::fs::read(dir.join("encoder.onnx")).unwrap();
@@ -296,6 +311,7 @@ fn broken_exports_are_clear_errors() {
     std::fs::write(dir.join("encoder.onnx"), &bytes).unwrap();
     let msg = load_err(&dir);
     assert!(msg.contains("sha256"), "{msg}");
+    assert_eq!(load_kind(&dir), EngineErrorKind::Corrupt);
 
     // A file that is not ONNX at all (manifest updated to match it): ONNX Runtime's refusal is reported.
     let dir = copy("not_onnx");
@@ -314,6 +330,7 @@ fn broken_exports_are_clear_errors() {
         msg.contains("cannot load") && msg.contains("class_head.onnx"),
         "{msg}"
     );
+    assert_eq!(load_kind(&dir), EngineErrorKind::Corrupt);
 }
 
 #[test]
@@ -410,7 +427,7 @@ fn check_fp16(what: &str, actual: &Tensor, expected: &Tensor) -> f64 {
 fn fp16_export_on_ort_matches_libtorch_fp32_within_fp16_tolerance() {
     let (vs, net, dir) = exported("fp16_parity_e16", 16, 7);
     let fp = weights_fingerprint(&vs);
-    let mut engine = OrtEngine::load_precision(&dir, &fp, 2, OnnxPrecision::Fp16).unwrap();
+    let mut engine = OrtEngine::load_models(&dir, &fp, 2, FloatType::F16).unwrap();
     tch::manual_seed(11);
     let image = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
     let torch_features = tch::no_grad(|| net.image_encoder.forward(&image, false, true).1.unwrap());
@@ -443,7 +460,7 @@ fn manifest_lists_the_fp16_files_with_their_sha256() {
     let class_head = manifest.class_head_fp16.as_ref().expect("class_head_fp16");
     assert_eq!(encoder.file, "encoder_fp16.onnx");
     assert_eq!(class_head.file, "class_head_fp16.onnx");
-    assert_eq!(manifest.encoder.precision, OnnxPrecision::Fp32);
+    assert_eq!(manifest.encoder.float_type, FloatType::F32);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     for (key, entry, precision) in [
@@ -455,25 +472,21 @@ fn manifest_lists_the_fp16_files_with_their_sha256() {
         let sha = sha256_file(&dir.join(&entry.file)).unwrap();
         assert_eq!(entry.sha256, sha, "{key}");
         assert_eq!(json[key]["precision"], precision, "{key}");
-        assert_eq!(json["files"][key]["path"], entry.file.as_str(), "{key}");
-        assert_eq!(json["files"][key]["sha256"], sha.as_str(), "{key}");
-        assert_eq!(json["files"][key]["precision"], precision, "{key}");
+        // The entries are the one index of the files (the derived `files` map is gone: one manifest reader).
+        assert_eq!(json[key]["file"], entry.file.as_str(), "{key}");
+        assert_eq!(json[key]["sha256"], sha.as_str(), "{key}");
+        assert!(json.get("files").is_none());
     }
     // float16 weights: the fp16 encoder is about half the size of the fp32 one.
     let ratio = encoder.bytes as f64 / manifest.encoder.bytes as f64;
     assert!((0.45..0.6).contains(&ratio), "size ratio {ratio}");
-    // TensorRT's reader builds FP16 engines from the fp16 files, TF32 ones from the fp32 files.
-    use vista3d::engines::tensorrt::{self as trt, Part, Precision};
-    let trt_manifest = trt::OnnxManifest::read(&dir).unwrap();
+    // TensorRT builds FP16 engines from the fp16 files, TF32 ones from the fp32 files (same manifest reader).
+    use vista3d::engines::tensorrt::{self as trt, Part};
     for (part, file) in [(Part::Encoder, "encoder"), (Part::ClassHead, "class_head")] {
-        let fp16 = trt_manifest
-            .existing_onnx_for(part, Precision::Fp16)
-            .unwrap();
+        let fp16 = trt::onnx_source(&manifest, &dir, part, Method::TrtFp16).unwrap();
         assert!(fp16.fp16_model);
         assert_eq!(fp16.path, dir.join(format!("{file}_fp16.onnx")));
-        let tf32 = trt_manifest
-            .existing_onnx_for(part, Precision::Tf32)
-            .unwrap();
+        let tf32 = trt::onnx_source(&manifest, &dir, part, Method::TrtTf32).unwrap();
         assert!(!tf32.fp16_model);
         assert_eq!(tf32.path, dir.join(format!("{file}.onnx")));
     }

@@ -1,10 +1,18 @@
 //! TensorRT on a machine without TensorRT or a GPU (every development and CI machine): the shim is compiled when
-//! headers were given, `build-engines` fails with a clear error and writes nothing, and loading reports why.
+//! headers were given, `build-engines` fails with a clear error and writes nothing, and loading reports why, as
+//! an "unavailable" engine error (what `auto` skips quietly). Keys, staleness, `max_prompt_size` selection and
+//! chunking are unit-tested in `src/engines/tensorrt/{cache,engine}.rs`; the shim's failure paths in
+//! `src/engines/tensorrt/handles.rs`.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use vista3d::engines::tensorrt::{self as trt, OnnxManifest, Precision, TrtEngine, TrtLibrary};
+use tch::{nn, Device};
+use vista3d::engines::fingerprint::weights_fingerprint;
+use vista3d::engines::onnx::{export_onnx, OnnxManifest, WeightsSource};
+use vista3d::engines::tensorrt::{self as trt, TrtEngine, TrtLibrary};
+use vista3d::engines::{EngineContext, EngineErrorKind, Method};
+use vista3d::{Vista3d, Vista3dConfig};
 
 fn vista3d(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vista3d"))
@@ -20,17 +28,14 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// An export folder as `vista3d export-onnx` writes it (the models are placeholders: nothing parses them here).
-fn onnx_export(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("manifest.json"),
-        r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 16, "opset": 17,
-            "files": {"encoder": "encoder.onnx", "class_head": "class_head.onnx"}}"#,
-    )
-    .unwrap();
-    std::fs::write(dir.join("encoder.onnx"), b"placeholder encoder").unwrap();
-    std::fs::write(dir.join("class_head.onnx"), b"placeholder class head").unwrap();
+/// A full export folder of seeded random width-8 weights, as `vista3d export-onnx` writes it; returns the
+/// weights fingerprint.
+fn onnx_export(dir: &Path) -> String {
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap();
+    export_onnx(&vs, &WeightsSource::random(8, 1), dir).unwrap();
+    weights_fingerprint(&vs)
 }
 
 /// True when this machine really has TensorRT (then the "unavailable" tests do not apply).
@@ -146,20 +151,79 @@ fn engine_load_without_tensorrt_is_an_error_for_the_fallback() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    onnx_export(&dir.path().join("onnx"));
-    let manifest = OnnxManifest::read(&dir.path().join("onnx")).unwrap();
-    for precision in [Precision::Fp16, Precision::Tf32] {
-        let err = TrtEngine::load(
-            &dir.path().join("engines"),
-            &manifest,
-            precision,
-            [128, 128, 128],
-            0,
-        )
-        .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("TensorRT unavailable"),
-            "{err:#}"
-        );
+    let onnx = dir.path().join("onnx");
+    let fingerprint = onnx_export(&onnx);
+    let manifest = OnnxManifest::read(&onnx).unwrap();
+    assert_eq!(manifest.weights_fingerprint, fingerprint);
+    for device in [Device::Cuda(0), Device::Cpu] {
+        let ctx = EngineContext {
+            onnx_dir: onnx.clone(),
+            engines_dir: dir.path().join("engines"),
+            weights_fingerprint: fingerprint.clone(),
+            device,
+            patch_size: [128, 128, 128],
+            max_prompt_size: 4,
+            sw_batch_size: 1,
+        };
+        for method in trt::TRT_METHODS {
+            let err = TrtEngine::load(&ctx, method).unwrap_err();
+            assert_eq!(err.kind(), EngineErrorKind::Unavailable, "{err}");
+            let expected = if device.is_cuda() {
+                "TensorRT unavailable"
+            } else {
+                "needs a CUDA device"
+            };
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
     }
+    // The ONNX models TensorRT would compile are the export's manifest entries.
+    for (part, file) in [
+        (trt::Part::Encoder, "encoder"),
+        (trt::Part::ClassHead, "class_head"),
+    ] {
+        let fp16 = trt::onnx_source(&manifest, &onnx, part, Method::TrtFp16).unwrap();
+        assert!(fp16.fp16_model);
+        assert_eq!(fp16.path, onnx.join(format!("{file}_fp16.onnx")));
+        assert!(fp16.path.is_file());
+        let tf32 = trt::onnx_source(&manifest, &onnx, part, Method::TrtTf32).unwrap();
+        assert!(!tf32.fp16_model);
+        assert_eq!(tf32.path, onnx.join(format!("{file}.onnx")));
+    }
+}
+
+#[test]
+fn build_engines_refuses_a_damaged_export_before_loading_tensorrt() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = dir.path().join("onnx");
+    onnx_export(&onnx);
+    let out = dir.path().join("engines");
+    let build = |precision: &str| {
+        vista3d(&[
+            "build-engines",
+            "--onnx",
+            onnx.to_str().unwrap(),
+            "--precision",
+            precision,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    // A truncated float16 class head: named, whether or not TensorRT is installed.
+    let path = onnx.join("class_head_fp16.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let o = build("fp16");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("corrupt ONNX export"), "{err}");
+    assert!(err.contains("class_head_fp16.onnx"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists());
+    // A manifest that is not one.
+    std::fs::write(onnx.join("manifest.json"), b"{\"weights_fingerprint\": 3}").unwrap();
+    let o = build("tf32");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a valid ONNX export manifest"), "{err}");
+    assert!(!out.exists());
 }

@@ -74,7 +74,7 @@ pub fn build_engines(a: BuildEnginesArgs) -> Result<()> {
     let opts = trt::BuildOptions {
         onnx_dir: a.onnx,
         out_dir: a.out,
-        precisions: trt::Precision::parse_list(&a.precision)?,
+        methods: trt::parse_methods(&a.precision)?,
         max_prompt_size: a.max_prompt_size,
         patch: trt::parse_patch(&a.patch)?,
         sw_batch_size: a.sw_batch_size,

@@ -3,7 +3,7 @@
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 
-use super::onnx::f32_bytes;
+use super::tensor_bytes::f32_bytes;
 use crate::fsutil::hex;
 
 /// sha256 over every variable of `vs`, sorted by name: name, shape, dtype and the values as raw f32 bytes;

@@ -1,18 +1,18 @@
 //! ONNX Runtime engine ([`Method::Ort`]): runs the exported `encoder.onnx` and `class_head.onnx` on the CPU
 //! execution provider. ONNX Runtime is loaded at run time from `ORT_DYLIB_PATH` (the `load-dynamic` build
-//! of the `ort` crate), so the program builds and runs without it and reports a clear error when it is asked
-//! for and missing.
+//! of the `ort` crate), so the program builds and runs without it and reports it unavailable, with how to get
+//! it, when it is asked for and missing. Loading classifies every refusal as an [`EngineError`] kind.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use ort::environment::Environment;
 use ort::session::Session;
 use tch::{Device, Kind, Tensor};
 
-use super::onnx::{ModelEntry, OnnxManifest};
-use super::{Method, WindowEngine};
+use super::onnx::{FloatType, ModelEntry, OnnxManifest, TensorSpec};
+use super::{EngineError, Method, WindowEngine};
 use crate::fsutil::sha256_file;
 use crate::model::Vista3d;
 use crate::numerics::relative_error;
@@ -25,103 +25,116 @@ const ORT_HINT: &str = "set ORT_DYLIB_PATH to ONNX Runtime 1.31's libonnxruntime
     (`pip install onnxruntime==1.31.1`: <site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1; \
     `. scripts/env.sh` exports it)";
 
-fn ort_error<R>(what: String) -> impl FnOnce(ort::Error<R>) -> anyhow::Error {
-    move |e| anyhow!("{what}: {e}")
-}
-
 /// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and returns its environment. Errors, never
-/// panics, when the variable is unset, the file is missing or is not a usable ONNX Runtime >= 1.31.
-pub fn ort_environment() -> Result<Environment> {
-    let mut env = ORT_ENV
-        .lock()
-        .map_err(|_| anyhow!("ONNX Runtime initialisation failed earlier in this process"))?;
+/// panics, when the variable is unset, the file is missing or is not a usable ONNX Runtime >= 1.31: all
+/// [`EngineError::Unavailable`].
+pub fn ort_environment() -> Result<Environment, EngineError> {
+    let mut env = ORT_ENV.lock().map_err(|_| {
+        EngineError::Unavailable(
+            "ONNX Runtime initialisation failed earlier in this process".into(),
+        )
+    })?;
     if let Some(e) = env.as_ref() {
         return Ok(e.clone());
     }
     let path = std::env::var_os("ORT_DYLIB_PATH")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("ONNX Runtime not found: ORT_DYLIB_PATH is not set; {ORT_HINT}"))?;
+        .ok_or_else(|| {
+            EngineError::Unavailable(format!(
+                "ONNX Runtime not found: ORT_DYLIB_PATH is not set; {ORT_HINT}"
+            ))
+        })?;
     if !path.is_file() {
-        bail!(
+        return Err(EngineError::Unavailable(format!(
             "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
             path.display()
-        );
+        )));
     }
     let built = ort::init_from(&path)
         .map_err(|e| {
-            anyhow!(
+            EngineError::Unavailable(format!(
                 "ONNX Runtime not usable: ORT_DYLIB_PATH={}: {e}; {ORT_HINT}",
                 path.display()
-            )
+            ))
         })?
         .with_name("vista3d")
         .build()
-        .map_err(ort_error(format!(
-            "cannot create an ONNX Runtime environment from {}",
-            path.display()
-        )))?;
+        .map_err(|e| {
+            EngineError::Unavailable(format!(
+                "cannot create an ONNX Runtime environment from {}: {e}",
+                path.display()
+            ))
+        })?;
     *env = Some(built.clone());
     Ok(built)
 }
 
-/// Checks an exported file against its manifest entry (present, same size, same sha256).
-fn check_file(dir: &Path, entry: &ModelEntry) -> Result<PathBuf> {
+/// Checks an exported file against its manifest entry (present, same size, same sha256); every mismatch is
+/// [`EngineError::Corrupt`].
+fn check_file(dir: &Path, entry: &ModelEntry) -> Result<PathBuf, EngineError> {
     let path = dir.join(&entry.file);
-    let meta = std::fs::metadata(&path).with_context(|| {
-        format!(
-            "corrupt ONNX export: {} is missing (re-run `vista3d export-onnx`)",
+    let corrupt = |what: String| {
+        EngineError::Corrupt(format!(
+            "corrupt ONNX export: {} {what} (re-run `vista3d export-onnx`)",
             path.display()
-        )
-    })?;
-    ensure!(
-        meta.len() == entry.bytes,
-        "corrupt ONNX export: {} has {} bytes, the manifest says {} (re-run `vista3d export-onnx`)",
-        path.display(),
-        meta.len(),
-        entry.bytes
-    );
-    let sha = sha256_file(&path)?;
-    ensure!(
-        sha == entry.sha256,
-        "corrupt ONNX export: {} does not match its sha256 in the manifest (re-run `vista3d export-onnx`)",
-        path.display()
-    );
+        ))
+    };
+    let meta = std::fs::metadata(&path).map_err(|_| corrupt("is missing".into()))?;
+    if meta.len() != entry.bytes {
+        return Err(corrupt(format!(
+            "has {} bytes, the manifest says {}",
+            meta.len(),
+            entry.bytes
+        )));
+    }
+    let sha = sha256_file(&path).map_err(|e| corrupt(format!("cannot be read: {e:#}")))?;
+    if sha != entry.sha256 {
+        return Err(corrupt(
+            "does not match its sha256 in the manifest".to_string(),
+        ));
+    }
     Ok(path)
 }
 
-/// A CPU session on one exported file, checked to have the manifest's input and output names.
+/// A CPU session on one exported file, checked to have the manifest's input and output names. A file ONNX
+/// Runtime refuses, or whose interface differs from the manifest's, is [`EngineError::Corrupt`].
 fn open_session(
     env: &Environment,
     dir: &Path,
     entry: &ModelEntry,
     threads: usize,
-) -> Result<Session> {
+) -> Result<Session, EngineError> {
     let path = check_file(dir, entry)?;
-    let what = || format!("cannot load {} into ONNX Runtime", path.display());
-    let mut builder = Session::builder(env).map_err(ort_error(what()))?;
+    let what = |e: &dyn std::fmt::Display| {
+        format!("cannot load {} into ONNX Runtime: {e}", path.display())
+    };
+    let mut builder = Session::builder(env).map_err(|e| EngineError::Runtime(what(&e)))?;
     if threads > 0 {
         builder = builder
             .with_intra_threads(threads)
-            .map_err(ort_error(what()))?
+            .map_err(|e| EngineError::Runtime(what(&e)))?
             .with_inter_threads(1)
-            .map_err(ort_error(what()))?;
+            .map_err(|e| EngineError::Runtime(what(&e)))?;
     }
-    let session = builder.commit_from_file(&path).map_err(ort_error(what()))?;
+    let session = builder
+        .commit_from_file(&path)
+        .map_err(|e| EngineError::Corrupt(what(&e)))?;
     let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
         outlets.iter().map(|o| o.name().to_string()).collect()
     };
-    let want = |specs: &[super::onnx::TensorSpec]| -> Vec<String> {
-        specs.iter().map(|s| s.name.clone()).collect()
-    };
-    ensure!(
-        names(session.inputs()) == want(&entry.inputs)
-            && names(session.outputs()) == want(&entry.outputs),
-        "{}: inputs {:?} / outputs {:?} differ from the manifest's",
-        path.display(),
-        names(session.inputs()),
-        names(session.outputs())
-    );
+    let want =
+        |specs: &[TensorSpec]| -> Vec<String> { specs.iter().map(|s| s.name.clone()).collect() };
+    if names(session.inputs()) != want(&entry.inputs)
+        || names(session.outputs()) != want(&entry.outputs)
+    {
+        return Err(EngineError::Corrupt(format!(
+            "{}: inputs {:?} / outputs {:?} differ from the manifest's",
+            path.display(),
+            names(session.inputs()),
+            names(session.outputs())
+        )));
+    }
     Ok(session)
 }
 
@@ -134,43 +147,34 @@ pub struct OrtEngine {
 }
 
 impl OrtEngine {
-    /// Opens `onnx_dir` for the model whose [`weights_fingerprint`](super::fingerprint::weights_fingerprint)
-    /// is `expected_fingerprint` (a different one is a stale export and an error), with `threads` intra-op
-    /// threads (0: ONNX Runtime's default).
-    pub fn load(onnx_dir: &Path, expected_fingerprint: &str, threads: usize) -> Result<OrtEngine> {
-        Self::load_precision(
-            onnx_dir,
-            expected_fingerprint,
-            threads,
-            super::onnx::OnnxPrecision::Fp32,
-        )
-    }
-
-    /// As [`OrtEngine::load`], on the export's models of `precision` (the float16 variants are an error naming
-    /// the directory when the export has none). Inputs and outputs are float32 either way.
-    pub fn load_precision(
+    /// Opens the float32 models of `onnx_dir` for the model whose
+    /// [`weights_fingerprint`](super::fingerprint::weights_fingerprint) is `expected_fingerprint`, with `threads`
+    /// intra-op threads (0: ONNX Runtime's default). Errors are classified as [`EngineError`] documents: no ONNX
+    /// Runtime or no export is unavailable, an export of other weights stale, a damaged one corrupt.
+    pub fn load(
         onnx_dir: &Path,
         expected_fingerprint: &str,
         threads: usize,
-        precision: super::onnx::OnnxPrecision,
-    ) -> Result<OrtEngine> {
-        let manifest = OnnxManifest::read(onnx_dir)?;
-        ensure!(
-            manifest.weights_fingerprint == expected_fingerprint,
-            "stale ONNX export in {}: it was exported from weights {} ({}), the loaded model's weights are {}; \
-             re-run `vista3d export-onnx --checkpoint <model> --out {}`",
-            onnx_dir.display(),
-            manifest.weights_fingerprint,
-            manifest.weights.describe(),
-            expected_fingerprint,
-            onnx_dir.display()
-        );
+    ) -> Result<OrtEngine, EngineError> {
+        Self::load_models(onnx_dir, expected_fingerprint, threads, FloatType::F32)
+    }
+
+    /// As [`OrtEngine::load`], on the export's models of `float_type` (the float16 models of an export that has
+    /// none are [`EngineError::Stale`]: an older export). Inputs and outputs are float32 either way.
+    pub fn load_models(
+        onnx_dir: &Path,
+        expected_fingerprint: &str,
+        threads: usize,
+        float_type: FloatType,
+    ) -> Result<OrtEngine, EngineError> {
         let env = ort_environment()?;
-        let (encoder, class_head) = manifest.models(precision).with_context(|| {
-            format!(
-                "the ONNX export in {} has no {precision} models (re-run `vista3d export-onnx`)",
+        let manifest = OnnxManifest::read(onnx_dir)?;
+        manifest.check_fingerprint(onnx_dir, expected_fingerprint)?;
+        let (encoder, class_head) = manifest.models(float_type).ok_or_else(|| {
+            EngineError::Stale(format!(
+                "the ONNX export in {} has no {float_type} models (re-run `vista3d export-onnx`)",
                 onnx_dir.display()
-            )
+            ))
         })?;
         let encoder = open_session(&env, onnx_dir, encoder, threads)?;
         let class_head = open_session(&env, onnx_dir, class_head, threads)?;
@@ -194,7 +198,7 @@ impl OrtEngine {
 }
 
 /// A tch tensor as an ONNX Runtime tensor of element type `T` (copied through a flat CPU buffer).
-fn to_ort<T>(t: &Tensor, kind: Kind) -> Result<ort::value::Tensor<T>>
+fn to_ort<T>(t: &Tensor, kind: Kind) -> Result<ort::value::Tensor<T>, EngineError>
 where
     T: ort::value::PrimitiveTensorElementType
         + tch::kind::Element
@@ -202,13 +206,17 @@ where
         + std::fmt::Debug
         + 'static,
 {
-    let t = t.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
+    let t = t
+        .detach()
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(kind)?
+        .f_contiguous()?;
     let shape = t.size();
     let numel = t.numel();
     let mut data = vec![T::ZERO; numel];
-    t.copy_data(&mut data, numel);
+    t.f_copy_data(&mut data, numel)?;
     ort::value::Tensor::from_array((shape, data))
-        .map_err(|e| anyhow!("cannot make an ONNX Runtime tensor: {e}"))
+        .map_err(|e| EngineError::Runtime(format!("cannot make an ONNX Runtime tensor: {e}")))
 }
 
 /// Runs `session` on named inputs and returns its one f32 output `output` as a tch tensor on `device`.
@@ -217,7 +225,7 @@ fn run_one(
     inputs: Vec<(&'static str, ort::value::DynValue)>,
     output: &str,
     device: Device,
-) -> Result<Tensor> {
+) -> Result<Tensor, EngineError> {
     let inputs: Vec<(
         std::borrow::Cow<'static, str>,
         ort::session::SessionInputValue<'_>,
@@ -227,17 +235,26 @@ fn run_one(
         .collect();
     let outputs = session
         .run(inputs)
-        .map_err(|e| anyhow!("ONNX Runtime failed: {e}"))?;
+        .map_err(|e| EngineError::Runtime(format!("ONNX Runtime failed: {e}")))?;
     let value = outputs
         .get(output)
-        .with_context(|| format!("ONNX Runtime returned no '{output}'"))?;
+        .ok_or_else(|| EngineError::Runtime(format!("ONNX Runtime returned no '{output}'")))?;
     let (shape, data) = value
         .try_extract_tensor::<f32>()
-        .map_err(|e| anyhow!("ONNX Runtime output '{output}': {e}"))?;
+        .map_err(|e| EngineError::Runtime(format!("ONNX Runtime output '{output}': {e}")))?;
     let dims: Vec<i64> = shape.iter().copied().collect();
-    Ok(Tensor::from_slice(data)
-        .view(dims.as_slice())
-        .to_device(device))
+    Ok(Tensor::f_from_slice(data)?
+        .f_view(dims.as_slice())?
+        .f_to_device(device)?)
+}
+
+/// An [`EngineError::Runtime`] unless `ok` (a bad input to an engine is a failure while running).
+fn check_input(ok: bool, message: impl FnOnce() -> String) -> Result<(), EngineError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Runtime(message()))
+    }
 }
 
 impl WindowEngine for OrtEngine {
@@ -245,12 +262,11 @@ impl WindowEngine for OrtEngine {
         Method::Ort
     }
 
-    fn encode(&mut self, image: &Tensor) -> Result<Tensor> {
+    fn encode(&mut self, image: &Tensor) -> Result<Tensor, EngineError> {
         let size = image.size();
-        ensure!(
-            size.len() == 5,
-            "ONNX Runtime encoder: image must be [b, C, H, W, D], got {size:?}"
-        );
+        check_input(size.len() == 5, || {
+            format!("ONNX Runtime encoder: image must be [b, C, H, W, D], got {size:?}")
+        })?;
         let input = to_ort::<f32>(image, Kind::Float)?.into_dyn();
         run_one(
             &mut self.encoder,
@@ -260,27 +276,26 @@ impl WindowEngine for OrtEngine {
         )
     }
 
-    fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {
+    fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError> {
         let (f, c) = (features.size(), class_ids.size());
-        ensure!(
-            f.len() == 5 && f[1] == self.manifest.embed_dim,
-            "ONNX Runtime class head: features must be [b, {}, H, W, D], got {f:?}",
-            self.manifest.embed_dim
-        );
-        ensure!(
-            c.len() == 2 && c[1] == 1 && c[0] > 0,
-            "ONNX Runtime class head: class ids must be [B, 1] with B >= 1, got {c:?}"
-        );
-        let ids_cpu = class_ids.to_device(Device::Cpu).to_kind(Kind::Int64);
+        let embed_dim = self.manifest.embed_dim;
+        check_input(f.len() == 5 && f[1] == embed_dim, || {
+            format!(
+                "ONNX Runtime class head: features must be [b, {embed_dim}, H, W, D], got {f:?}"
+            )
+        })?;
+        check_input(c.len() == 2 && c[1] == 1 && c[0] > 0, || {
+            format!("ONNX Runtime class head: class ids must be [B, 1] with B >= 1, got {c:?}")
+        })?;
+        let ids_cpu = class_ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
         let (lo, hi) = (
-            ids_cpu.min().int64_value(&[]),
-            ids_cpu.max().int64_value(&[]),
+            ids_cpu.f_min()?.f_int64_value(&[])?,
+            ids_cpu.f_max()?.f_int64_value(&[])?,
         );
-        ensure!(
-            lo >= 0 && hi < self.manifest.n_classes,
-            "ONNX Runtime class head: class ids must be in 0..{}, got {lo}..={hi}",
-            self.manifest.n_classes
-        );
+        let n_classes = self.manifest.n_classes;
+        check_input(lo >= 0 && hi < n_classes, || {
+            format!("ONNX Runtime class head: class ids must be in 0..{n_classes}, got {lo}..={hi}")
+        })?;
         let features_in = to_ort::<f32>(features, Kind::Float)?.into_dyn();
         let ids = to_ort::<i64>(&ids_cpu, Kind::Int64)?.into_dyn();
         run_one(

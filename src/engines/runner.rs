@@ -1,6 +1,6 @@
 //! One request's network: the class path through an engine when one is open, libtorch otherwise, and a
 //! fallback to libtorch (with one warning) the moment an engine fails, so a request never fails because of an
-//! engine.
+//! engine. Every step down is reported with its kind ([`Fallback`]).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use super::{Method, WindowEngine};
+use super::{EngineChoice, EngineError, Fallback, Method, WindowEngine};
 use crate::inference::WindowNetwork;
 use crate::model::{ForwardArgs, Vista3d};
 use crate::runtime::torch_switches;
@@ -20,8 +20,9 @@ pub struct MethodReport {
     pub requested: Option<Method>,
     /// Every method that computed at least one window, in order of first use.
     pub used: Vec<Method>,
-    /// Why the requested method did not (fully) run.
-    pub fallbacks: Vec<String>,
+    /// Why the requested method did not (fully) run, with the kind of each step down (each serialized as
+    /// its one line, `<method> <kind>: <reason>`).
+    pub fallbacks: Vec<Fallback>,
 }
 
 impl MethodReport {
@@ -42,18 +43,11 @@ pub struct WindowRunner<'a> {
 }
 
 impl<'a> WindowRunner<'a> {
-    /// A runner for `requested`, with `engine` already opened for it (or `None`, then `torch_method` runs
-    /// everything). `notes` are reasons recorded while choosing (e.g. an engine that could not be opened).
-    pub fn new(
-        net: &'a Vista3d,
-        device: Device,
-        requested: Method,
-        engine: Option<Box<dyn WindowEngine>>,
-        torch_method: Method,
-        notes: Vec<String>,
-    ) -> Self {
+    /// A runner for `requested`, served as `choice` says (see [`super::choose`]): its engine (if any) runs the
+    /// class path, its libtorch method the rest; its fallbacks start the report.
+    pub fn new(net: &'a Vista3d, device: Device, requested: Method, choice: EngineChoice) -> Self {
         let cuda = device.is_cuda();
-        let torch_method = if cuda { torch_method } else { Method::Fp32 };
+        let torch_method = if cuda { choice.torch } else { Method::Fp32 };
         // The global TF32 switches follow the libtorch method: strict fp32 turns cuDNN's default TF32 off.
         if cuda {
             match torch_method {
@@ -66,18 +60,18 @@ impl<'a> WindowRunner<'a> {
             net,
             device,
             torch_method,
-            engine: RefCell::new(engine),
+            engine: RefCell::new(choice.engine),
             report: RefCell::new(MethodReport {
                 requested: Some(requested),
                 used: Vec::new(),
-                fallbacks: notes,
+                fallbacks: choice.fallbacks,
             }),
         }
     }
 
     /// Plain libtorch fp32 (what tests and parity checks use).
     pub fn torch(net: &'a Vista3d, device: Device) -> Self {
-        Self::new(net, device, Method::Fp32, None, Method::Fp32, Vec::new())
+        Self::new(net, device, Method::Fp32, EngineChoice::torch(Method::Fp32))
     }
 
     /// The libtorch method used for point prompts and as the fallback.
@@ -90,9 +84,17 @@ impl<'a> WindowRunner<'a> {
         self.report.borrow().clone()
     }
 
-    /// Ends the request, handing back the engine (if it is still healthy) for the next request.
-    pub fn into_parts(self) -> (Option<Box<dyn WindowEngine>>, MethodReport) {
-        (self.engine.into_inner(), self.report.into_inner())
+    /// Ends the request: what ran, and the choice for the next request of the same method (the engine if it
+    /// is still healthy, and every fallback so far, an engine failure included, so later records say why
+    /// libtorch runs).
+    pub fn into_parts(self) -> (EngineChoice, MethodReport) {
+        let report = self.report.into_inner();
+        let choice = EngineChoice {
+            engine: self.engine.into_inner(),
+            torch: self.torch_method,
+            fallbacks: report.fallbacks.clone(),
+        };
+        (choice, report)
     }
 
     fn engine_forward(
@@ -100,24 +102,25 @@ impl<'a> WindowRunner<'a> {
         input: &Tensor,
         class_vector: &Tensor,
         transpose: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<Tensor, EngineError> {
         let features = engine.encode(input)?;
         let logits = engine.classify(&features, class_vector)?;
         let expected = [class_vector.size()[0], input.size()[0]];
-        anyhow::ensure!(
-            logits.dim() == 5
-                && logits.size()[..2] == expected
-                && logits.size()[2..] == input.size()[2..],
-            "{} returned logits of shape {:?}, expected [{}, {}, {:?}]",
-            engine.method(),
-            logits.size(),
-            expected[0],
-            expected[1],
-            &input.size()[2..]
-        );
-        let logits = logits.to_kind(Kind::Float);
+        if !(logits.dim() == 5
+            && logits.size()[..2] == expected
+            && logits.size()[2..] == input.size()[2..])
+        {
+            return Err(EngineError::Runtime(format!(
+                "returned logits of shape {:?}, expected [{}, {}, {:?}]",
+                logits.size(),
+                expected[0],
+                expected[1],
+                &input.size()[2..]
+            )));
+        }
+        let logits = logits.f_to_kind(Kind::Float)?;
         Ok(if transpose {
-            logits.transpose(1, 0)
+            logits.f_transpose(1, 0)?
         } else {
             logits
         })
@@ -147,12 +150,12 @@ impl WindowNetwork for WindowRunner<'_> {
                         return Ok(out);
                     }
                     Err(e) => {
-                        let msg = format!(
-                            "{method} failed ({e:#}); falling back to libtorch {} for the rest of the request",
+                        let fallback = Fallback::new(method, &e);
+                        log::warn!(
+                            "{fallback}; falling back to libtorch {} for the rest of the request",
                             self.torch_method
                         );
-                        log::warn!("{msg}");
-                        self.report.borrow_mut().fallbacks.push(msg);
+                        self.report.borrow_mut().fallbacks.push(fallback);
                         *slot = None;
                     }
                 }
@@ -171,43 +174,77 @@ pub fn used_names(report: &MethodReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engines::EngineErrorKind;
     use crate::Vista3dConfig;
     use tch::nn;
 
-    /// An engine that computes the class path with the libtorch modules (so results can be compared), or fails
-    /// from its `fail_after`-th call on.
-    struct FakeEngine<'a> {
-        net: &'a Vista3d,
+    /// An engine that computes the class path with its own copy of the libtorch modules (so results can be
+    /// compared; engines are `Send`, so it owns them), or fails from its `fail_after`-th call on.
+    struct FakeEngine {
+        net: Vista3d,
+        _vs: nn::VarStore,
         calls: usize,
         fail_after: usize,
     }
 
-    impl WindowEngine for FakeEngine<'static> {
+    impl WindowEngine for FakeEngine {
         fn method(&self) -> Method {
             Method::TrtFp16
         }
-        fn encode(&mut self, image: &Tensor) -> Result<Tensor> {
+        fn encode(&mut self, image: &Tensor) -> Result<Tensor, EngineError> {
             self.calls += 1;
-            anyhow::ensure!(self.calls <= self.fail_after, "simulated engine failure");
+            if self.calls > self.fail_after {
+                return Err(EngineError::Runtime("simulated engine failure".into()));
+            }
             let (_, auto) = self.net.image_encoder.forward(image, false, true);
-            auto.ok_or_else(|| anyhow::anyhow!("no features"))
+            auto.ok_or_else(|| EngineError::Runtime("no features".into()))
         }
-        fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {
+        fn classify(
+            &mut self,
+            features: &Tensor,
+            class_ids: &Tensor,
+        ) -> Result<Tensor, EngineError> {
             Ok(self.net.class_head.forward(features, class_ids))
         }
     }
 
-    fn leaked_net() -> &'static Vista3d {
+    /// A network for the runner (leaked: the runner borrows it) and a fake engine with the same weights.
+    fn net_and_engine(fail_after: usize) -> (&'static Vista3d, FakeEngine) {
         tch::manual_seed(3);
         let vs = Box::leak(Box::new(nn::VarStore::new(Device::Cpu)));
-        Box::leak(Box::new(
+        let net = Box::leak(Box::new(
             Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap(),
-        ))
+        ));
+        let mut copy_vs = nn::VarStore::new(Device::Cpu);
+        let copy = Vista3d::new(&copy_vs.root(), Vista3dConfig::with_width(8)).unwrap();
+        copy_vs.copy(vs).unwrap();
+        let engine = FakeEngine {
+            net: copy,
+            _vs: copy_vs,
+            calls: 0,
+            fail_after,
+        };
+        (net, engine)
+    }
+
+    fn with_engine(engine: FakeEngine, torch: Method, fallbacks: Vec<Fallback>) -> EngineChoice {
+        EngineChoice {
+            engine: Some(Box::new(engine)),
+            torch,
+            fallbacks,
+        }
+    }
+
+    #[test]
+    fn engines_can_move_to_a_worker_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Box<dyn WindowEngine>>();
+        assert_send::<EngineChoice>();
     }
 
     #[test]
     fn engine_matches_torch_then_falls_back_on_failure() {
-        let net = leaked_net();
+        let (net, engine) = net_and_engine(1);
         let input = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
         let cv = Tensor::from_slice(&[3i64, 1, 14]).view([3, 1]);
         let args = ForwardArgs {
@@ -216,18 +253,11 @@ mod tests {
             ..Default::default()
         };
         let reference = tch::no_grad(|| net.forward(&input, &args)).unwrap();
-        let engine = FakeEngine {
-            net,
-            calls: 0,
-            fail_after: 1,
-        };
         let runner = WindowRunner::new(
             net,
             Device::Cpu,
             Method::TrtFp16,
-            Some(Box::new(engine)),
-            Method::Fp32,
-            Vec::new(),
+            with_engine(engine, Method::Fp32, Vec::new()),
         );
         // First window through the engine, second: the engine fails and libtorch takes over, same values.
         for _ in 0..2 {
@@ -236,16 +266,51 @@ mod tests {
             let diff = (&out - &reference).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "diff {diff}");
         }
-        let (engine, report) = runner.into_parts();
-        assert!(engine.is_none(), "a failed engine is dropped");
+        let (next, report) = runner.into_parts();
+        assert!(next.engine.is_none(), "a failed engine is dropped");
         assert_eq!(report.used, vec![Method::TrtFp16, Method::Fp32]);
         assert_eq!(report.fallbacks.len(), 1);
-        assert!(report.fallbacks[0].contains("simulated engine failure"));
+        assert!(report.fallbacks[0]
+            .to_string()
+            .contains("simulated engine failure"));
+        assert_eq!(report.fallbacks[0].kind, EngineErrorKind::Runtime);
+        assert_eq!(report.fallbacks[0].method, Method::TrtFp16);
+        // The next request of the method runs libtorch and its record says why.
+        assert_eq!(next.torch, Method::Fp32);
+        assert_eq!(next.fallbacks, report.fallbacks);
+        let runner = WindowRunner::new(net, Device::Cpu, Method::TrtFp16, next);
+        let _ = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
+        let report = runner.report();
+        assert_eq!(report.used, vec![Method::Fp32]);
+        assert_eq!(report.fallbacks.len(), 1);
+    }
+
+    #[test]
+    fn choice_fallbacks_start_the_report() {
+        let (net, engine) = net_and_engine(usize::MAX);
+        let stale = Fallback::new(
+            Method::TrtFp16,
+            &EngineError::Stale("built for TensorRT 10.12.0".into()),
+        );
+        let runner = WindowRunner::new(
+            net,
+            Device::Cpu,
+            Method::Auto,
+            with_engine(engine, Method::Fp32, vec![stale.clone()]),
+        );
+        let report = runner.report();
+        assert_eq!(report.requested, Some(Method::Auto));
+        assert_eq!(report.fallbacks, vec![stale]);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["fallbacks"][0],
+            "trt_fp16 stale: built for TensorRT 10.12.0"
+        );
     }
 
     #[test]
     fn point_windows_bypass_the_engine() {
-        let net = leaked_net();
+        let (net, engine) = net_and_engine(0);
         let input = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
         let cv = Tensor::from_slice(&[3i64]).view([1, 1]);
         let pc = Tensor::from_slice(&[5.0f32, 6.0, 7.0]).view([1, 1, 3]);
@@ -257,25 +322,19 @@ mod tests {
             transpose: true,
             ..Default::default()
         };
-        let engine = FakeEngine {
-            net,
-            calls: 0,
-            fail_after: 0,
-        };
         let runner = WindowRunner::new(
             net,
             Device::Cpu,
             Method::TrtFp16,
-            Some(Box::new(engine)),
-            Method::Fp32,
-            Vec::new(),
+            with_engine(engine, Method::Fp32, Vec::new()),
         );
         let _ = tch::no_grad(|| runner.forward_window(&input, &args)).unwrap();
-        let (engine, report) = runner.into_parts();
+        let (next, report) = runner.into_parts();
         assert!(
-            engine.is_some(),
+            next.engine.is_some(),
             "the engine was not called, so it is still healthy"
         );
         assert_eq!(report.used, vec![Method::Fp32]);
+        assert!(report.fallbacks.is_empty());
     }
 }

@@ -25,13 +25,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use ndarray::Array3;
 use tch::{Device, Tensor};
 
 use crate::config::{FallbackPolicy, InferenceConfig};
 use crate::engines::runner::{MethodReport, WindowRunner};
-use crate::engines::{self, EngineContext, Method, WindowEngine};
+use crate::engines::{self, EngineChoice, EngineContext, EngineError, Method};
 use crate::inference::{
     infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowNetwork,
 };
@@ -115,13 +115,6 @@ pub struct MethodStatus {
     pub notes: Vec<String>,
 }
 
-/// An engine opened for a method (or the reasons it could not be), kept across requests.
-struct OpenEngine {
-    engine: Option<Box<dyn WindowEngine>>,
-    torch: Method,
-    notes: Vec<String>,
-}
-
 /// Environment variable of a test hook: a request whose name contains its value panics inside the request
 /// (used by the test that checks that one failing image never takes a batch down).
 pub const TEST_PANIC_ENV: &str = "VISTA3D_TEST_PANIC";
@@ -164,7 +157,7 @@ pub struct RequestPath {
 pub struct Segmenter {
     path: RequestPath,
     model: Model,
-    engines: RefCell<HashMap<Method, OpenEngine>>,
+    engines: RefCell<HashMap<Method, EngineChoice>>,
 }
 
 impl Segmenter {
@@ -257,38 +250,25 @@ impl Segmenter {
         f: impl FnOnce(&WindowRunner) -> Result<T, SegmentError>,
     ) -> Result<(T, MethodReport), SegmentError> {
         let cached = self.engines.borrow_mut().remove(&method);
-        let open = cached.unwrap_or_else(|| self.open(method));
+        let choice = cached.unwrap_or_else(|| self.open(method));
         let deny = self.config().precision_fallback == FallbackPolicy::Deny;
-        if deny && !open.notes.is_empty() {
-            let why = open.notes.join("; ");
-            self.engines.borrow_mut().insert(method, open);
+        if deny && !choice.fallbacks.is_empty() {
+            let why = lines(&choice.fallbacks);
+            self.engines.borrow_mut().insert(method, choice);
             return Err(SegmentError::FallbackDenied(format!(
                 "precision {method} cannot run here and precision_fallback is deny: {why}"
             )));
         }
-        let runner = WindowRunner::new(
-            &self.model.net,
-            self.model.device,
-            method,
-            open.engine,
-            open.torch,
-            open.notes.clone(),
-        );
+        let known = choice.fallbacks.len();
+        let runner = WindowRunner::new(&self.model.net, self.model.device, method, choice);
         let out = f(&runner);
-        let (engine, report) = runner.into_parts();
-        self.engines.borrow_mut().insert(
-            method,
-            OpenEngine {
-                engine,
-                torch: open.torch,
-                notes: open.notes,
-            },
-        );
+        let (choice, report) = runner.into_parts();
+        self.engines.borrow_mut().insert(method, choice);
         let out = out?;
-        if deny && !report.fallbacks.is_empty() {
+        if deny && report.fallbacks.len() > known {
             return Err(SegmentError::FallbackDenied(format!(
                 "precision {method} failed while running and precision_fallback is deny: {}",
-                report.fallbacks.join("; ")
+                lines(&report.fallbacks[known..])
             )));
         }
         Ok((out, report))
@@ -298,78 +278,59 @@ impl Segmenter {
     /// it does.
     pub fn method_status(&self, method: Method) -> MethodStatus {
         let mut engines = self.engines.borrow_mut();
-        let open = engines.entry(method).or_insert_with(|| self.open(method));
+        let choice = engines.entry(method).or_insert_with(|| self.open(method));
         MethodStatus {
-            runs_as: open.engine.as_ref().map_or(open.torch, |e| e.method()),
-            notes: open.notes.clone(),
+            runs_as: choice.engine.as_ref().map_or(choice.torch, |e| e.method()),
+            notes: choice.fallbacks.iter().map(ToString::to_string).collect(),
         }
     }
 
     /// Opens the engine of `method` (or records why it cannot run).
-    fn open(&self, method: Method) -> OpenEngine {
-        let (engine, torch, notes) =
-            engines::choose(method, self.model.device.is_cuda(), &mut |m| {
-                self.engine_context(m)
-            });
-        OpenEngine {
-            engine,
-            torch,
-            notes,
-        }
+    fn open(&self, method: Method) -> EngineChoice {
+        engines::choose(method, self.model.device.is_cuda(), &mut |m| {
+            self.engine_context(m)
+        })
     }
 
     /// Where the engines of `m` are and what they must match. Refuses early (before hashing any weights) when the
     /// folder is missing.
-    fn engine_context(&self, m: Method) -> anyhow::Result<EngineContext> {
+    fn engine_context(&self, m: Method) -> Result<EngineContext, EngineError> {
         let cache = self.config().cache_dir();
         let in_cache = |sub: &str| {
             self.model
                 .known_fingerprint()
                 .map(|fp| cache.join(&fp).join(sub))
         };
-        let onnx_dir: Option<PathBuf> = self.config().onnx_dir.clone().or_else(|| in_cache("onnx"));
-        let engines_dir: Option<PathBuf> = self
+        let onnx_dir = self.config().onnx_dir.clone().or_else(|| in_cache("onnx"));
+        let engines_dir = self
             .config()
             .engines_dir
             .clone()
             .or_else(|| in_cache("engines"));
-        if m == Method::Ort {
-            match &onnx_dir {
-                Some(d) if d.join("manifest.json").is_file() => {}
-                Some(d) => bail!(
-                    "no ONNX export: {} not found (run `vista3d export-onnx --out {}`)",
-                    d.join("manifest.json").display(),
-                    d.display()
-                ),
-                None => bail!(
-                    "no ONNX export of these weights in the cache {} (run `vista3d export-onnx` with the same \
-                     checkpoint, or set onnx_dir)",
-                    cache.display()
-                ),
-            }
+        if m.is_tensorrt() && !self.model.device.is_cuda() {
+            return Err(EngineError::Unavailable(
+                "TensorRT needs a CUDA device; this request runs on the CPU".into(),
+            ));
         }
-        if m.is_tensorrt() {
-            if !self.model.device.is_cuda() {
-                bail!("TensorRT needs a CUDA device; this request runs on the CPU");
+        let missing = |what: &str, extra: &str| {
+            EngineError::Unavailable(format!(
+                "no {what} for these weights in the cache {} (run `vista3d export-onnx`{extra} with the same \
+                 checkpoint, or set onnx_dir / engines_dir)",
+                cache.display()
+            ))
+        };
+        let onnx_dir = onnx_dir.ok_or_else(|| missing("ONNX export", ""))?;
+        let engines_dir = match (m.is_tensorrt(), engines_dir) {
+            (true, None) => {
+                return Err(missing("TensorRT engines", " and `vista3d build-engines`"))
             }
-            match &engines_dir {
-                Some(d) if d.is_dir() => {}
-                Some(d) => bail!(
-                    "no TensorRT engines: {} not found (run `vista3d build-engines --out {}`)",
-                    d.display(),
-                    d.display()
-                ),
-                None => bail!(
-                    "no TensorRT engines for these weights in the cache {} (run `vista3d export-onnx` and \
-                     `vista3d build-engines`, or set engines_dir)",
-                    cache.display()
-                ),
-            }
-        }
+            (_, d) => d.unwrap_or_default(),
+        };
+        engines::artifacts_present(m, &onnx_dir, &engines_dir)?;
         let window = self.config().window();
         Ok(EngineContext {
-            onnx_dir: onnx_dir.unwrap_or_default(),
-            engines_dir: engines_dir.unwrap_or_default(),
+            onnx_dir,
+            engines_dir,
             weights_fingerprint: self.model.weights_fingerprint(),
             device: self.model.device,
             patch_size: window.patch_size,
@@ -531,6 +492,15 @@ impl RequestPath {
             processed_shape: processed.dims(),
         })
     }
+}
+
+/// Fallbacks as one `; `-separated line.
+fn lines(fallbacks: &[engines::Fallback]) -> String {
+    fallbacks
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Runs `f`, turning a panic into [`SegmentError::Panic`] (the request boundary).

@@ -4,35 +4,17 @@
 use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{ensure, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::manifest::OnnxPrecision;
+use crate::engines::tensor_bytes::float_bytes;
+
+use super::manifest::FloatType;
 use super::manifest::{Dim, TensorSpec};
 use super::proto::{
     attribute_type, AttributeProto, Dimension, DimensionValue, GraphProto, NodeProto, TensorProto,
     TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto, DTYPE_FLOAT, DTYPE_FLOAT16,
     DTYPE_INT64,
 };
-
-/// Raw little-endian f32 bytes of a tensor (any device or float kind), in row-major order.
-pub fn f32_bytes(t: &Tensor) -> Vec<u8> {
-    float_bytes(t, Kind::Float)
-}
-
-/// Raw little-endian bytes of a tensor converted to `kind` (`Float` or `Half`), in row-major order.
-fn float_bytes(t: &Tensor, kind: Kind) -> Vec<u8> {
-    let t = t.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
-    let numel = t.numel();
-    let width = kind.elt_size_in_bytes();
-    let mut bytes = vec![0u8; numel * width];
-    t.copy_data_u8(&mut bytes, numel);
-    if cfg!(target_endian = "big") {
-        for chunk in bytes.chunks_exact_mut(width) {
-            chunk.reverse();
-        }
-    }
-    bytes
-}
 
 /// An integer attribute.
 pub fn attr_int(name: &str, value: i64) -> AttributeProto {
@@ -93,12 +75,12 @@ pub fn value_info(spec: &TensorSpec) -> Result<ValueInfoProto> {
     })
 }
 
-/// Builds one graph from the named parameters of a model, computing in `precision`: with
-/// [`OnnxPrecision::Fp16`] the parameters become float16 initializers (the nodes then compute in float16),
+/// Builds one graph from the named parameters of a model, computing in `float_type`: with
+/// [`FloatType::F16`] the parameters become float16 initializers (the nodes then compute in float16),
 /// except those added with [`GraphBuilder::weight_f32`].
 pub struct GraphBuilder<'a> {
     weights: &'a BTreeMap<String, Tensor>,
-    precision: OnnxPrecision,
+    float_type: FloatType,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     names: HashSet<String>,
@@ -106,11 +88,11 @@ pub struct GraphBuilder<'a> {
 }
 
 impl<'a> GraphBuilder<'a> {
-    /// A builder that takes its weights from `weights` (MONAI parameter name -> tensor) in `precision`.
-    pub fn with_precision(weights: &'a BTreeMap<String, Tensor>, precision: OnnxPrecision) -> Self {
+    /// A builder that takes its weights from `weights` (MONAI parameter name -> tensor) in `float_type`.
+    pub fn with_float_type(weights: &'a BTreeMap<String, Tensor>, float_type: FloatType) -> Self {
         Self {
             weights,
-            precision,
+            float_type,
             nodes: Vec::new(),
             initializers: Vec::new(),
             names: HashSet::new(),
@@ -129,34 +111,34 @@ impl<'a> GraphBuilder<'a> {
             .with_context(|| format!("the model has no parameter '{name}'"))
     }
 
-    /// The precision the graph computes in.
-    pub fn precision(&self) -> OnnxPrecision {
-        self.precision
+    /// The float type the graph computes in.
+    pub fn float_type(&self) -> FloatType {
+        self.float_type
     }
 
-    /// Adds the named parameter as an initializer of the graph's precision and the same name (once) and returns
+    /// Adds the named parameter as an initializer of the graph's float type and the same name (once) and returns
     /// the name; a value float16 cannot hold is an error naming the parameter.
     pub fn weight(&mut self, name: &str) -> Result<String> {
-        self.weight_as(name, self.precision)
+        self.weight_as(name, self.float_type)
     }
 
-    /// Adds the named parameter as a float32 initializer (once), whatever the graph's precision (the scale and
+    /// Adds the named parameter as a float32 initializer (once), whatever the graph's float type (the scale and
     /// bias of normalizations computed in float32).
     pub fn weight_f32(&mut self, name: &str) -> Result<String> {
-        self.weight_as(name, OnnxPrecision::Fp32)
+        self.weight_as(name, FloatType::F32)
     }
 
-    fn weight_as(&mut self, name: &str, precision: OnnxPrecision) -> Result<String> {
+    fn weight_as(&mut self, name: &str, float_type: FloatType) -> Result<String> {
         if !self.names.contains(name) {
             let t = self.tensor(name)?;
-            let (data_type, kind) = match precision {
-                OnnxPrecision::Fp32 => (DTYPE_FLOAT, Kind::Float),
-                OnnxPrecision::Fp16 => (DTYPE_FLOAT16, Kind::Half),
+            let (data_type, kind) = match float_type {
+                FloatType::F32 => (DTYPE_FLOAT, Kind::Float),
+                FloatType::F16 => (DTYPE_FLOAT16, Kind::Half),
             };
             let converted = t.detach().to_kind(kind);
             ensure!(
                 converted.isfinite().all().int64_value(&[]) != 0,
-                "parameter '{name}' has values that {precision} cannot hold (infinite or NaN after conversion)"
+                "parameter '{name}' has values that {float_type} cannot hold (infinite or NaN after conversion)"
             );
             let tensor = TensorProto {
                 dims: t.size(),
@@ -185,12 +167,12 @@ impl<'a> GraphBuilder<'a> {
         name.to_string()
     }
 
-    /// Adds (once) a constant of the graph's precision called `name` (the values rounded to float16 in an fp16
+    /// Adds (once) a constant of the graph's float type called `name` (the values rounded to float16 in an fp16
     /// graph).
     pub fn const_float(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
-        match self.precision {
-            OnnxPrecision::Fp32 => self.const_f32(name, dims, values),
-            OnnxPrecision::Fp16 => {
+        match self.float_type {
+            FloatType::F32 => self.const_f32(name, dims, values),
+            FloatType::F16 => {
                 if !self.names.contains(name) {
                     let t = Tensor::from_slice(values);
                     self.initializers.push(TensorProto {
@@ -206,20 +188,20 @@ impl<'a> GraphBuilder<'a> {
         }
     }
 
-    /// `x` converted to `precision` by a `Cast` node (`x` itself when the graph is float32 and so is `x`).
-    pub fn cast(&mut self, x: &str, to: OnnxPrecision, hint: &str) -> String {
+    /// `x` converted to `to` by a `Cast` node (`x` itself when the graph is float32 and so is `x`).
+    pub fn cast(&mut self, x: &str, to: FloatType, hint: &str) -> String {
         let to_type = match to {
-            OnnxPrecision::Fp32 => DTYPE_FLOAT,
-            OnnxPrecision::Fp16 => DTYPE_FLOAT16,
+            FloatType::F32 => DTYPE_FLOAT,
+            FloatType::F16 => DTYPE_FLOAT16,
         };
         self.op("Cast", &[x], vec![attr_int("to", to_type as i64)], hint)
     }
 
-    /// A float32 graph input as the graph's compute precision (a `Cast` in an fp16 graph).
+    /// A float32 graph input as the graph's compute float type (a `Cast` in an fp16 graph).
     pub fn float_input(&mut self, name: &str) -> String {
-        match self.precision {
-            OnnxPrecision::Fp32 => name.to_string(),
-            OnnxPrecision::Fp16 => self.cast(name, OnnxPrecision::Fp16, name),
+        match self.float_type {
+            FloatType::F32 => name.to_string(),
+            FloatType::F16 => self.cast(name, FloatType::F16, name),
         }
     }
 
@@ -233,9 +215,9 @@ impl<'a> GraphBuilder<'a> {
         hint: &str,
         output: &str,
     ) -> String {
-        match self.precision {
-            OnnxPrecision::Fp32 => self.op_named(op_type, inputs, attribute, hint, Some(output)),
-            OnnxPrecision::Fp16 => {
+        match self.float_type {
+            FloatType::F32 => self.op_named(op_type, inputs, attribute, hint, Some(output)),
+            FloatType::F16 => {
                 let y = self.op(op_type, inputs, attribute, hint);
                 let to = attr_int("to", DTYPE_FLOAT as i64);
                 self.op_named("Cast", &[&y], vec![to], hint, Some(output))

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, ensure, Result};
 use tch::{nn, Device};
 
-use super::{export_onnx, OnnxPrecision, WeightsSource};
+use super::{export_onnx, FloatType, WeightsSource};
 use crate::engines::fingerprint::weights_fingerprint;
 use crate::engines::ort_engine::{compare_with_torch, ort_environment, OrtEngine};
 use crate::fsutil::sha256_file;
@@ -77,7 +77,7 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
         println!(
             "wrote {} ({}, {:.1} MB)",
             summary.dir.join(&entry.file).display(),
-            entry.precision,
+            entry.float_type,
             entry.bytes as f64 / 1e6
         );
     }
@@ -91,31 +91,31 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
         summary.seconds
     );
     if req.verify {
-        let t0 = std::time::Instant::now();
-        let mut engine = OrtEngine::load(&req.out, &weights_fingerprint(&vs_holder), req.threads)?;
-        println!(
-            "ONNX Runtime loaded the export in {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
-        let (features, logits) = compare_with_torch(&net, &mut engine, 32, &[1, 3, 5])?;
-        println!(
-            "ONNX Runtime vs libtorch on a random 32^3 window: relative error {features:.2e} (features), {logits:.2e} (logits)"
-        );
-        ensure!(
-            features <= VERIFY_TOLERANCE && logits <= VERIFY_TOLERANCE,
-            "ONNX Runtime disagrees with libtorch beyond {VERIFY_TOLERANCE:e}"
-        );
         let fingerprint = weights_fingerprint(&vs_holder);
-        let mut fp16 =
-            OrtEngine::load_precision(&req.out, &fingerprint, req.threads, OnnxPrecision::Fp16)?;
-        let (features, logits) = compare_with_torch(&net, &mut fp16, 32, &[1, 3, 5])?;
-        println!(
-            "float16 export on ONNX Runtime vs libtorch fp32: relative error {features:.2e} (features), {logits:.2e} (logits)"
-        );
-        ensure!(
-            features <= VERIFY_FP16_TOLERANCE && logits <= VERIFY_FP16_TOLERANCE,
-            "the float16 export disagrees with libtorch beyond {VERIFY_FP16_TOLERANCE:e}"
-        );
+        for (float_type, tolerance, what) in [
+            (FloatType::F32, VERIFY_TOLERANCE, "ONNX Runtime vs libtorch"),
+            (
+                FloatType::F16,
+                VERIFY_FP16_TOLERANCE,
+                "float16 export on ONNX Runtime vs libtorch fp32",
+            ),
+        ] {
+            let t0 = std::time::Instant::now();
+            let mut engine =
+                OrtEngine::load_models(&req.out, &fingerprint, req.threads, float_type)?;
+            println!(
+                "ONNX Runtime loaded the {float_type} export in {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+            let (features, logits) = compare_with_torch(&net, &mut engine, 32, &[1, 3, 5])?;
+            println!(
+                "{what} on a random 32^3 window: relative error {features:.2e} (features), {logits:.2e} (logits)"
+            );
+            ensure!(
+                features <= tolerance && logits <= tolerance,
+                "{what}: disagreement beyond {tolerance:e}"
+            );
+        }
     }
     Ok(())
 }

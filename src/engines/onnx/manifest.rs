@@ -1,11 +1,12 @@
 //! `manifest.json` of an ONNX export directory: what was exported, from which weights, with which interface.
-//! Engines (ONNX Runtime here, TensorRT builds) read it to check they match the loaded model.
+//! Engines (ONNX Runtime, TensorRT builds and runs) read it, and only it, to check they match the loaded model;
+//! [`OnnxManifest::model`] maps a [`Part`] and a [`FloatType`] to its file.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::engines::EngineError;
 
 /// File name of the manifest inside an export directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -74,45 +75,80 @@ impl WeightsSource {
     }
 }
 
-/// The floating-point type an exported graph's weights and compute are in. Graph inputs and outputs are
-/// float32 in both (an fp16 graph casts at its boundaries and computes every InstanceNormalization in float32).
+/// The floating-point type of an exported graph's weights and compute (a property of the file, not a request
+/// method: [`crate::engines::Method`] is the only "precision" a request names). Graph inputs and outputs are
+/// float32 in both: a float16 graph casts at its boundaries and computes every InstanceNormalization in float32.
+/// Written as `fp32` / `fp16` in the manifest (its `precision` field).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
 )]
-#[serde(rename_all = "lowercase")]
-pub enum OnnxPrecision {
+pub enum FloatType {
     /// float32 weights and compute (`encoder.onnx`, `class_head.onnx`).
     #[default]
-    Fp32,
+    #[serde(rename = "fp32")]
+    F32,
     /// float16 weights and compute (`encoder_fp16.onnx`, `class_head_fp16.onnx`): what a strongly typed
     /// TensorRT network (TensorRT 11) needs for an FP16 engine.
-    Fp16,
+    #[serde(rename = "fp16")]
+    F16,
 }
 
-impl OnnxPrecision {
+impl FloatType {
     /// Both, in export order.
-    pub const ALL: [OnnxPrecision; 2] = [OnnxPrecision::Fp32, OnnxPrecision::Fp16];
+    pub const ALL: [FloatType; 2] = [FloatType::F32, FloatType::F16];
 
     /// `fp32` or `fp16`, as written in the manifest.
     pub fn name(self) -> &'static str {
         match self {
-            OnnxPrecision::Fp32 => "fp32",
-            OnnxPrecision::Fp16 => "fp16",
-        }
-    }
-
-    /// Suffix of file names and `files` keys: empty for fp32, `_fp16` for fp16.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            OnnxPrecision::Fp32 => "",
-            OnnxPrecision::Fp16 => "_fp16",
+            FloatType::F32 => "fp32",
+            FloatType::F16 => "fp16",
         }
     }
 }
 
-impl std::fmt::Display for OnnxPrecision {
+impl std::fmt::Display for FloatType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The two exported networks of the class path (each one ONNX file per [`FloatType`], and one TensorRT engine
+/// per TensorRT method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// `image` `[b,1,H,W,D]` -> `features` `[b,E,H,W,D]`.
+    Encoder,
+    /// `features` `[b,E,H,W,D]`, `class_ids` `[B,1]` -> `logits` `[B,b,H,W,D]`.
+    ClassHead,
+}
+
+impl Part {
+    /// Both parts, in export and build order.
+    pub const ALL: [Part; 2] = [Part::Encoder, Part::ClassHead];
+
+    /// `encoder` or `class_head` (manifest keys, file names).
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Encoder => "encoder",
+            Part::ClassHead => "class_head",
+        }
+    }
+
+    /// The input tensor names, in order.
+    pub fn input_names(self) -> &'static [&'static str] {
+        match self {
+            Part::Encoder => &["image"],
+            Part::ClassHead => &["features", "class_ids"],
+        }
+    }
+
+    /// The output tensor name.
+    pub fn output_name(self) -> &'static str {
+        match self {
+            Part::Encoder => "features",
+            Part::ClassHead => "logits",
+        }
     }
 }
 
@@ -121,9 +157,10 @@ impl std::fmt::Display for OnnxPrecision {
 pub struct ModelEntry {
     /// File name inside the export directory.
     pub file: String,
-    /// Type of the weights and compute (absent in manifests written before fp16 exports: fp32).
-    #[serde(default)]
-    pub precision: OnnxPrecision,
+    /// Type of the weights and compute (`precision` in the file; absent in manifests written before fp16
+    /// exports: fp32).
+    #[serde(default, rename = "precision")]
+    pub float_type: FloatType,
     /// Size in bytes.
     pub bytes: u64,
     /// sha256 of the file (hex).
@@ -162,76 +199,245 @@ pub struct OnnxManifest {
     /// The class head with float16 weights and compute (same interface); absent in older exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_head_fp16: Option<ModelEntry>,
-    /// Every exported file by key (`encoder`, `class_head`, `encoder_fp16`, `class_head_fp16`): the index that
-    /// TensorRT's reader ([`crate::engines::tensorrt::manifest`]) resolves. Derived from the entries above.
-    #[serde(default)]
-    pub files: BTreeMap<String, FileRef>,
-}
-
-/// An entry of [`OnnxManifest::files`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileRef {
-    /// File name inside the export directory.
-    pub path: String,
-    pub sha256: String,
-    pub bytes: u64,
-    pub precision: OnnxPrecision,
-}
-
-impl FileRef {
-    /// The index entry of a model.
-    pub fn of(entry: &ModelEntry) -> Self {
-        Self {
-            path: entry.file.clone(),
-            sha256: entry.sha256.clone(),
-            bytes: entry.bytes,
-            precision: entry.precision,
-        }
-    }
-}
-
-/// The `files` key of a part (`encoder` or `class_head`) in `precision`.
-pub fn files_key(part: &str, precision: OnnxPrecision) -> String {
-    format!("{part}{}", precision.suffix())
 }
 
 impl OnnxManifest {
-    /// Reads and checks `<dir>/manifest.json`; every problem is an error naming the directory.
-    pub fn read(dir: &Path) -> Result<Self> {
+    /// Reads and checks `<dir>/manifest.json`. Every problem is an error naming the directory: no directory or
+    /// no manifest is [`EngineError::Unavailable`] (nothing exported yet), a manifest that does not parse or is
+    /// not an export manifest is [`EngineError::Corrupt`], one of another layout version is
+    /// [`EngineError::Stale`]. Manifests written before the `files` index was dropped still read (the index is
+    /// ignored).
+    pub fn read(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join(MANIFEST_FILE);
         if !dir.is_dir() {
-            bail!(
-                "ONNX export directory {} does not exist (create it with `vista3d export-onnx --checkpoint model.pt --out {}`)",
+            return Err(EngineError::Unavailable(format!(
+                "no ONNX export: {} does not exist (create it with `vista3d export-onnx --checkpoint model.pt --out {}`)",
+                path.display(),
+                dir.display()
+            )));
+        }
+        if !path.exists() {
+            return Err(EngineError::Unavailable(format!(
+                "{} has no {MANIFEST_FILE}: not a complete ONNX export (re-run `vista3d export-onnx --out {}`)",
                 dir.display(),
                 dir.display()
-            );
+            )));
         }
-        let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} has no readable {MANIFEST_FILE}: not a complete ONNX export (re-run `vista3d export-onnx`)",
-                dir.display()
-            )
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            EngineError::Corrupt(format!(
+                "{}: cannot read it ({e}): not a complete ONNX export (re-run `vista3d export-onnx`)",
+                path.display()
+            ))
         })?;
-        let m: OnnxManifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid ONNX export manifest", path.display()))?;
-        ensure!(
-            m.format == MANIFEST_FORMAT && m.format_version == MANIFEST_VERSION,
-            "{}: format {} v{} is not {MANIFEST_FORMAT} v{MANIFEST_VERSION}: re-run `vista3d export-onnx`",
-            path.display(),
-            m.format,
-            m.format_version
-        );
+        Self::parse(&path, &text)
+    }
+
+    /// Parses the text of the manifest at `path` (named in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, EngineError> {
+        let m: OnnxManifest = serde_json::from_str(text).map_err(|e| {
+            EngineError::Corrupt(format!(
+                "{} is not a valid ONNX export manifest ({e}): re-run `vista3d export-onnx`",
+                path.display()
+            ))
+        })?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(EngineError::Corrupt(format!(
+                "{}: format {:?} is not {MANIFEST_FORMAT}: not a vista3d ONNX export manifest",
+                path.display(),
+                m.format
+            )));
+        }
+        if m.format_version != MANIFEST_VERSION {
+            return Err(EngineError::Stale(format!(
+                "{}: manifest layout v{} is not v{MANIFEST_VERSION}: re-run `vista3d export-onnx`",
+                path.display(),
+                m.format_version
+            )));
+        }
         Ok(m)
     }
 
-    /// The encoder and class-head entries of `precision` (`None` for fp16 in an export without fp16 files).
-    pub fn models(&self, precision: OnnxPrecision) -> Option<(&ModelEntry, &ModelEntry)> {
-        match precision {
-            OnnxPrecision::Fp32 => Some((&self.encoder, &self.class_head)),
-            OnnxPrecision::Fp16 => self
-                .encoder_fp16
-                .as_ref()
-                .zip(self.class_head_fp16.as_ref()),
+    /// Checks that the export was made from the weights whose
+    /// [`weights_fingerprint`](crate::engines::fingerprint::weights_fingerprint) is `expected`
+    /// ([`EngineError::Stale`] naming both and the command that re-exports otherwise).
+    pub fn check_fingerprint(&self, dir: &Path, expected: &str) -> Result<(), EngineError> {
+        if self.weights_fingerprint == expected {
+            return Ok(());
         }
+        Err(EngineError::Stale(format!(
+            "stale ONNX export in {}: it was exported from weights {} ({}), the loaded model's weights are {}; \
+             re-run `vista3d export-onnx --checkpoint <model> --out {}`",
+            dir.display(),
+            self.weights_fingerprint,
+            self.weights.describe(),
+            expected,
+            dir.display()
+        )))
+    }
+
+    /// The encoder and class-head entries of `float_type` (`None` for fp16 in an export without fp16 files).
+    pub fn models(&self, float_type: FloatType) -> Option<(&ModelEntry, &ModelEntry)> {
+        Some((
+            self.model(Part::Encoder, float_type)?,
+            self.model(Part::ClassHead, float_type)?,
+        ))
+    }
+
+    /// The entry of `part` in `float_type` (`None` for fp16 in an export without fp16 files).
+    pub fn model(&self, part: Part, float_type: FloatType) -> Option<&ModelEntry> {
+        match (part, float_type) {
+            (Part::Encoder, FloatType::F32) => Some(&self.encoder),
+            (Part::ClassHead, FloatType::F32) => Some(&self.class_head),
+            (Part::Encoder, FloatType::F16) => self.encoder_fp16.as_ref(),
+            (Part::ClassHead, FloatType::F16) => self.class_head_fp16.as_ref(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl OnnxManifest {
+    /// A manifest of a width-8 export (with or without float16 entries) for unit tests; no files behind it.
+    pub(crate) fn example(with_fp16: bool) -> Self {
+        let entry = |file: &str, float_type| ModelEntry {
+            file: file.into(),
+            float_type,
+            bytes: 4,
+            sha256: "ab".repeat(32),
+            inputs: vec![TensorSpec::float32(
+                "image",
+                vec![Dim::Symbolic("b".into())],
+            )],
+            outputs: Vec::new(),
+        };
+        OnnxManifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: MANIFEST_VERSION,
+            vista3d_version: "0.1.0".into(),
+            opset: 17,
+            ir_version: 8,
+            weights_fingerprint: "0123456789abcdef".into(),
+            embed_dim: 8,
+            n_classes: 512,
+            weights: WeightsSource::random(8, 0),
+            encoder: entry("encoder.onnx", FloatType::F32),
+            class_head: entry("class_head.onnx", FloatType::F32),
+            encoder_fp16: with_fp16.then(|| entry("encoder_fp16.onnx", FloatType::F16)),
+            class_head_fp16: with_fp16.then(|| entry("class_head_fp16.onnx", FloatType::F16)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::EngineErrorKind;
+
+    fn manifest() -> OnnxManifest {
+        OnnxManifest::example(true)
+    }
+
+    #[test]
+    fn parts_and_float_types_map_to_entries() {
+        let m = manifest();
+        assert_eq!(m.model(Part::Encoder, FloatType::F32), Some(&m.encoder));
+        assert_eq!(
+            m.model(Part::ClassHead, FloatType::F16),
+            m.class_head_fp16.as_ref()
+        );
+        assert_eq!(
+            m.models(FloatType::F16).unwrap().0.file,
+            "encoder_fp16.onnx"
+        );
+        let old = OnnxManifest {
+            encoder_fp16: None,
+            class_head_fp16: None,
+            ..m
+        };
+        assert!(old.models(FloatType::F16).is_none());
+        assert!(old.model(Part::ClassHead, FloatType::F32).is_some());
+        // The on-disk word stays `precision`.
+        let json = serde_json::to_value(&old).unwrap();
+        assert_eq!(json["encoder"]["precision"], "fp32");
+        assert!(json.get("encoder_fp16").is_none());
+    }
+
+    #[test]
+    fn reading_classifies_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none");
+        let err = OnnxManifest::read(&missing).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+        assert!(err.to_string().contains("none/manifest.json"), "{err}");
+        let err = OnnxManifest::read(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+        assert!(
+            err.to_string().contains("not a complete ONNX export"),
+            "{err}"
+        );
+
+        let path = dir.path().join(MANIFEST_FILE);
+        let write = |v: &serde_json::Value| std::fs::write(&path, v.to_string()).unwrap();
+        let good = serde_json::to_value(manifest()).unwrap();
+        write(&good);
+        assert_eq!(OnnxManifest::read(dir.path()).unwrap(), manifest());
+        // A manifest of an older vista3d with the `files` index: still read, the index ignored.
+        let mut old = good.clone();
+        old["files"] = serde_json::json!({"encoder": {"path": "encoder.onnx"}});
+        write(&old);
+        assert_eq!(OnnxManifest::read(dir.path()).unwrap(), manifest());
+
+        for (value, kind, needle) in [
+            (
+                serde_json::json!({"weights_fingerprint": "x"}),
+                EngineErrorKind::Corrupt,
+                "not a valid",
+            ),
+            (
+                {
+                    let mut v = good.clone();
+                    v["format"] = "other".into();
+                    v
+                },
+                EngineErrorKind::Corrupt,
+                "is not vista3d-onnx",
+            ),
+            (
+                {
+                    let mut v = good.clone();
+                    v["format_version"] = 2.into();
+                    v
+                },
+                EngineErrorKind::Stale,
+                "layout v2",
+            ),
+        ] {
+            write(&value);
+            let err = OnnxManifest::read(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        std::fs::write(&path, b"{").unwrap();
+        assert_eq!(
+            OnnxManifest::read(dir.path()).unwrap_err().kind(),
+            EngineErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn other_weights_are_stale() {
+        let m = manifest();
+        assert!(m
+            .check_fingerprint(Path::new("onnx"), "0123456789abcdef")
+            .is_ok());
+        let err = m
+            .check_fingerprint(Path::new("onnx"), "fedcba9876543210")
+            .unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("0123456789abcdef") && msg.contains("fedcba9876543210"),
+            "{msg}"
+        );
+        assert!(msg.contains("vista3d export-onnx"), "{msg}");
     }
 }

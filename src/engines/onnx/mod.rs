@@ -5,8 +5,8 @@
 //! any export can feed an FP16 TensorRT build: TensorRT 11 builds strongly typed networks only and takes the
 //! precision from the model). They have the same inputs and outputs (float32, cast at the boundaries), float16
 //! weights and compute, and every InstanceNormalization in float32 (as MONAI's `trt_compile`). The manifest
-//! lists them as `encoder_fp16` / `class_head_fp16` and in its `files` index with their sha256 and
-//! `precision`; readers of older manifests ignore the new fields.
+//! ([`manifest`], the one reader of `manifest.json` for ONNX Runtime and TensorRT alike) lists them as
+//! `encoder_fp16` / `class_head_fp16` with their size, sha256 and float type.
 //!
 //! The protobuf is encoded with `prost` from the subset of `onnx.proto` in [`proto`]; the graphs
 //! ([`vista`]) use opset 17 with dynamic batch, prompt count and spatial dims.
@@ -26,11 +26,9 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 
-pub use builder::f32_bytes;
 pub use command::{export_command, ExportRequest, VERIFY_FP16_TOLERANCE, VERIFY_TOLERANCE};
 pub use manifest::{
-    files_key, Dim, FileRef, ModelEntry, OnnxManifest, OnnxPrecision, TensorSpec, WeightsSource,
-    MANIFEST_FILE,
+    Dim, FloatType, ModelEntry, OnnxManifest, Part, TensorSpec, WeightsSource, MANIFEST_FILE,
 };
 
 use super::fingerprint::weights_fingerprint;
@@ -121,7 +119,7 @@ fn model_proto(graph: proto::GraphProto, part: &str, metadata: &[(String, String
 fn write_model(
     dir: &Path,
     file: &str,
-    precision: OnnxPrecision,
+    float_type: FloatType,
     model: &ModelProto,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
@@ -135,7 +133,7 @@ fn write_model(
     crate::fsutil::write_atomic(&dir.join(file), &bytes)?;
     Ok(ModelEntry {
         file: file.into(),
-        precision,
+        float_type,
         bytes: bytes.len() as u64,
         sha256: hex(&Sha256::digest(&bytes)),
         inputs,
@@ -143,34 +141,41 @@ fn write_model(
     })
 }
 
-/// Builds and writes the encoder and class head of `precision`; returns their manifest entries.
+/// Builds and writes the encoder and class head of `float_type`; returns their manifest entries.
 fn export_pair(
     weights: &BTreeMap<String, tch::Tensor>,
     w: &Widths,
-    precision: OnnxPrecision,
+    float_type: FloatType,
     metadata: &[(String, String)],
     out_dir: &Path,
 ) -> Result<(ModelEntry, ModelEntry)> {
     let mut metadata = metadata.to_vec();
-    metadata.push(("precision".into(), precision.name().into()));
-    let (encoder_file, class_head_file) = match precision {
-        OnnxPrecision::Fp32 => (ENCODER_FILE, CLASS_HEAD_FILE),
-        OnnxPrecision::Fp16 => (ENCODER_FP16_FILE, CLASS_HEAD_FP16_FILE),
+    metadata.push(("precision".into(), float_type.name().into()));
+    let (encoder_file, class_head_file) = match float_type {
+        FloatType::F32 => (ENCODER_FILE, CLASS_HEAD_FILE),
+        FloatType::F16 => (ENCODER_FP16_FILE, CLASS_HEAD_FP16_FILE),
     };
-    let builder = GraphBuilder::with_precision(weights, precision);
+    let builder = GraphBuilder::with_float_type(weights, float_type);
     let graph = vista::encoder_graph(builder, w.in_channels, w.embed_dim)
-        .with_context(|| format!("building the {precision} encoder graph"))?;
+        .with_context(|| format!("building the {float_type} encoder graph"))?;
     let (inputs, outputs) = vista::encoder_io(w.in_channels, w.embed_dim);
-    let model = model_proto(graph, "encoder", &metadata);
-    let encoder = write_model(out_dir, encoder_file, precision, &model, inputs, outputs)?;
+    let model = model_proto(graph, Part::Encoder.name(), &metadata);
+    let encoder = write_model(out_dir, encoder_file, float_type, &model, inputs, outputs)?;
     drop(model);
 
-    let builder = GraphBuilder::with_precision(weights, precision);
+    let builder = GraphBuilder::with_float_type(weights, float_type);
     let graph = vista::class_head_graph(builder, w.embed_dim)
-        .with_context(|| format!("building the {precision} class-head graph"))?;
+        .with_context(|| format!("building the {float_type} class-head graph"))?;
     let (inputs, outputs) = vista::class_head_io(w.embed_dim);
-    let model = model_proto(graph, "class_head", &metadata);
-    let class_head = write_model(out_dir, class_head_file, precision, &model, inputs, outputs)?;
+    let model = model_proto(graph, Part::ClassHead.name(), &metadata);
+    let class_head = write_model(
+        out_dir,
+        class_head_file,
+        float_type,
+        &model,
+        inputs,
+        outputs,
+    )?;
     Ok((encoder, class_head))
 }
 
@@ -204,19 +209,9 @@ pub fn export_onnx(vs: &VarStore, source: &WeightsSource, out_dir: &Path) -> Res
         metadata.push(("checkpoint_sha256".into(), sha256.clone()));
     }
 
-    let (encoder, class_head) = export_pair(&weights, &w, OnnxPrecision::Fp32, &metadata, out_dir)?;
+    let (encoder, class_head) = export_pair(&weights, &w, FloatType::F32, &metadata, out_dir)?;
     let (encoder_fp16, class_head_fp16) =
-        export_pair(&weights, &w, OnnxPrecision::Fp16, &metadata, out_dir)?;
-    let files = [
-        ("encoder", &encoder),
-        ("class_head", &class_head),
-        ("encoder", &encoder_fp16),
-        ("class_head", &class_head_fp16),
-    ]
-    .into_iter()
-    .map(|(part, e)| (files_key(part, e.precision), FileRef::of(e)))
-    .collect();
-
+        export_pair(&weights, &w, FloatType::F16, &metadata, out_dir)?;
     let manifest = OnnxManifest {
         format: manifest::MANIFEST_FORMAT.into(),
         format_version: manifest::MANIFEST_VERSION,
@@ -231,7 +226,6 @@ pub fn export_onnx(vs: &VarStore, source: &WeightsSource, out_dir: &Path) -> Res
         class_head,
         encoder_fp16: Some(encoder_fp16),
         class_head_fp16: Some(class_head_fp16),
-        files,
     };
     crate::fsutil::write_atomic(
         &manifest_path,

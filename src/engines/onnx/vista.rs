@@ -4,14 +4,14 @@
 //! Only standard opset-17 operators (no `Gelu`: the exact GELU is written with `Erf`), so TensorRT 10/11 parses
 //! the graphs as they are.
 //!
-//! Each graph is built in float32 or float16 ([`OnnxPrecision`], from the [`GraphBuilder`]): the float16 graph
+//! Each graph is built in float32 or float16 ([`FloatType`], from the [`GraphBuilder`]): the float16 graph
 //! has float16 weights and compute, float32 inputs and outputs (`Cast` at the boundaries), and computes every
 //! `InstanceNormalization` in float32 with float32 scale and bias.
 
 use anyhow::{ensure, Result};
 
 use super::builder::{attr_float, attr_int, attr_ints, GraphBuilder};
-use super::manifest::{Dim, OnnxPrecision, TensorSpec};
+use super::manifest::{Dim, FloatType, TensorSpec};
 use super::proto::GraphProto;
 use crate::model::BLOCKS_DOWN;
 
@@ -31,43 +31,25 @@ fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
+/// A float32 batch of windows `[b, channels, H, W, D]` (batch and spatial dims dynamic).
+fn windows(name: &str, channels: i64) -> TensorSpec {
+    TensorSpec::float32(
+        name,
+        vec![sym("b"), Dim::Fixed(channels), sym("H"), sym("W"), sym("D")],
+    )
+}
+
 /// Input and output declarations of `encoder.onnx` for `in_channels` image channels and width `embed_dim`.
 pub fn encoder_io(in_channels: i64, embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    let image = TensorSpec::float32(
-        "image",
-        vec![
-            sym("b"),
-            Dim::Fixed(in_channels),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
-    let features = TensorSpec::float32(
-        "features",
-        vec![
-            sym("b"),
-            Dim::Fixed(embed_dim),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
-    (vec![image], vec![features])
+    (
+        vec![windows("image", in_channels)],
+        vec![windows("features", embed_dim)],
+    )
 }
 
 /// Input and output declarations of `class_head.onnx` for width `embed_dim`.
 pub fn class_head_io(embed_dim: i64) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
-    let features = TensorSpec::float32(
-        "features",
-        vec![
-            sym("b"),
-            Dim::Fixed(embed_dim),
-            sym("H"),
-            sym("W"),
-            sym("D"),
-        ],
-    );
+    let features = windows("features", embed_dim);
     let class_ids = TensorSpec {
         name: "class_ids".into(),
         dtype: "int64".into(),
@@ -139,12 +121,12 @@ fn upsample(g: &mut GraphBuilder, x: &str, weight: &str) -> Result<String> {
 /// `add_casts_around_norms`), so the statistics never overflow or lose precision in float16.
 fn instance_norm(g: &mut GraphBuilder, x: &str, scale: &str, bias: &str, hint: &str) -> String {
     let attrs = vec![attr_float("epsilon", NORM_EPS)];
-    match g.precision() {
-        OnnxPrecision::Fp32 => g.op("InstanceNormalization", &[x, scale, bias], attrs, hint),
-        OnnxPrecision::Fp16 => {
-            let x32 = g.cast(x, OnnxPrecision::Fp32, hint);
+    match g.float_type() {
+        FloatType::F32 => g.op("InstanceNormalization", &[x, scale, bias], attrs, hint),
+        FloatType::F16 => {
+            let x32 = g.cast(x, FloatType::F32, hint);
             let y = g.op("InstanceNormalization", &[&x32, scale, bias], attrs, hint);
-            g.cast(&y, OnnxPrecision::Fp16, hint)
+            g.cast(&y, FloatType::F16, hint)
         }
     }
 }

@@ -1,4 +1,8 @@
 //! `vista3d build-engines`: TensorRT engines from the exported ONNX models, cached by key (see [`super::cache`]).
+//!
+//! The export is read through its manifest ([`OnnxManifest`], the same reader ONNX Runtime uses); every ONNX
+//! file is checked against the manifest's size before TensorRT is loaded and against its sha256 before it is
+//! compiled (the hash is reused from an engine's sidecar when the file's size and mtime are unchanged).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -6,13 +10,14 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context as _, Result};
 
 use super::cache::{
-    check_engine, superseded, EngineKey, EngineProfile, Freshness, OnnxStat, Part, Precision,
-    Sidecar, KEY_SCHEMA,
+    candidates, check_engine, precision_name, superseded, EngineKey, EngineProfile, Freshness,
+    OnnxStat, Part, Platform, Sidecar,
 };
 use super::cuda::CudaDevice;
-use super::engine::onnx_stat;
+use super::engine::{onnx_source, OnnxSource};
 use super::library::{Builder, TrtLibrary};
-use super::manifest::OnnxManifest;
+use crate::engines::onnx::OnnxManifest;
+use crate::engines::{EngineError, Method};
 use crate::fsutil::write_atomic;
 
 /// The timing cache shared by all builds in an engines folder.
@@ -21,11 +26,13 @@ pub const TIMING_CACHE: &str = "timing.cache";
 /// What to build.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildOptions {
-    /// Folder with `manifest.json`, `encoder.onnx`, `class_head.onnx`.
+    /// Folder with `manifest.json`, `encoder.onnx`, `class_head.onnx` (and their float16 variants).
     pub onnx_dir: PathBuf,
     /// Where plans, sidecars and the timing cache go.
     pub out_dir: PathBuf,
-    pub precisions: Vec<Precision>,
+    /// [`Method::TrtFp16`] and/or [`Method::TrtTf32`] (`--precision fp16,tf32`, see
+    /// [`parse_methods`](super::cache::parse_methods)).
+    pub methods: Vec<Method>,
     /// Most prompts per class-head call (the bundle's `max_prompt_size`, 4).
     pub max_prompt_size: i64,
     /// The window size (the bundle's `patch_size`, 128^3).
@@ -42,9 +49,12 @@ impl BuildOptions {
     /// Checks the settings before anything is loaded.
     pub fn validate(&self) -> Result<()> {
         ensure!(
-            !self.precisions.is_empty(),
+            !self.methods.is_empty(),
             "no precision given: use --precision fp16,tf32"
         );
+        if let Some(m) = self.methods.iter().find(|m| !m.is_tensorrt()) {
+            bail!("{m} is not a TensorRT precision: use fp16 or tf32");
+        }
         ensure!(
             (0..=5).contains(&self.optimization_level),
             "--optimization-level must be 0..5, got {}",
@@ -80,7 +90,7 @@ pub fn parse_patch(text: &str) -> Result<[i64; 3]> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildOutcome {
     pub part: Part,
-    pub precision: Precision,
+    pub method: Method,
     /// The plan file (on success).
     pub plan: Option<PathBuf>,
     pub status: BuildStatus,
@@ -100,9 +110,9 @@ pub enum BuildStatus {
 pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
     opts.validate()?;
     let manifest = OnnxManifest::read(&opts.onnx_dir)?;
-    for &precision in &opts.precisions {
+    for &method in &opts.methods {
         for part in Part::ALL {
-            manifest.existing_onnx_for(part, precision)?;
+            check_present(&onnx_source(&manifest, &opts.onnx_dir, part, method)?)?;
         }
     }
     let library = TrtLibrary::load().context("cannot build TensorRT engines")?;
@@ -115,20 +125,24 @@ pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
         gpu.ordinal(),
         gpu.compute_capability()
     );
+    let platform = Platform {
+        tensorrt_version: library.version().to_string(),
+        compute_capability: gpu.compute_capability(),
+    };
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
     let cache_path = opts.out_dir.join(TIMING_CACHE);
     let mut timing_cache = std::fs::read(&cache_path).unwrap_or_default();
     let mut outcomes = Vec::new();
-    for &precision in &opts.precisions {
+    for &method in &opts.methods {
         for part in Part::ALL {
             let result = build_one(
                 library,
-                &gpu,
+                &platform,
                 &manifest,
                 opts,
                 part,
-                precision,
+                method,
                 &mut timing_cache,
             );
             let outcome = match result {
@@ -138,16 +152,16 @@ pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
                     }
                     BuildOutcome {
                         part,
-                        precision,
+                        method,
                         plan: Some(plan),
                         status,
                     }
                 }
                 Err(e) => {
-                    log::error!("{} {}: {e:#}", precision, part.name());
+                    log::error!("{} {}: {e:#}", precision_name(method), part.name());
                     BuildOutcome {
                         part,
-                        precision,
+                        method,
                         plan: None,
                         status: BuildStatus::Failed(format!("{e:#}")),
                     }
@@ -159,51 +173,71 @@ pub fn build_engines(opts: &BuildOptions) -> Result<Vec<BuildOutcome>> {
     Ok(outcomes)
 }
 
-/// The key `opts` asks for.
-fn build_key(
-    opts: &BuildOptions,
-    manifest: &OnnxManifest,
+/// Checks that the model file is there with the manifest's size (cheap: before TensorRT is loaded).
+fn check_present(source: &OnnxSource) -> Result<(), EngineError> {
+    let meta = std::fs::metadata(&source.path).map_err(|_| {
+        EngineError::Corrupt(format!(
+            "corrupt ONNX export: {} is missing (re-run `vista3d export-onnx`)",
+            source.path.display()
+        ))
+    })?;
+    if meta.len() != source.entry.bytes {
+        return Err(EngineError::Corrupt(format!(
+            "corrupt ONNX export: {} has {} bytes, the manifest says {} (re-run `vista3d export-onnx`)",
+            source.path.display(),
+            meta.len(),
+            source.entry.bytes
+        )));
+    }
+    Ok(())
+}
+
+/// The ONNX file of `source` with its sha256, checked against the manifest's (the hash is reused from the
+/// engines of `engines_dir` when the file is unchanged).
+fn onnx_stat(
+    source: &OnnxSource,
     part: Part,
-    precision: Precision,
-    tensorrt_version: String,
-    compute_capability: String,
-    onnx: &OnnxStat,
-) -> Result<EngineKey> {
-    Ok(EngineKey {
-        schema: KEY_SCHEMA,
-        part,
-        precision,
-        tensorrt_version,
-        compute_capability,
-        profile: EngineProfile::new(part, opts.patch, opts.sw_batch_size, opts.max_prompt_size)?,
-        builder_optimization_level: opts.optimization_level,
-        weights_fingerprint: manifest.weights_fingerprint.clone(),
-        embed_dim: manifest.embed_dim,
-        onnx_sha256: onnx.sha256.clone(),
-    })
+    method: Method,
+    engines_dir: &Path,
+) -> Result<OnnxStat> {
+    let known: Vec<OnnxStat> = candidates(engines_dir, part, method)
+        .into_iter()
+        .map(|(_, s)| s.onnx)
+        .collect();
+    let stat = OnnxStat::of(&source.path, &known)?;
+    if stat.sha256 != source.entry.sha256 {
+        return Err(EngineError::Corrupt(format!(
+            "corrupt ONNX export: {} does not match its sha256 in the manifest (re-run `vista3d export-onnx`)",
+            source.path.display()
+        ))
+        .into());
+    }
+    Ok(stat)
 }
 
 /// Builds one engine unless it is up to date; returns its plan path.
 fn build_one(
     library: &'static TrtLibrary,
-    gpu: &CudaDevice,
+    platform: &Platform,
     manifest: &OnnxManifest,
     opts: &BuildOptions,
     part: Part,
-    precision: Precision,
+    method: Method,
     timing_cache: &mut Vec<u8>,
 ) -> Result<(PathBuf, BuildStatus)> {
-    let source = manifest.existing_onnx_for(part, precision)?;
-    let onnx = onnx_stat(manifest, part, precision, &opts.out_dir)?;
-    let key = build_key(
-        opts,
-        manifest,
+    let precision = precision_name(method);
+    let source = onnx_source(manifest, &opts.onnx_dir, part, method)?;
+    let onnx = onnx_stat(&source, part, method, &opts.out_dir)?;
+    let profile = EngineProfile::new(part, opts.patch, opts.sw_batch_size, opts.max_prompt_size)?;
+    let key = EngineKey::new(
         part,
-        precision,
-        library.version().to_string(),
-        gpu.compute_capability(),
-        &onnx,
-    )?;
+        method,
+        platform,
+        manifest,
+        &onnx.sha256,
+        profile,
+        opts.optimization_level,
+    );
     let paths = key.paths(&opts.out_dir);
     match check_engine(&opts.out_dir, &key, true) {
         Freshness::UpToDate(p) => {
@@ -238,7 +272,7 @@ fn build_one(
     use_timing_cache(&mut builder, timing_cache)?;
     builder.parse_onnx(&onnx.path)?;
     check_inputs(&builder, part, &onnx.path)?;
-    builder.set_precision(precision, source.fp16_model)?;
+    builder.set_precision(method, source.fp16_model)?;
     builder.set_optimization_level(opts.optimization_level)?;
     for (name, dims) in key.profile.input_dims(part, manifest.embed_dim) {
         builder
@@ -290,7 +324,7 @@ fn use_timing_cache(builder: &mut Builder, cache: &mut Vec<u8>) -> Result<()> {
             }
         }
     }
-    builder.set_timing_cache(&[])
+    Ok(builder.set_timing_cache(&[])?)
 }
 
 /// Checks that the parsed network has exactly the inputs of `part`.
@@ -315,7 +349,7 @@ fn check_inputs(builder: &Builder, part: Part, onnx: &Path) -> Result<()> {
 pub fn report(outcomes: &[BuildOutcome]) -> Result<()> {
     let mut failed = 0;
     for o in outcomes {
-        let what = format!("{} {}", o.precision, o.part.name());
+        let what = format!("{} {}", precision_name(o.method), o.part.name());
         match &o.status {
             BuildStatus::UpToDate => println!(
                 "{what:<18} up to date  {}",
@@ -350,7 +384,7 @@ mod tests {
         BuildOptions {
             onnx_dir: dir.join("onnx"),
             out_dir: dir.join("engines"),
-            precisions: vec![Precision::Fp16],
+            methods: vec![Method::TrtFp16],
             max_prompt_size: 4,
             patch: [128, 128, 128],
             sw_batch_size: 1,
@@ -381,6 +415,10 @@ mod tests {
         let mut o = opts(dir.path());
         o.optimization_level = 6;
         assert!(build_engines(&o).is_err());
+        let mut o = opts(dir.path());
+        o.methods = vec![Method::Amp];
+        let err = build_engines(&o).unwrap_err().to_string();
+        assert!(err.contains("not a TensorRT precision"), "{err}");
         // No manifest: named.
         let err = format!("{:#}", build_engines(&opts(dir.path())).unwrap_err());
         assert!(err.contains("manifest.json"), "{err}");
@@ -391,7 +429,7 @@ mod tests {
     fn report_fails_when_an_engine_failed() {
         let ok = BuildOutcome {
             part: Part::Encoder,
-            precision: Precision::Tf32,
+            method: Method::TrtTf32,
             plan: Some("e.plan".into()),
             status: BuildStatus::UpToDate,
         };

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | TensorRT version | plans do not load across versions |
 //! | GPU compute capability | kernels are chosen per architecture |
-//! | precision (`fp16`, `tf32`) | different engines |
+//! | precision (`fp16` = `trt_fp16`, `tf32` = `trt_tf32`) | different engines |
 //! | profile: window size, window batch and prompt batch min/opt/max, builder optimisation level | what the engine accepts, how it was tuned |
 //! | ONNX weights fingerprint and embed_dim (from `manifest.json`) | which checkpoint |
 //! | sha256 of the ONNX file | the exact model that was compiled |
@@ -18,13 +18,16 @@
 //! build). `short key` is the first 16 hex digits of the sha256 of the key's canonical JSON.
 //!
 //! Staleness: an engine whose key differs in any field, whose ONNX changed, or whose plan is missing, truncated
-//! or altered is stale. `build-engines` rebuilds stale engines; at run time a stale engine is an error (the
-//! caller falls back to libtorch), never used.
+//! or altered is out of date. `build-engines` rebuilds such engines; at run time ([`select_engine`]) one is an
+//! error of kind stale (built for something else) or corrupt (damaged), and the caller falls back to libtorch:
+//! it is never used.
 //!
 //! Profile choice (see [`EngineProfile::new`]): window batch 1..`sw_batch_size` with opt = `sw_batch_size`;
 //! class-head prompt batch 1..`max_prompt_size` with opt = `max_prompt_size`, because the prompts that cost the
 //! most are the many-class requests ("everything" is 117 classes), which run in chunks of `max_prompt_size`;
-//! spatial dims fixed to the window (patch) size.
+//! spatial dims fixed to the window (patch) size. `max_prompt_size` is part of the run's identity: a request
+//! opens the class-head engine built for its own `max_prompt_size` (a run with another one is stale), and
+//! chunks its prompts by it.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -34,121 +37,73 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engines::Method;
+use crate::engines::onnx::OnnxManifest;
+pub use crate::engines::onnx::Part;
+use crate::engines::{EngineError, Method};
 use crate::fsutil::{hex, sha256_file};
 
 /// Version of the key and sidecar layout; bumping it makes every older engine stale.
 pub const KEY_SCHEMA: u32 = 1;
 
-/// The two networks that become engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    /// `image` `[b,1,H,W,D]` -> `features` `[b,E,H,W,D]`.
-    Encoder,
-    /// `features` `[b,E,H,W,D]`, `class_ids` `[B,1]` -> `logits` `[B,b,H,W,D]`.
-    ClassHead,
-}
+/// The TensorRT methods, in the order `build-engines` builds them.
+pub const TRT_METHODS: [Method; 2] = [Method::TrtFp16, Method::TrtTf32];
 
-impl Part {
-    /// Both parts, in build order.
-    pub const ALL: [Part; 2] = [Part::Encoder, Part::ClassHead];
-
-    /// `encoder` or `class_head` (file names, manifest keys).
-    pub fn name(self) -> &'static str {
-        match self {
-            Part::Encoder => "encoder",
-            Part::ClassHead => "class_head",
-        }
-    }
-
-    /// The input tensor names, in order.
-    pub fn input_names(self) -> &'static [&'static str] {
-        match self {
-            Part::Encoder => &["image"],
-            Part::ClassHead => &["features", "class_ids"],
-        }
-    }
-
-    /// The output tensor name.
-    pub fn output_name(self) -> &'static str {
-        match self {
-            Part::Encoder => "features",
-            Part::ClassHead => "logits",
-        }
+/// The precision word of a TensorRT method in file names, sidecars and `--precision` of `build-engines`:
+/// `fp16` ([`Method::TrtFp16`]) or `tf32` ([`Method::TrtTf32`]); other methods keep their own name.
+pub fn precision_name(method: Method) -> &'static str {
+    match method {
+        Method::TrtFp16 => "fp16",
+        Method::TrtTf32 => "tf32",
+        other => other.name(),
     }
 }
 
-/// The precision an engine is built with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    /// FP16 kernels allowed (and TF32), normalization in FP32: [`Method::TrtFp16`].
-    Fp16,
-    /// FP32 tensors with TF32 tensor cores: [`Method::TrtTf32`].
-    Tf32,
+/// Parses `build-engines --precision`: a comma-separated list of `fp16`, `tf32` (`trt_fp16`, `trt_tf32`
+/// accepted), without duplicates.
+pub fn parse_methods(text: &str) -> Result<Vec<Method>> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let word = item.to_ascii_lowercase().replace('-', "_");
+        let method = match word.strip_prefix("trt_").unwrap_or(&word) {
+            "fp16" => Method::TrtFp16,
+            "tf32" => Method::TrtTf32,
+            _ => bail!("unknown TensorRT precision '{item}': use fp16 or tf32"),
+        };
+        if !out.contains(&method) {
+            out.push(method);
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "no precision given: use fp16, tf32 or fp16,tf32"
+    );
+    Ok(out)
 }
 
-impl Precision {
-    /// `fp16` or `tf32`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp16 => "fp16",
-            Precision::Tf32 => "tf32",
-        }
+/// (De)serializes a TensorRT [`Method`] as its precision word (`fp16`, `tf32`): the on-disk form of engine keys
+/// and sidecars, unchanged since they were written with a precision enum.
+mod precision_word {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{precision_name, Method};
+
+    pub fn serialize<S: Serializer>(method: &Method, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(precision_name(*method))
     }
 
-    /// The request method this precision serves.
-    pub fn method(self) -> Method {
-        match self {
-            Precision::Fp16 => Method::TrtFp16,
-            Precision::Tf32 => Method::TrtTf32,
-        }
-    }
-
-    /// The precision of a TensorRT method; `None` for the others.
-    pub fn of_method(method: Method) -> Option<Precision> {
-        match method {
-            Method::TrtFp16 => Some(Precision::Fp16),
-            Method::TrtTf32 => Some(Precision::Tf32),
-            _ => None,
-        }
-    }
-
-    /// Parses a comma-separated list (`fp16,tf32`; `trt_fp16`, `trt_tf32` accepted), without duplicates.
-    pub fn parse_list(text: &str) -> Result<Vec<Precision>> {
-        let mut out = Vec::new();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let p: Precision = item.parse()?;
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
-        ensure!(
-            !out.is_empty(),
-            "no precision given: use fp16, tf32 or fp16,tf32"
-        );
-        Ok(out)
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
-            "fp16" | "trt_fp16" => Ok(Precision::Fp16),
-            "tf32" | "trt_tf32" => Ok(Precision::Tf32),
-            other => bail!("unknown TensorRT precision '{other}': use fp16 or tf32"),
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "fp16" => Ok(Method::TrtFp16),
+            "tf32" => Ok(Method::TrtTf32),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown TensorRT precision '{other}'"
+            ))),
         }
     }
 }
 
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The min, opt and max dims of one input in an optimisation profile.
+pub type MinOptMax = [Vec<i64>; 3];
 
 /// min/opt/max of one dynamic dimension in an optimisation profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -220,7 +175,7 @@ impl EngineProfile {
     }
 
     /// min/opt/max dims of every input of `part` (`embed_dim` channels of features), in input order.
-    pub fn input_dims(&self, part: Part, embed_dim: i64) -> Vec<(&'static str, [Vec<i64>; 3])> {
+    pub fn input_dims(&self, part: Part, embed_dim: i64) -> Vec<(&'static str, MinOptMax)> {
         let [h, w, d] = self.window;
         let b = self.window_batch;
         let spatial = |batch: i64, channels: i64| vec![batch, channels, h, w, d];
@@ -254,12 +209,23 @@ impl EngineProfile {
     }
 }
 
+/// What an engine is built for and runs on: a TensorRT version and a GPU architecture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// `major.minor.patch` of the loaded libnvinfer.
+    pub tensorrt_version: String,
+    /// `major.minor` of the GPU.
+    pub compute_capability: String,
+}
+
 /// Everything an engine depends on; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineKey {
     pub schema: u32,
     pub part: Part,
-    pub precision: Precision,
+    /// [`Method::TrtFp16`] or [`Method::TrtTf32`] (`"precision": "fp16"` / `"tf32"` on disk).
+    #[serde(rename = "precision", with = "precision_word")]
+    pub method: Method,
     /// `major.minor.patch` of the libnvinfer that builds/runs the engine.
     pub tensorrt_version: String,
     /// `major.minor` of the GPU.
@@ -272,6 +238,31 @@ pub struct EngineKey {
 }
 
 impl EngineKey {
+    /// The key of the engine of `part` for the TensorRT `method` on `platform`, compiled from the export
+    /// `manifest`'s model with sha256 `onnx_sha256`, with `profile` and builder `optimization_level`.
+    pub fn new(
+        part: Part,
+        method: Method,
+        platform: &Platform,
+        manifest: &OnnxManifest,
+        onnx_sha256: &str,
+        profile: EngineProfile,
+        optimization_level: i32,
+    ) -> Self {
+        Self {
+            schema: KEY_SCHEMA,
+            part,
+            method,
+            tensorrt_version: platform.tensorrt_version.clone(),
+            compute_capability: platform.compute_capability.clone(),
+            profile,
+            builder_optimization_level: optimization_level,
+            weights_fingerprint: manifest.weights_fingerprint.clone(),
+            embed_dim: manifest.embed_dim,
+            onnx_sha256: onnx_sha256.to_string(),
+        }
+    }
+
     /// The first 16 hex digits of the sha256 of the key's JSON (fields in declaration order).
     pub fn short(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
@@ -283,7 +274,7 @@ impl EngineKey {
         format!(
             "{}_{}_{}",
             self.part.name(),
-            self.precision.name(),
+            precision_name(self.method),
             self.short()
         )
     }
@@ -316,8 +307,9 @@ impl EngineKey {
         out
     }
 
-    /// Differences in the fields a run must match exactly (all but the build choices: the batch ranges of the
-    /// profile and the optimisation level, which a run reads from the engine's sidecar).
+    /// Differences in the fields a run must match exactly: everything but the build choices (the window batch
+    /// range and the optimisation level, which a run reads from the engine's sidecar). The class head's largest
+    /// prompt batch is identity: it is the request's `max_prompt_size`, the profile the run uses.
     pub fn identity_differences(&self, other: &EngineKey) -> Vec<String> {
         let mut out = Vec::new();
         let mut field = |name: &str, old: String, new: String| {
@@ -333,8 +325,8 @@ impl EngineKey {
         field("part", other.part.name().into(), self.part.name().into());
         field(
             "precision",
-            other.precision.name().into(),
-            self.precision.name().into(),
+            precision_name(other.method).into(),
+            precision_name(self.method).into(),
         );
         field(
             "TensorRT version",
@@ -350,6 +342,11 @@ impl EngineKey {
             "window size",
             format!("{:?}", other.profile.window),
             format!("{:?}", self.profile.window),
+        );
+        field(
+            "max_prompt_size",
+            describe_prompt_max(&other.profile),
+            describe_prompt_max(&self.profile),
         );
         field(
             "weights fingerprint",
@@ -368,6 +365,13 @@ impl EngineKey {
         );
         out
     }
+}
+
+/// The largest prompt batch of a profile (`none` for the encoder's).
+fn describe_prompt_max(p: &EngineProfile) -> String {
+    p.prompt_batch
+        .map(|b| b.max.to_string())
+        .unwrap_or_else(|| "none".into())
 }
 
 /// `window 128x128x128, windows 1/1/1, prompts 1/4/4`.
@@ -510,11 +514,11 @@ pub fn check_engine(dir: &Path, key: &EngineKey, verify_hash: bool) -> Freshness
     let mut reasons = Vec::new();
     match Sidecar::read(&paths.sidecar) {
         Err(_) if !paths.sidecar.exists() => {
-            let others = candidates(dir, key.part, key.precision);
+            let others = candidates(dir, key.part, key.method);
             if others.is_empty() {
                 reasons.push(format!(
                     "no {} {} engine in {}",
-                    key.precision,
+                    precision_name(key.method),
                     key.part.name(),
                     dir.display()
                 ));
@@ -572,82 +576,138 @@ fn check_sidecar(
     Ok(())
 }
 
-/// Sidecars in `dir` for `part` and `precision` (any key), sorted by path; unreadable ones are skipped.
-pub fn candidates(dir: &Path, part: Part, precision: Precision) -> Vec<(PathBuf, Sidecar)> {
-    let prefix = format!("{}_{}_", part.name(), precision.name());
+/// The sidecar files in `dir` named for `part` and the TensorRT `method` (any key), sorted by path.
+fn sidecar_files(dir: &Path, part: Part, method: Method) -> Vec<PathBuf> {
+    let prefix = format!("{}_{}_", part.name(), precision_name(method));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<(PathBuf, Sidecar)> = entries
+    let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension().is_some_and(|e| e == "json")
                 && p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
         })
-        .filter_map(|p| Sidecar::read(&p).ok().map(|s| (p, s)))
-        .filter(|(_, s)| s.key.part == part && s.key.precision == precision)
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort();
     out
 }
 
-/// The engine a run uses: the sidecar of an up-to-date engine in `dir` whose identity fields (everything but
-/// the build choices) equal `want`'s and whose window size matches; the largest prompt and window batches win
-/// when there are several. The error says what is missing or stale, for the fallback warning.
-pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidecar)> {
-    let all = candidates(dir, want.part, want.precision);
+/// Reads a sidecar found under the name of `part` and `method`, checked to be one of theirs.
+fn read_candidate(path: &Path, part: Part, method: Method) -> Result<Sidecar> {
+    let sidecar = Sidecar::read(path)?;
     ensure!(
-        !all.is_empty(),
-        "no {} {} engine in {}: run `vista3d build-engines --onnx <dir> --precision {} --out {}`",
-        want.precision,
-        want.part.name(),
-        dir.display(),
-        want.precision,
-        dir.display()
+        sidecar.key.part == part && sidecar.key.method == method,
+        "{} is named for a {} {} engine but describes a {} {} one",
+        path.display(),
+        precision_name(method),
+        part.name(),
+        precision_name(sidecar.key.method),
+        sidecar.key.part.name()
     );
-    let mut problems = Vec::new();
-    let mut usable = Vec::new();
-    for (path, sidecar) in all {
+    Ok(sidecar)
+}
+
+/// Sidecars in `dir` for `part` and the TensorRT `method` (any key), sorted by path; unreadable ones are
+/// skipped (what `build-engines` replaces).
+pub fn candidates(dir: &Path, part: Part, method: Method) -> Vec<(PathBuf, Sidecar)> {
+    sidecar_files(dir, part, method)
+        .into_iter()
+        .filter_map(|p| read_candidate(&p, part, method).ok().map(|s| (p, s)))
+        .collect()
+}
+
+/// The engine a run uses: the sidecar of an up-to-date engine in `dir` whose identity fields (everything but
+/// the build choices, see [`EngineKey::identity_differences`]) equal `want`'s; the largest window batch wins
+/// when there are several. The error's kind tells the caller what to do:
+/// [`Unavailable`](EngineError::Unavailable) when no engine of this part and method was built here,
+/// [`Corrupt`](EngineError::Corrupt) when a sidecar does not parse or the matching engine's plan is missing,
+/// truncated or does not match its sidecar, [`Stale`](EngineError::Stale) when every engine there was built for something else (other
+/// weights, TensorRT version, GPU, window size or `max_prompt_size`): the message names each difference and
+/// the `build-engines` command that makes the wanted one.
+pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidecar), EngineError> {
+    let rebuild = build_command(dir, want);
+    let files = sidecar_files(dir, want.part, want.method);
+    if files.is_empty() {
+        return Err(EngineError::Unavailable(format!(
+            "no {} {} engine in {}: run `{rebuild}`",
+            precision_name(want.method),
+            want.part.name(),
+            dir.display(),
+        )));
+    }
+    let (mut stale, mut corrupt, mut usable) = (Vec::new(), Vec::new(), Vec::new());
+    for path in files {
+        let sidecar = match read_candidate(&path, want.part, want.method) {
+            Ok(sidecar) => sidecar,
+            Err(e) => {
+                corrupt.push(format!("{e:#}"));
+                continue;
+            }
+        };
         let diff = want.identity_differences(&sidecar.key);
         if !diff.is_empty() {
-            problems.push(format!("{} is stale ({})", path.display(), diff.join("; ")));
+            stale.push(format!("{} is stale ({})", path.display(), diff.join("; ")));
             continue;
         }
         let paths = sidecar.key.paths(dir);
         match check_sidecar(&paths, &sidecar.key, &sidecar, false) {
             Ok(()) => usable.push((paths, sidecar)),
-            Err(e) => problems.push(format!("{e:#}")),
+            Err(e) => corrupt.push(format!("{e:#}")),
         }
     }
-    usable.sort_by_key(|(_, s)| {
-        (
-            s.key.profile.prompt_batch.map(|p| p.max).unwrap_or(0),
-            s.key.profile.window_batch.max,
-        )
-    });
-    match usable.pop() {
-        Some(found) => Ok(found),
-        None => bail!(
-            "no up-to-date {} {} engine in {} (rebuild with vista3d build-engines): {}",
-            want.precision,
-            want.part.name(),
-            dir.display(),
-            problems.join("; ")
-        ),
+    usable.sort_by_key(|(_, s)| s.key.profile.window_batch.max);
+    if let Some(found) = usable.pop() {
+        return Ok(found);
+    }
+    let what = format!(
+        "no up-to-date {} {} engine in {}",
+        precision_name(want.method),
+        want.part.name(),
+        dir.display()
+    );
+    if corrupt.is_empty() {
+        Err(EngineError::Stale(format!(
+            "{what} (rebuild with `{rebuild}`): {}",
+            stale.join("; ")
+        )))
+    } else {
+        corrupt.extend(stale);
+        Err(EngineError::Corrupt(format!(
+            "{what} (rebuild with `{rebuild}`): {}",
+            corrupt.join("; ")
+        )))
     }
 }
 
-/// Engines of the same part, precision, TensorRT version and GPU as `key` but another key: superseded by
-/// `key`'s engine (a new ONNX or profile), so `build-engines` removes them. Engines for other GPUs or TensorRT
-/// versions are kept (one folder can serve several machines).
+/// The `build-engines` command that makes the engine `want` asks for in `dir`.
+fn build_command(dir: &Path, want: &EngineKey) -> String {
+    let [h, w, d] = want.profile.window;
+    let mut cmd = format!(
+        "vista3d build-engines --onnx <export dir> --precision {} --patch {h},{w},{d}",
+        precision_name(want.method)
+    );
+    if let Some(p) = want.profile.prompt_batch {
+        cmd.push_str(&format!(" --max-prompt-size {}", p.max));
+    }
+    cmd.push_str(&format!(" --out {}", dir.display()));
+    cmd
+}
+
+/// Engines of the same part, precision, TensorRT version, GPU and `max_prompt_size` as `key` but another key:
+/// superseded by `key`'s engine (a new ONNX, window or build choice), so `build-engines` removes them. Engines
+/// for other GPUs, TensorRT versions or `max_prompt_size` are kept (one folder can serve several machines and
+/// configurations).
 pub fn superseded(dir: &Path, key: &EngineKey) -> Vec<EnginePaths> {
-    candidates(dir, key.part, key.precision)
+    candidates(dir, key.part, key.method)
         .into_iter()
         .filter(|(_, s)| {
             s.key != *key
                 && s.key.tensorrt_version == key.tensorrt_version
                 && s.key.compute_capability == key.compute_capability
+                && s.key.profile.prompt_batch.map(|p| p.max)
+                    == key.profile.prompt_batch.map(|p| p.max)
         })
         .map(|(sidecar, s)| EnginePaths {
             plan: dir.join(&s.plan_file),
@@ -668,13 +728,14 @@ pub fn chunk_ranges(total: usize, max: usize) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engines::EngineErrorKind;
     use crate::fsutil::write_atomic;
 
     fn key(part: Part) -> EngineKey {
         EngineKey {
             schema: KEY_SCHEMA,
             part,
-            precision: Precision::Fp16,
+            method: Method::TrtFp16,
             tensorrt_version: "10.13.0".into(),
             compute_capability: "9.0".into(),
             profile: EngineProfile::new(part, [128, 128, 128], 1, 4).unwrap(),
@@ -707,19 +768,32 @@ mod tests {
     #[test]
     fn precision_names_and_lists() {
         assert_eq!(
-            Precision::parse_list("fp16, tf32,fp16").unwrap(),
-            vec![Precision::Fp16, Precision::Tf32]
+            parse_methods("fp16, tf32,fp16").unwrap(),
+            vec![Method::TrtFp16, Method::TrtTf32]
         );
+        assert_eq!(parse_methods("trt_tf32").unwrap(), vec![Method::TrtTf32]);
+        assert!(parse_methods("").is_err());
+        let err = parse_methods("fp16,int8").unwrap_err().to_string();
+        assert!(err.contains("unknown TensorRT precision 'int8'"), "{err}");
+        // libtorch methods are not TensorRT precisions, even where Method's own parser knows the word.
+        assert!(parse_methods("amp").is_err());
+        assert!(parse_methods("trt_amp").is_err());
         assert_eq!(
-            Precision::parse_list("trt_tf32").unwrap(),
-            vec![Precision::Tf32]
+            TRT_METHODS.map(precision_name),
+            ["fp16", "tf32"],
+            "the on-disk words"
         );
-        assert!(Precision::parse_list("").is_err());
-        assert!(Precision::parse_list("fp16,int8").is_err());
-        for p in [Precision::Fp16, Precision::Tf32] {
-            assert_eq!(Precision::of_method(p.method()), Some(p));
-        }
-        assert_eq!(Precision::of_method(Method::Amp), None);
+        // Keys keep their on-disk form: "precision": "fp16".
+        let json = serde_json::to_value(key(Part::Encoder)).unwrap();
+        assert_eq!(json["precision"], "fp16");
+        assert!(json.get("method").is_none());
+        let mut bad = json.clone();
+        bad["precision"] = "amp".into();
+        assert!(serde_json::from_value::<EngineKey>(bad).is_err());
+        assert_eq!(
+            serde_json::from_value::<EngineKey>(json).unwrap(),
+            key(Part::Encoder)
+        );
     }
 
     #[test]
@@ -780,7 +854,7 @@ mod tests {
                 ..base.clone()
             },
             EngineKey {
-                precision: Precision::Tf32,
+                method: Method::TrtTf32,
                 ..base.clone()
             },
             EngineKey {
@@ -825,9 +899,14 @@ mod tests {
             assert!(seen.insert(v.short()), "{v:?} collides");
             assert!(!base.differences(v).is_empty(), "{v:?}");
         }
-        // Build choices are not identity.
-        assert!(base.identity_differences(&variants[4]).is_empty());
+        // Build choices (window batch, optimisation level) are not identity.
+        assert!(base.identity_differences(&variants[5]).is_empty());
         assert!(base.identity_differences(&variants[7]).is_empty());
+        // max_prompt_size is: a run opens the class-head engine built for its own (DECISIONS.md).
+        assert_eq!(
+            base.identity_differences(&variants[4]),
+            vec!["max_prompt_size: 8 -> 4".to_string()]
+        );
         assert_eq!(
             base.identity_differences(&variants[10]),
             vec![format!(
@@ -897,8 +976,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // At run time it is an error naming the difference, not a silently used engine.
-        let err = select_engine(dir.path(), &new).unwrap_err().to_string();
+        // At run time it is a stale error naming the difference, not a silently used engine.
+        let err = select_engine(dir.path(), &new).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale);
+        let err = err.to_string();
         assert!(err.contains("no up-to-date fp16 encoder engine"), "{err}");
         assert!(err.contains("ONNX sha256"), "{err}");
         // build-engines replaces it.
@@ -913,23 +994,27 @@ mod tests {
     }
 
     #[test]
-    fn run_time_selection_reads_the_profile_from_the_sidecar() {
+    fn run_time_selection_reads_the_build_choices_from_the_sidecar() {
         let dir = tempfile::tempdir().unwrap();
-        let err = select_engine(dir.path(), &key(Part::ClassHead))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("run `vista3d build-engines"), "{err}");
+        let err = select_engine(dir.path(), &key(Part::ClassHead)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable, "{err}");
+        assert!(
+            err.to_string().contains("run `vista3d build-engines"),
+            "{err}"
+        );
         let small = key(Part::ClassHead);
         let large = EngineKey {
-            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 2, 16).unwrap(),
+            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 2, 4).unwrap(),
             builder_optimization_level: 5,
             ..small.clone()
         };
         store(dir.path(), &small, b"small");
         let large_paths = store(dir.path(), &large, b"large");
-        // The run asks with another profile: the build choices come from the sidecars; the largest wins.
+        // The run asks with its own window batch and level: the build choices come from the sidecars; the
+        // largest window batch wins.
         let want = EngineKey {
-            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 1).unwrap(),
+            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, 4).unwrap(),
+            builder_optimization_level: 0,
             ..small.clone()
         };
         let (paths, sidecar) = select_engine(dir.path(), &want).unwrap();
@@ -939,13 +1024,65 @@ mod tests {
         std::fs::write(&large_paths.plan, b"lar").unwrap();
         let (_, sidecar) = select_engine(dir.path(), &want).unwrap();
         assert_eq!(sidecar.key, small);
-        // Another window size is not usable.
+        // Another window size is not usable: stale, naming it.
         let want96 = EngineKey {
             profile: EngineProfile::new(Part::ClassHead, [96, 96, 96], 1, 4).unwrap(),
             ..small.clone()
         };
-        let err = select_engine(dir.path(), &want96).unwrap_err().to_string();
-        assert!(err.contains("window size"), "{err}");
+        let err = select_engine(dir.path(), &want96).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale, "{err}");
+        assert!(err.to_string().contains("window size"), "{err}");
+    }
+
+    #[test]
+    fn max_prompt_size_selects_the_class_head_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_prompts = |n: i64| EngineKey {
+            profile: EngineProfile::new(Part::ClassHead, [128, 128, 128], 1, n).unwrap(),
+            ..key(Part::ClassHead)
+        };
+        let four = store(dir.path(), &with_prompts(4), b"four");
+        let sixteen = store(dir.path(), &with_prompts(16), b"sixteen");
+        // Each request opens the engine of its own max_prompt_size, not the largest one.
+        assert_eq!(select_engine(dir.path(), &with_prompts(4)).unwrap().0, four);
+        let (paths, sidecar) = select_engine(dir.path(), &with_prompts(16)).unwrap();
+        assert_eq!(paths, sixteen);
+        assert_eq!(sidecar.key.profile.prompt_batch.unwrap().max, 16);
+        // None built for 8: stale, naming both values and the command that builds it.
+        let err = select_engine(dir.path(), &with_prompts(8)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("max_prompt_size: 4 -> 8"), "{msg}");
+        assert!(msg.contains("max_prompt_size: 16 -> 8"), "{msg}");
+        assert!(msg.contains("--max-prompt-size 8"), "{msg}");
+        assert!(msg.contains("vista3d build-engines"), "{msg}");
+        // The encoder does not depend on it.
+        let encoder = store(dir.path(), &key(Part::Encoder), b"enc");
+        assert_eq!(
+            select_engine(dir.path(), &key(Part::Encoder)).unwrap().0,
+            encoder
+        );
+        // Building for 8 supersedes neither of the others (they serve other configurations); a rebuild for 4
+        // from a new ONNX supersedes the old 4.
+        let eight = with_prompts(8);
+        assert!(superseded(dir.path(), &eight).is_empty());
+        let new_four = EngineKey {
+            onnx_sha256: "cc".repeat(32),
+            ..with_prompts(4)
+        };
+        assert_eq!(superseded(dir.path(), &new_four), vec![four.clone()]);
+        // The matching engine damaged: corrupt, not stale.
+        std::fs::write(&four.plan, b"fo").unwrap();
+        let err = select_engine(dir.path(), &with_prompts(4)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // A sidecar that does not parse is corrupt too (not "nothing built").
+        let other = tempfile::tempdir().unwrap();
+        let paths = store(other.path(), &with_prompts(4), b"four");
+        std::fs::write(&paths.sidecar, b"{\"key\": 1").unwrap();
+        let err = select_engine(other.path(), &with_prompts(4)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("not an engine sidecar"), "{err}");
     }
 
     #[test]

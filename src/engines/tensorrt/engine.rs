@@ -1,141 +1,182 @@
 //! [`TrtEngine`]: the class path of a window (encoder + class head) on TensorRT engines.
+//!
+//! Loading classifies every refusal (see [`EngineError`]): no TensorRT library or shim, a CPU request or no GPU,
+//! no export or no engine built yet are unavailable; an export of other weights, or engines built for another
+//! TensorRT version, GPU, window size or `max_prompt_size` are stale; a damaged manifest, sidecar or plan is
+//! corrupt; a failure while running (or creating the execution context) is a runtime error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context as _, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::cache::{
-    candidates, chunk_ranges, select_engine, EngineKey, EnginePaths, EngineProfile, OnnxStat, Part,
-    Precision, Sidecar, KEY_SCHEMA,
+    chunk_ranges, precision_name, select_engine, EngineKey, EnginePaths, EngineProfile, MinOptMax,
+    Part, Platform, Sidecar,
 };
 use super::cuda::CudaDevice;
-use super::ffi;
-use super::library::{Context, IoTensor, Runtime, TrtLibrary};
-use super::manifest::OnnxManifest;
-use crate::engines::{Method, WindowEngine};
+use super::library::{Context, DataType, IoTensor, Runtime, TrtLibrary};
+use crate::engines::onnx::{FloatType, ModelEntry, OnnxManifest};
+use crate::engines::{EngineContext, EngineError, Method, WindowEngine};
 
-/// The expected key of `part` for a run: the identity fields are what matters (the build choices are read
-/// from the engine's sidecar, see [`select_engine`]).
-pub fn run_key(
-    part: Part,
-    precision: Precision,
-    tensorrt_version: &str,
-    compute_capability: &str,
+/// The ONNX model an engine of a part is built from (and keyed by).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnnxSource {
+    /// The file, inside the export directory.
+    pub path: PathBuf,
+    /// Its manifest entry (size and sha256: the engine key holds the sha256).
+    pub entry: ModelEntry,
+    /// The model itself is float16 (weights and compute): its types decide the engine's precision, no FP16
+    /// builder flag needed (what TensorRT 11's strongly typed networks require).
+    pub fp16_model: bool,
+}
+
+/// The model of `part` that the TensorRT `method`'s engine is built from, in the export `manifest` of
+/// `onnx_dir`: for [`Method::TrtFp16`] the float16 export when the manifest lists one (an older export without
+/// it: the float32 model with TensorRT 10's FP16 flag), else the float32 model.
+pub fn onnx_source(
     manifest: &OnnxManifest,
-    onnx_sha256: &str,
-    window: [i64; 3],
-) -> Result<EngineKey> {
-    Ok(EngineKey {
-        schema: KEY_SCHEMA,
-        part,
-        precision,
-        tensorrt_version: tensorrt_version.to_string(),
-        compute_capability: compute_capability.to_string(),
-        profile: EngineProfile::new(part, window, 1, 1)?,
-        builder_optimization_level: 0,
-        weights_fingerprint: manifest.weights_fingerprint.clone(),
-        embed_dim: manifest.embed_dim,
-        onnx_sha256: onnx_sha256.to_string(),
+    onnx_dir: &Path,
+    part: Part,
+    method: Method,
+) -> Result<OnnxSource, EngineError> {
+    if !method.is_tensorrt() {
+        return Err(EngineError::Unavailable(format!(
+            "{method} is not a TensorRT method (trt_fp16 or trt_tf32)"
+        )));
+    }
+    let fp16 = (method == Method::TrtFp16)
+        .then(|| manifest.model(part, FloatType::F16))
+        .flatten();
+    let (entry, fp16_model) = match fp16 {
+        Some(entry) => (entry, true),
+        None => (
+            manifest.model(part, FloatType::F32).ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "the ONNX export in {} lists no {} model",
+                    onnx_dir.display(),
+                    part.name()
+                ))
+            })?,
+            false,
+        ),
+    };
+    Ok(OnnxSource {
+        path: onnx_dir.join(&entry.file),
+        entry: entry.clone(),
+        fp16_model,
     })
 }
 
-/// The ONNX file of `part` with its sha256 (reusing the hash recorded by engines of `engines_dir` when the file
-/// is unchanged).
-pub fn onnx_stat(
-    manifest: &OnnxManifest,
+/// The expected key of `part` for a run: the identity fields are what matters (the build choices, window
+/// batch and optimisation level, are read from the engine's sidecar, see [`select_engine`]); the class head's
+/// prompt batch is `max_prompt_size`.
+pub fn run_key(
     part: Part,
-    precision: Precision,
-    engines_dir: &Path,
-) -> Result<OnnxStat> {
-    let path = manifest.existing_onnx_for(part, precision)?.path;
-    let known: Vec<OnnxStat> = candidates(engines_dir, part, precision)
-        .into_iter()
-        .map(|(_, s)| s.onnx)
-        .collect();
-    OnnxStat::of(&path, &known)
+    method: Method,
+    platform: &Platform,
+    manifest: &OnnxManifest,
+    onnx_sha256: &str,
+    window: [i64; 3],
+    max_prompt_size: i64,
+) -> Result<EngineKey, EngineError> {
+    let profile =
+        EngineProfile::new(part, window, 1, max_prompt_size).map_err(EngineError::unavailable)?;
+    Ok(EngineKey::new(
+        part,
+        method,
+        platform,
+        manifest,
+        onnx_sha256,
+        profile,
+        0,
+    ))
 }
 
 /// The libtorch kind of a TensorRT data type.
-fn kind_of(dtype: i32) -> Result<Kind> {
+fn kind_of(dtype: DataType) -> Result<Kind, String> {
     Ok(match dtype {
-        ffi::TRT_SHIM_DTYPE_FLOAT => Kind::Float,
-        ffi::TRT_SHIM_DTYPE_HALF => Kind::Half,
-        ffi::TRT_SHIM_DTYPE_INT32 => Kind::Int,
-        ffi::TRT_SHIM_DTYPE_INT64 => Kind::Int64,
-        other => bail!("unsupported TensorRT data type {other}"),
+        DataType::Float => Kind::Float,
+        DataType::Half => Kind::Half,
+        DataType::Int32 => Kind::Int,
+        DataType::Int64 => Kind::Int64,
+        DataType::Unsupported(_) => return Err(format!("unsupported {dtype}")),
     })
 }
 
 /// Checks an engine's inputs and outputs against what `part` must have and the profile its sidecar records;
-/// returns the libtorch kinds of the inputs (in [`Part::input_names`] order) and of the output.
+/// returns the libtorch kinds of the inputs (in [`Part::input_names`] order) and of the output. A mismatch
+/// means the plan is not what its sidecar describes: [`EngineError::Corrupt`].
 pub fn check_io(
     part: Part,
     io: &[IoTensor],
-    profile_dims: &dyn Fn(&str) -> Result<[Vec<i64>; 3]>,
+    profile_dims: &dyn Fn(&str) -> Result<MinOptMax, String>,
     profile: &EngineProfile,
     embed_dim: i64,
-) -> Result<(Vec<Kind>, Kind)> {
+) -> Result<(Vec<Kind>, Kind), EngineError> {
+    let corrupt = |m: String| EngineError::Corrupt(format!("the {} engine {m}", part.name()));
     let mut kinds = Vec::new();
     let expected = profile.input_dims(part, embed_dim);
     for (name, dims) in &expected {
         let t = io
             .iter()
             .find(|t| t.name == *name && t.is_input)
-            .with_context(|| {
-                format!(
-                    "the {} engine has no input '{name}' (it has {:?})",
-                    part.name(),
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "has no input '{name}' (it has {:?})",
                     io.iter().map(|t| &t.name).collect::<Vec<_>>()
-                )
+                ))
             })?;
-        let actual = profile_dims(name)?;
-        ensure!(
-            actual == *dims,
-            "the {} engine's profile for '{name}' is {actual:?}, its sidecar says {dims:?}",
-            part.name()
-        );
-        kinds.push(kind_of(t.dtype)?);
+        let actual = profile_dims(name).map_err(&corrupt)?;
+        if actual != *dims {
+            return Err(corrupt(format!(
+                "profile for '{name}' is {actual:?}, its sidecar says {dims:?}"
+            )));
+        }
+        kinds.push(kind_of(t.dtype).map_err(|e| corrupt(format!("input '{name}': {e}")))?);
     }
     let inputs = io.iter().filter(|t| t.is_input).count();
-    ensure!(
-        inputs == expected.len(),
-        "the {} engine has {inputs} inputs, expected {}",
-        part.name(),
-        expected.len()
-    );
+    if inputs != expected.len() {
+        return Err(corrupt(format!(
+            "has {inputs} inputs, expected {}",
+            expected.len()
+        )));
+    }
+    let out_name = part.output_name();
     let out = io
         .iter()
-        .find(|t| t.name == part.output_name() && !t.is_input)
-        .with_context(|| {
-            format!(
-                "the {} engine has no output '{}'",
-                part.name(),
-                part.output_name()
-            )
-        })?;
-    let out_kind = kind_of(out.dtype)?;
-    ensure!(
-        matches!(out_kind, Kind::Float | Kind::Half),
-        "the {} engine's output '{}' is not floating point",
-        part.name(),
-        part.output_name()
-    );
+        .find(|t| t.name == out_name && !t.is_input)
+        .ok_or_else(|| corrupt(format!("has no output '{out_name}'")))?;
+    let out_kind = kind_of(out.dtype).map_err(|e| corrupt(format!("output '{out_name}': {e}")))?;
+    if !matches!(out_kind, Kind::Float | Kind::Half) {
+        return Err(corrupt(format!(
+            "output '{out_name}' is not floating point"
+        )));
+    }
     Ok((kinds, out_kind))
 }
 
+/// An [`EngineError::Runtime`] unless `ok` (a bad input to an engine is a failure while running).
+fn check_input(ok: bool, message: impl FnOnce() -> String) -> Result<(), EngineError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Runtime(message()))
+    }
+}
+
 /// Checks image windows `[b, 1, H, W, D]` against the engine's window.
-pub fn check_image(image: &Tensor, window: [i64; 3]) -> Result<()> {
+pub fn check_image(image: &Tensor, window: [i64; 3]) -> Result<(), EngineError> {
     let s = image.size();
-    ensure!(
+    check_input(
         s.len() == 5 && s[0] >= 1 && s[1] == 1 && s[2..] == window,
-        "TensorRT encoder: expected image windows [b, 1, {}, {}, {}], got {s:?}",
-        window[0],
-        window[1],
-        window[2]
-    );
-    Ok(())
+        || {
+            format!(
+                "TensorRT encoder: expected image windows [b, 1, {}, {}, {}], got {s:?}",
+                window[0], window[1], window[2]
+            )
+        },
+    )
 }
 
 /// Checks features `[b, E, H, W, D]` and class ids `[B, 1]`.
@@ -144,26 +185,27 @@ pub fn check_class_inputs(
     class_ids: &Tensor,
     embed_dim: i64,
     window: [i64; 3],
-) -> Result<()> {
+) -> Result<(), EngineError> {
     let f = features.size();
-    ensure!(
+    check_input(
         f.len() == 5 && f[0] >= 1 && f[1] == embed_dim && f[2..] == window,
-        "TensorRT class head: expected features [b, {embed_dim}, {}, {}, {}], got {f:?}",
-        window[0],
-        window[1],
-        window[2]
-    );
+        || {
+            format!(
+                "TensorRT class head: expected features [b, {embed_dim}, {}, {}, {}], got {f:?}",
+                window[0], window[1], window[2]
+            )
+        },
+    )?;
     let c = class_ids.size();
-    ensure!(
-        c.len() == 2 && c[0] >= 1 && c[1] == 1,
-        "TensorRT class head: expected class ids [B, 1], got {c:?}"
-    );
-    ensure!(
-        !class_ids.is_floating_point(),
-        "TensorRT class head: class ids must be integers, got {:?}",
-        class_ids.kind()
-    );
-    Ok(())
+    check_input(c.len() == 2 && c[0] >= 1 && c[1] == 1, || {
+        format!("TensorRT class head: expected class ids [B, 1], got {c:?}")
+    })?;
+    check_input(!class_ids.is_floating_point(), || {
+        format!(
+            "TensorRT class head: class ids must be integers, got {:?}",
+            class_ids.kind()
+        )
+    })
 }
 
 /// Runs `run` on windows `0..b` of `image` in chunks of at most `max_windows` and concatenates the results
@@ -171,22 +213,23 @@ pub fn check_class_inputs(
 pub fn encode_chunked(
     image: &Tensor,
     max_windows: usize,
-    mut run: impl FnMut(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    mut run: impl FnMut(&Tensor) -> Result<Tensor, EngineError>,
+) -> Result<Tensor, EngineError> {
     let b = image.size().first().copied().unwrap_or(0).max(0) as usize;
     let mut outs = Vec::new();
     for r in chunk_ranges(b, max_windows) {
         let chunk = image.f_narrow(0, r.start as i64, r.len() as i64)?;
         let out = run(&chunk)?;
-        ensure!(
-            out.size().first() == Some(&(r.len() as i64)),
-            "the encoder returned {:?} for {} windows",
-            out.size(),
-            r.len()
-        );
+        check_input(out.size().first() == Some(&(r.len() as i64)), || {
+            format!(
+                "the encoder returned {:?} for {} windows",
+                out.size(),
+                r.len()
+            )
+        })?;
         outs.push(out);
     }
-    ensure!(!outs.is_empty(), "no image windows to encode");
+    check_input(!outs.is_empty(), || "no image windows to encode".into())?;
     Ok(Tensor::f_cat(&outs, 0)?)
 }
 
@@ -197,8 +240,8 @@ pub fn classify_chunked(
     class_ids: &Tensor,
     max_windows: usize,
     max_prompts: usize,
-    mut run: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    mut run: impl FnMut(&Tensor, &Tensor) -> Result<Tensor, EngineError>,
+) -> Result<Tensor, EngineError> {
     let b = features.size().first().copied().unwrap_or(0).max(0) as usize;
     let prompts = class_ids.size().first().copied().unwrap_or(0).max(0) as usize;
     let mut per_window = Vec::new();
@@ -208,19 +251,23 @@ pub fn classify_chunked(
         for p in chunk_ranges(prompts, max_prompts) {
             let ids = class_ids.f_narrow(0, p.start as i64, p.len() as i64)?;
             let out = run(&f, &ids)?;
-            ensure!(
+            check_input(
                 out.size().get(..2) == Some(&[p.len() as i64, w.len() as i64][..]),
-                "the class head returned {:?} for {} prompts x {} windows",
-                out.size(),
-                p.len(),
-                w.len()
-            );
+                || {
+                    format!(
+                        "the class head returned {:?} for {} prompts x {} windows",
+                        out.size(),
+                        p.len(),
+                        w.len()
+                    )
+                },
+            )?;
             per_prompt.push(out);
         }
-        ensure!(!per_prompt.is_empty(), "no class prompts");
+        check_input(!per_prompt.is_empty(), || "no class prompts".into())?;
         per_window.push(Tensor::f_cat(&per_prompt, 0)?);
     }
-    ensure!(!per_window.is_empty(), "no feature windows");
+    check_input(!per_window.is_empty(), || "no feature windows".into())?;
     Ok(Tensor::f_cat(&per_window, 1)?)
 }
 
@@ -236,34 +283,39 @@ struct PartEngine {
 }
 
 impl PartEngine {
-    /// Reads, verifies (size and sha256 against the sidecar) and deserializes a plan, and checks its I/O.
+    /// Reads, verifies (size and sha256 against the sidecar) and deserializes a plan, and checks its I/O: a
+    /// plan that cannot be read, does not match its sidecar or that TensorRT refuses is corrupt; an execution
+    /// context that cannot be created (out of GPU memory) is a runtime error.
     fn load(
         runtime: &Arc<Runtime>,
         part: Part,
         paths: &EnginePaths,
         sidecar: Sidecar,
         embed_dim: i64,
-    ) -> Result<Self> {
+    ) -> Result<Self, EngineError> {
+        let plan_name = paths.plan.display();
         let plan = std::fs::read(&paths.plan)
-            .with_context(|| format!("cannot read {}", paths.plan.display()))?;
-        sidecar.verify_plan(&plan)?;
+            .map_err(|e| EngineError::Corrupt(format!("cannot read {plan_name}: {e}")))?;
+        sidecar.verify_plan(&plan).map_err(EngineError::corrupt)?;
         let engine = Arc::new(
             runtime
                 .deserialize(&plan)
-                .with_context(|| format!("cannot load {}", paths.plan.display()))?,
+                .map_err(|e| EngineError::Corrupt(format!("cannot load {plan_name}: {e}")))?,
         );
-        let io = engine.io_tensors()?;
+        let io = engine
+            .io_tensors()
+            .map_err(|e| EngineError::Corrupt(format!("{plan_name}: {e}")))?;
         let (input_kinds, output_kind) = check_io(
             part,
             &io,
-            &|name| engine.profile_dims(name),
+            &|name| engine.profile_dims(name).map_err(|e| e.to_string()),
             &sidecar.key.profile,
             embed_dim,
         )
-        .with_context(|| format!("{}", paths.plan.display()))?;
+        .map_err(|e| e.context(&plan_name))?;
         let context = engine
             .context()
-            .with_context(|| format!("{}", paths.plan.display()))?;
+            .map_err(|e| EngineError::Runtime(format!("{plan_name}: {e}")))?;
         Ok(Self {
             part,
             context,
@@ -275,30 +327,41 @@ impl PartEngine {
     }
 
     /// Runs the engine on `inputs` (in [`Part::input_names`] order, on `device`); returns the f32 output.
-    fn run(&mut self, device: &CudaDevice, inputs: &[&Tensor]) -> Result<Tensor> {
-        device.bind()?;
+    fn run(&mut self, device: &CudaDevice, inputs: &[&Tensor]) -> Result<Tensor, EngineError> {
+        device.bind().map_err(EngineError::runtime)?;
         let cuda = Device::Cuda(device.ordinal());
         let names = self.part.input_names();
         let mut staged = Vec::with_capacity(inputs.len());
         for ((name, t), kind) in names.iter().zip(inputs).zip(&self.input_kinds) {
             let t = t.f_to_device(cuda)?.f_to_kind(*kind)?.f_contiguous()?;
-            self.context.set_input_shape(name, &t.size())?;
+            self.context
+                .set_input_shape(name, &t.size())
+                .map_err(EngineError::runtime)?;
             staged.push(t);
         }
         let out_name = self.part.output_name();
-        let shape = self.context.tensor_shape(out_name)?;
+        let shape = self
+            .context
+            .tensor_shape(out_name)
+            .map_err(EngineError::runtime)?;
         let out = Tensor::f_empty(shape.as_slice(), (self.output_kind, cuda))?;
         // SAFETY: every address is a contiguous CUDA tensor of the engine's device with the shape and type the
         // context expects (set above); `staged` and `out` live until the stream is synchronised below.
         unsafe {
             for (name, t) in names.iter().zip(&staged) {
-                self.context.set_tensor_address(name, t.data_ptr())?;
+                self.context
+                    .set_tensor_address(name, t.data_ptr())
+                    .map_err(EngineError::runtime)?;
             }
-            self.context.set_tensor_address(out_name, out.data_ptr())?;
-            device.synchronize_device()?;
-            self.context.enqueue(device.raw_stream())?;
+            self.context
+                .set_tensor_address(out_name, out.data_ptr())
+                .map_err(EngineError::runtime)?;
+            device.synchronize_device().map_err(EngineError::runtime)?;
+            self.context
+                .enqueue(device.raw_stream())
+                .map_err(EngineError::runtime)?;
         }
-        device.synchronize_stream()?;
+        device.synchronize_stream().map_err(EngineError::runtime)?;
         Ok(if self.output_kind == Kind::Float {
             out
         } else {
@@ -311,12 +374,13 @@ impl PartEngine {
     }
 }
 
-/// The class path of a window on TensorRT: an encoder engine and a class-head engine of one precision.
+/// The class path of a window on TensorRT: an encoder engine and a class-head engine of one TensorRT method.
 ///
-/// Windows beyond the engines' window batch and prompts beyond their prompt batch (`max_prompt_size`) run in
-/// chunks; results are concatenated. Every failure is an error (the caller falls back to libtorch).
+/// Windows beyond the engines' window batch and prompts beyond the class head's prompt batch (the request's
+/// `max_prompt_size`) run in chunks; results are concatenated. Every failure is an error (the caller falls back
+/// to libtorch).
 pub struct TrtEngine {
-    precision: Precision,
+    method: Method,
     window: [i64; 3],
     embed_dim: i64,
     encoder: PartEngine,
@@ -333,35 +397,51 @@ impl std::fmt::Debug for TrtEngine {
 }
 
 impl TrtEngine {
-    /// Loads the up-to-date engines of `precision` for the models of `manifest` from `engines_dir`, on GPU
-    /// `device`, for windows of size `patch`. Errors (no TensorRT library, no GPU, no up-to-date engine, a plan
-    /// that does not match its sidecar) say what is missing; the caller then falls back to libtorch.
-    pub fn load(
-        engines_dir: &Path,
-        manifest: &OnnxManifest,
-        precision: Precision,
-        patch: [i64; 3],
-        device: usize,
-    ) -> Result<Self> {
+    /// Loads the up-to-date engines of the TensorRT `method` for the request described by `ctx`: the export in
+    /// `ctx.onnx_dir` must be of the loaded weights, the engines in `ctx.engines_dir` built for this TensorRT,
+    /// this GPU, `ctx.patch_size` windows and `ctx.max_prompt_size` prompts per class-head call. Checks run from
+    /// the cheapest and most basic (library, GPU) to the engines themselves; the error kind says what is wrong
+    /// (see the module documentation) and the caller falls back to libtorch.
+    pub fn load(ctx: &EngineContext, method: Method) -> Result<Self, EngineError> {
+        if !method.is_tensorrt() {
+            return Err(EngineError::Unavailable(format!(
+                "{method} is not a TensorRT method (trt_fp16 or trt_tf32)"
+            )));
+        }
+        let Device::Cuda(gpu) = ctx.device else {
+            return Err(EngineError::Unavailable(
+                "TensorRT needs a CUDA device; this request runs on the CPU".into(),
+            ));
+        };
         let library = TrtLibrary::load()?;
-        let gpu = CudaDevice::open(device)?;
-        let tensorrt_version = library.version().to_string();
-        let cc = gpu.compute_capability();
+        let device = CudaDevice::open(gpu).map_err(EngineError::unavailable)?;
+        let manifest = OnnxManifest::read(&ctx.onnx_dir)?;
+        manifest.check_fingerprint(&ctx.onnx_dir, &ctx.weights_fingerprint)?;
+        let platform = Platform {
+            tensorrt_version: library.version().to_string(),
+            compute_capability: device.compute_capability(),
+        };
+        let window = ctx.patch_size.map(|v| v as i64);
+        let max_prompt_size = ctx.max_prompt_size as i64;
         let mut selected = Vec::new();
         for part in Part::ALL {
-            let onnx = onnx_stat(manifest, part, precision, engines_dir)?;
+            let source = onnx_source(&manifest, &ctx.onnx_dir, part, method)?;
             let want = run_key(
                 part,
-                precision,
-                &tensorrt_version,
-                &cc,
-                manifest,
-                &onnx.sha256,
-                patch,
+                method,
+                &platform,
+                &manifest,
+                &source.entry.sha256,
+                window,
+                max_prompt_size,
             )?;
-            selected.push(select_engine(engines_dir, &want)?);
+            selected.push(select_engine(&ctx.engines_dir, &want)?);
         }
-        let runtime = Arc::new(library.runtime()?);
+        let runtime = Arc::new(
+            library
+                .runtime()
+                .map_err(|e| EngineError::Unavailable(format!("TensorRT unavailable: {e}")))?,
+        );
         let mut parts = Vec::new();
         for (part, (paths, sidecar)) in Part::ALL.into_iter().zip(selected) {
             parts.push(PartEngine::load(
@@ -372,22 +452,24 @@ impl TrtEngine {
                 manifest.embed_dim,
             )?);
         }
-        let class_head = parts.pop().context("class head engine")?;
-        let encoder = parts.pop().context("encoder engine")?;
+        let (Some(class_head), Some(encoder)) = (parts.pop(), parts.pop()) else {
+            return Err(EngineError::Runtime("an engine part was not loaded".into()));
+        };
         let engine = Self {
-            precision,
-            window: patch,
+            method,
+            window,
             embed_dim: manifest.embed_dim,
             encoder,
             class_head,
-            device: gpu,
-            tensorrt_version,
+            device,
+            tensorrt_version: platform.tensorrt_version,
         };
         log::info!("{}", engine.describe());
         Ok(engine)
     }
 
-    /// The most prompts one class-head call takes (more run in chunks).
+    /// The most prompts one class-head call takes (more run in chunks): the request's `max_prompt_size`, which
+    /// selected the class-head engine.
     pub fn max_prompts(&self) -> usize {
         self.class_head
             .sidecar
@@ -403,7 +485,7 @@ impl TrtEngine {
         format!(
             "TensorRT {} {} on {} (GPU {}, sm {}): encoder {}, class head {} (up to {} prompts, {} windows per call)",
             self.tensorrt_version,
-            self.precision,
+            precision_name(self.method),
             self.device.name(),
             self.device.ordinal(),
             self.device.compute_capability(),
@@ -417,10 +499,10 @@ impl TrtEngine {
 
 impl WindowEngine for TrtEngine {
     fn method(&self) -> Method {
-        self.precision.method()
+        self.method
     }
 
-    fn encode(&mut self, image: &Tensor) -> Result<Tensor> {
+    fn encode(&mut self, image: &Tensor) -> Result<Tensor, EngineError> {
         check_image(image, self.window)?;
         let max_windows = self.encoder.max_windows();
         let (encoder, device) = (&mut self.encoder, &self.device);
@@ -428,7 +510,7 @@ impl WindowEngine for TrtEngine {
         Ok(out.f_to_device(image.device())?)
     }
 
-    fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor> {
+    fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError> {
         check_class_inputs(features, class_ids, self.embed_dim, self.window)?;
         let (max_windows, max_prompts) = (self.class_head.max_windows(), self.max_prompts());
         let (head, device) = (&mut self.class_head, &self.device);
@@ -442,9 +524,10 @@ impl WindowEngine for TrtEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engines::EngineErrorKind;
 
     /// A stand-in class head: logits[p, w] = class_id[p] * (w-th window's mean feature) + p-independent bias.
-    fn fake_head(f: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    fn fake_head(f: &Tensor, ids: &Tensor) -> Result<Tensor, EngineError> {
         let b = f.size()[0];
         let spatial = &f.size()[2..];
         let mean = f.mean_dim(&[1i64][..], true, Kind::Float); // [b,1,H,W,D]
@@ -491,21 +574,26 @@ mod tests {
         let err = classify_chunked(&features, &ids, 1, 2, |f, i| {
             calls += 1;
             if calls == 2 {
-                bail!("enqueueV3 failed: simulated")
+                return Err(EngineError::Runtime("enqueueV3 failed: simulated".into()));
             }
             fake_head(f, i)
         })
         .unwrap_err();
         assert!(err.to_string().contains("simulated"));
+        assert_eq!(err.kind(), EngineErrorKind::Runtime);
         // An engine returning the wrong shape is caught too.
         let err =
             classify_chunked(&features, &ids, 2, 3, |f, _| Ok(f.shallow_clone())).unwrap_err();
         assert!(err.to_string().contains("returned"), "{err}");
         let image = Tensor::zeros([2, 1, 2, 2, 2], (Kind::Float, Device::Cpu));
-        let err = encode_chunked(&image, 1, |_| bail!("out of GPU memory")).unwrap_err();
+        let err = encode_chunked(&image, 1, |_| {
+            Err(EngineError::Runtime("out of GPU memory".into()))
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("out of GPU memory"));
         let err = encode_chunked(&image, 2, |x| Ok(x.narrow(0, 0, 1))).unwrap_err();
         assert!(err.to_string().contains("returned"), "{err}");
+        assert_eq!(err.kind(), EngineErrorKind::Runtime);
     }
 
     #[test]
@@ -540,26 +628,26 @@ mod tests {
     fn engine_io_is_checked_against_the_sidecar_profile() {
         let profile = EngineProfile::new(Part::ClassHead, [4, 4, 2], 1, 4).unwrap();
         let dims = profile.input_dims(Part::ClassHead, 8);
-        let good = |name: &str| -> Result<[Vec<i64>; 3]> {
+        let good = |name: &str| -> Result<[Vec<i64>; 3], String> {
             Ok(dims.iter().find(|(n, _)| *n == name).unwrap().1.clone())
         };
         let io = vec![
             IoTensor {
                 name: "features".into(),
                 is_input: true,
-                dtype: ffi::TRT_SHIM_DTYPE_FLOAT,
+                dtype: DataType::Float,
                 dims: vec![-1, 8, 4, 4, 2],
             },
             IoTensor {
                 name: "class_ids".into(),
                 is_input: true,
-                dtype: ffi::TRT_SHIM_DTYPE_INT64,
+                dtype: DataType::Int64,
                 dims: vec![-1, 1],
             },
             IoTensor {
                 name: "logits".into(),
                 is_input: false,
-                dtype: ffi::TRT_SHIM_DTYPE_FLOAT,
+                dtype: DataType::Float,
                 dims: vec![-1, -1, 4, 4, 2],
             },
         ];
@@ -567,14 +655,14 @@ mod tests {
         assert_eq!(kinds, vec![Kind::Float, Kind::Int64]);
         assert_eq!(out, Kind::Float);
         // A profile that differs from the sidecar's.
-        let other = |name: &str| -> Result<[Vec<i64>; 3]> {
+        let other = |name: &str| -> Result<[Vec<i64>; 3], String> {
             let mut d = good(name)?;
             d[2][0] += 1;
             Ok(d)
         };
-        let err = check_io(Part::ClassHead, &io, &other, &profile, 8)
-            .unwrap_err()
-            .to_string();
+        let err = check_io(Part::ClassHead, &io, &other, &profile, 8).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Corrupt);
+        let err = err.to_string();
         assert!(err.contains("sidecar says"), "{err}");
         // Missing input, wrong output.
         let err = check_io(Part::ClassHead, &io[1..], &good, &profile, 8)
@@ -589,17 +677,88 @@ mod tests {
         assert!(err.contains("no output 'logits'"), "{err}");
     }
 
+    fn context(dir: &Path, device: Device) -> EngineContext {
+        EngineContext {
+            onnx_dir: dir.join("onnx"),
+            engines_dir: dir.join("engines"),
+            weights_fingerprint: "0123456789abcdef".into(),
+            device,
+            patch_size: [128, 128, 128],
+            max_prompt_size: 4,
+            sw_batch_size: 1,
+        }
+    }
+
     #[test]
-    fn load_without_tensorrt_is_a_clear_error() {
+    fn load_without_tensorrt_or_a_gpu_is_unavailable() {
         let dir = tempfile::tempdir().unwrap();
-        let manifest = OnnxManifest::parse(
-            dir.path(),
-            r#"{"weights_fingerprint": "0123456789abcdef", "embed_dim": 8, "opset": 17}"#,
+        // A CPU request never looks further.
+        let err = TrtEngine::load(&context(dir.path(), Device::Cpu), Method::TrtFp16).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+        assert!(err.to_string().contains("CUDA device"), "{err}");
+        // No TensorRT on this machine (or no shim in this build): unavailable, before any export is read.
+        if TrtLibrary::load().is_err() {
+            let err = TrtEngine::load(&context(dir.path(), Device::Cuda(0)), Method::TrtTf32)
+                .unwrap_err();
+            assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+            assert!(err.to_string().contains("TensorRT unavailable"), "{err}");
+        }
+        // Not a TensorRT method.
+        let err = TrtEngine::load(&context(dir.path(), Device::Cuda(0)), Method::Amp).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Unavailable);
+    }
+
+    fn manifest(with_fp16: bool) -> OnnxManifest {
+        OnnxManifest::example(with_fp16)
+    }
+
+    #[test]
+    fn engines_are_keyed_by_the_manifest_entry_they_are_built_from() {
+        let dir = Path::new("/e");
+        let m = manifest(true);
+        for part in Part::ALL {
+            let fp16 = onnx_source(&m, dir, part, Method::TrtFp16).unwrap();
+            assert!(fp16.fp16_model);
+            assert_eq!(fp16.path, dir.join(format!("{}_fp16.onnx", part.name())));
+            assert_eq!(Some(&fp16.entry), m.model(part, FloatType::F16));
+            let tf32 = onnx_source(&m, dir, part, Method::TrtTf32).unwrap();
+            assert!(!tf32.fp16_model);
+            assert_eq!(tf32.path, dir.join(format!("{}.onnx", part.name())));
+        }
+        // An older export without float16 files: FP16 engines from the float32 models (TensorRT 10's flag).
+        let old = manifest(false);
+        let fp16 = onnx_source(&old, dir, Part::Encoder, Method::TrtFp16).unwrap();
+        assert!(!fp16.fp16_model);
+        assert_eq!(fp16.entry, old.encoder);
+        assert!(onnx_source(&old, dir, Part::Encoder, Method::Ort).is_err());
+        // The run key holds the entry's sha256 and, for the class head, max_prompt_size.
+        let platform = Platform {
+            tensorrt_version: "10.13.0".into(),
+            compute_capability: "9.0".into(),
+        };
+        let key = run_key(
+            Part::ClassHead,
+            Method::TrtFp16,
+            &platform,
+            &m,
+            "abc",
+            [64, 64, 64],
+            6,
         )
         .unwrap();
-        let err = TrtEngine::load(dir.path(), &manifest, Precision::Fp16, [128, 128, 128], 0)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("TensorRT unavailable"), "{err}");
+        assert_eq!(key.onnx_sha256, "abc");
+        assert_eq!(key.profile.prompt_batch.unwrap().max, 6);
+        assert_eq!(key.weights_fingerprint, m.weights_fingerprint);
+        let err = run_key(
+            Part::ClassHead,
+            Method::TrtFp16,
+            &platform,
+            &m,
+            "",
+            [64; 3],
+            0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_prompt_size"), "{err}");
     }
 }
