@@ -737,22 +737,13 @@ fn thousands(n: i64) -> String {
 }
 
 fn info(path: &std::path::Path, strict: bool, json: bool, width: Option<i64>) -> Result<()> {
-    let sd = checkpoint::read_checkpoint(path)?;
-    let config = model::detect_config(&sd).with_context(|| format!("{}", path.display()))?;
-    if let Some(w) = width {
-        anyhow::ensure!(
-            w == config.embed_dim,
-            "{}: the checkpoint's encoder_embed_dim is {}, but {w} was asked for",
-            path.display(),
-            config.embed_dim
-        );
-    }
-    let vs = nn::VarStore::new(Device::Cpu);
-    Vista3d::new(&vs.root(), config)?;
-    let report =
-        model::load_weights(&vs, &sd, strict).with_context(|| format!("{}", path.display()))?;
-    let counts = model::parameter_counts(&vs);
-    let elements: usize = sd.tensors.iter().map(|(_, t)| t.numel()).sum();
+    let options = vista3d::LoadOptions::default()
+        .allow_partial(!strict)
+        .expect_width(width);
+    let loaded = vista3d::load_model(path, Device::Cpu, &options)?;
+    let (vs, config, report) = (&loaded.vs, loaded.net.config, &loaded.report);
+    let counts = model::parameter_counts(vs);
+    let elements = loaded.elements;
     if json {
         let modules: Vec<_> = counts
             .iter()
@@ -760,8 +751,8 @@ fn info(path: &std::path::Path, strict: bool, json: bool, width: Option<i64>) ->
             .collect();
         let out = serde_json::json!({
             "checkpoint": path.display().to_string(),
-            "format": sd.format.to_string(),
-            "tensors": sd.tensors.len(),
+            "format": loaded.format.to_string(),
+            "tensors": loaded.tensors,
             "elements": elements,
             "encoder_embed_dim": config.embed_dim,
             "in_channels": config.in_channels,
@@ -778,10 +769,10 @@ fn info(path: &std::path::Path, strict: bool, json: bool, width: Option<i64>) ->
         return Ok(());
     }
     println!("checkpoint:        {}", path.display());
-    println!("format:            {}", sd.format);
+    println!("format:            {}", loaded.format);
     println!(
         "tensors:           {} ({} elements)",
-        sd.tensors.len(),
+        loaded.tensors,
         thousands(elements as i64)
     );
     println!(

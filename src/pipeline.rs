@@ -50,7 +50,7 @@ impl Model {
     pub fn load(weights: &Weights, device: Device) -> Result<Self> {
         let (vs, net) = match weights {
             Weights::Checkpoint(path) => {
-                let m = crate::load_model(path, device, true)?;
+                let m = crate::load_model(path, device, &crate::LoadOptions::default())?;
                 (m.vs, m.net)
             }
             Weights::Random { width, seed } => {

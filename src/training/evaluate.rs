@@ -324,7 +324,7 @@ pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> R
         .context("no checkpoint: pass --checkpoint or set ckpt_path")?;
     let device =
         crate::runtime::parse_device(&cfg.string("device")?.unwrap_or_else(|| "auto".into()))?;
-    let model = crate::load_model(&ckpt, device, true)?;
+    let model = crate::load_model(&ckpt, device, &crate::LoadOptions::default())?;
     log::info!(
         "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {device:?}",
         items.len(),
