@@ -42,8 +42,8 @@ pub struct LoadedModel {
 /// of a `vista3d train` training state), builds the network of the width it holds on `device`, and copies
 /// the weights in (strict by default: every tensor must match; see [`LoadOptions`]).
 ///
-/// safetensors files are memory-mapped and copied tensor by tensor into the network, so the whole file
-/// is never held in memory next to the network.
+/// The file is memory-mapped and its tensors are copied one by one into the network, their pages released
+/// as they go, so the checkpoint is never held in memory next to the network (see [`checkpoint::Checkpoint`]).
 pub fn load_model(
     path: &Path,
     device: Device,

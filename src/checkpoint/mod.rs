@@ -2,16 +2,17 @@
 //!
 //! Two formats are supported, detected from the file contents rather than the extension:
 //! - PyTorch's zip+pickle format written by `torch.save` (torch >= 1.6), e.g. a MONAI bundle's
-//!   `model.pt`, read through the `zip` crate (stored or deflated records, CRC-32 checked, zip64).
-//!   Pickles are read by a restricted unpickler that runs no code and only accepts tensors, storages
-//!   and plain containers.
-//! - safetensors, memory-mapped. The resumable training state `vista3d train` writes
-//!   (`last.safetensors`: the network under `model.`, the optimizer under `optimizer.`) is a checkpoint
-//!   too: reading it gives its network part.
+//!   `model.pt`, read through the `zip` crate (stored or deflated records, CRC-32 checked by the crate,
+//!   zip64). Pickles are read by a restricted unpickler that runs no code and only accepts tensors,
+//!   storages and plain containers.
+//! - safetensors. The resumable training state `vista3d train` writes (`last.safetensors`: the network
+//!   under `model.`, the optimizer under `optimizer.`) is a checkpoint too: reading it gives its network
+//!   part.
 //!
-//! [`read_checkpoint`] gives owned [`RawTensor`]s (contiguous, row-major, little-endian bytes);
-//! [`Checkpoint::open`] is what [`crate::load_model`] uses: safetensors tensors stay in the mapped file
-//! until they are copied into the network. Errors are [`CheckpointError`]s naming the file.
+//! Files are memory-mapped. [`read_checkpoint`] gives owned [`RawTensor`]s (contiguous, row-major,
+//! little-endian bytes); [`Checkpoint::open`] is what [`crate::load_model`] uses: tensors stored as they are
+//! stay in the mapped file until they are copied into the network. Errors are [`CheckpointError`]s naming
+//! the file.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), vista3d::checkpoint::CheckpointError> {

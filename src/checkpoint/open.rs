@@ -188,10 +188,11 @@ impl TensorSource for Checkpoint {
     }
 
     fn release(&self, view: &TensorView<'_>) {
+        // Only views into the file (an owned tensor's bytes are a separate allocation, never inside it).
         let file = self.file.bytes();
-        let start = (view.data.as_ptr() as usize).wrapping_sub(file.as_ptr() as usize);
-        if start < file.len() {
-            self.file.release(start..start + view.data.len());
+        let (base, at) = (file.as_ptr() as usize, view.data.as_ptr() as usize);
+        if at >= base && at + view.data.len() <= base + file.len() {
+            self.file.release(at - base..at - base + view.data.len());
         }
     }
 }
