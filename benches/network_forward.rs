@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         return Ok(());
     };
     tch::set_num_threads(threads);
-    let model = vista3d::load_model(&weights, Device::Cpu, true)?;
+    let model = vista3d::load_model(&weights, Device::Cpu, &Default::default())?;
     let net = &model.net;
     let sd = read_checkpoint(&input)?;
     let x = to_tensor(sd.get("input").context("input tensor missing")?);

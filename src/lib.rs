@@ -23,10 +23,10 @@ pub mod volume;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use tch::{nn, Device};
 
-pub use model::{ForwardArgs, Vista3d, Vista3dConfig};
+use checkpoint::{CheckpointError, TensorSource, WeightsError};
+pub use model::{ForwardArgs, LoadOptions, Vista3d, Vista3dConfig};
 
 /// A network with its parameters, loaded from a checkpoint.
 pub struct LoadedModel {
@@ -34,21 +34,43 @@ pub struct LoadedModel {
     pub net: Vista3d,
     pub format: checkpoint::CheckpointFormat,
     pub report: model::LoadReport,
+    /// Tensors in the checkpoint's weights (for a training state: its network part).
+    pub tensors: usize,
+    /// Elements of those tensors.
+    pub elements: usize,
 }
 
-/// Loads a checkpoint (`.pt` as written by `torch.save(state_dict)`, or `.safetensors`), builds the network
-/// of the width it holds on `device`, and copies the weights in (strict: every tensor must match).
-pub fn load_model(path: &Path, device: Device, strict: bool) -> Result<LoadedModel> {
-    let sd = checkpoint::read_checkpoint(path)?;
-    let config = model::detect_config(&sd).with_context(|| format!("{}", path.display()))?;
+/// Loads a checkpoint (`.pt` as written by `torch.save(state_dict)`, `.safetensors`, or the network part
+/// of a `vista3d train` training state), builds the network of the width it holds on `device`, and copies
+/// the weights in (strict by default: every tensor must match; see [`LoadOptions`]).
+///
+/// The file is memory-mapped and its tensors are copied one by one into the network, their pages released
+/// as they go, so the checkpoint is never held in memory next to the network (see [`checkpoint::Checkpoint`]).
+pub fn load_model(
+    path: &Path,
+    device: Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel, CheckpointError> {
+    let ckpt = checkpoint::Checkpoint::open(path)?;
+    let config = model::detect_config(&ckpt).map_err(|e| e.in_file(path))?;
+    options
+        .check_width(config.embed_dim)
+        .map_err(|e| e.in_file(path))?;
     let vs = nn::VarStore::new(device);
-    let net = Vista3d::new(&vs.root(), config)?;
-    let report =
-        model::load_weights(&vs, &sd, strict).with_context(|| format!("{}", path.display()))?;
+    let net = Vista3d::new(&vs.root(), config).map_err(|e| {
+        WeightsError::UnsupportedNetwork {
+            detail: format!("{e:#}"),
+        }
+        .in_file(path)
+    })?;
+    let report = model::load_weights(&vs, &ckpt, options).map_err(|e| e.in_file(path))?;
+    let views = ckpt.tensor_views();
     Ok(LoadedModel {
         vs,
         net,
-        format: sd.format,
+        format: ckpt.format(),
         report,
+        tensors: views.len(),
+        elements: views.iter().map(|v| v.numel()).sum(),
     })
 }

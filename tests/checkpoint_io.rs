@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value as Json;
 use vista3d::checkpoint::{
-    read_checkpoint, write_safetensors, write_torch_state_dict, CheckpointFormat, DType, RawTensor,
-    StateDict,
+    read_all_tensors, read_checkpoint, write_safetensors, write_torch_state_dict, CheckpointError,
+    CheckpointFormat, DType, RawTensor, StateDict, WeightsError, TRAINING_STATE_KEY,
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -71,11 +71,23 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Formats an error with its whole chain.
-fn err_text(r: anyhow::Result<StateDict>) -> String {
+/// Formats an error with its whole chain (as the CLI prints it).
+fn err_text(r: Result<StateDict, CheckpointError>) -> String {
     match r {
         Ok(sd) => panic!("expected an error, got {} tensors", sd.len()),
-        Err(e) => format!("{e:#}"),
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
+    }
+}
+
+/// The error of a read that must fail.
+fn read_err(path: &Path) -> CheckpointError {
+    match read_checkpoint(path) {
+        Ok(sd) => panic!(
+            "{}: expected an error, got {} tensors",
+            path.display(),
+            sd.len()
+        ),
+        Err(e) => e,
     }
 }
 
@@ -396,6 +408,19 @@ fn rejects_unsupported_files_with_clear_errors() {
         for n in *needles {
             assert!(msg.contains(n), "{file}: expected '{n}' in: {msg}");
         }
+        // The error says what kind of problem it is, and which file.
+        let err = read_err(&dir.join(file));
+        assert_eq!(err.path(), dir.join(file));
+        let kind_ok = match *file {
+            "object.pt" | "module_object.pt" => {
+                matches!(err, CheckpointError::UnsupportedPickle { .. })
+            }
+            "short_storage.pt" | "numel_mismatch.pt" => {
+                matches!(err, CheckpointError::Corrupt { .. })
+            }
+            _ => matches!(err, CheckpointError::NotACheckpoint { .. }),
+        };
+        assert!(kind_ok, "{file}: {err:?}");
     }
 }
 
@@ -424,16 +449,41 @@ fn rejects_garbage_with_clear_errors() {
     );
     let msg = err_text(read_checkpoint(&dir.join("does_not_exist.pt")));
     assert!(msg.contains("does_not_exist.pt"), "{msg}");
+    let err = read_err(&dir.join("does_not_exist.pt"));
+    assert!(
+        matches!(&err, CheckpointError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+    assert!(matches!(
+        read_err(&dir.join("empty.pt")),
+        CheckpointError::NotACheckpoint { .. }
+    ));
+    assert!(matches!(
+        read_err(&dir.join("model.pt")),
+        CheckpointError::NotACheckpoint { .. }
+    ));
     let msg = err_text(read_checkpoint(&dir));
     assert!(msg.contains("directory"), "{msg}");
+    assert!(matches!(
+        read_err(&dir),
+        CheckpointError::NotACheckpoint { .. }
+    ));
     let mut zipish = b"PK\x03\x04".to_vec();
     zipish.extend(pseudo_random(1, 5000));
     let msg = err_text(read_checkpoint(&write("zipish.pt", &zipish)));
     assert!(msg.contains("truncated or corrupt zip archive"), "{msg}");
+    assert!(matches!(
+        read_err(&dir.join("zipish.pt")),
+        CheckpointError::Corrupt { .. }
+    ));
     let mut st = 1_000_000u64.to_le_bytes().to_vec();
     st.extend_from_slice(b"{\"x\": 1}");
     let msg = err_text(read_checkpoint(&write("short.safetensors", &st)));
     assert!(msg.contains("truncated safetensors"), "{msg}");
+    assert!(matches!(
+        read_err(&dir.join("short.safetensors")),
+        CheckpointError::Corrupt { .. }
+    ));
 
     for seed in 0..200u64 {
         let n = (seed as usize * 37) % 3000;
@@ -510,6 +560,14 @@ fn truncated_files_are_rejected() {
             fs::write(&target, &bytes[..cut]).unwrap();
             let msg = err_text(read_checkpoint(&target));
             assert!(msg.contains(src), "{src} cut at {cut}: {msg}");
+            let err = read_err(&target);
+            assert!(
+                matches!(
+                    err,
+                    CheckpointError::Corrupt { .. } | CheckpointError::NotACheckpoint { .. }
+                ),
+                "{src} cut at {cut}: {err:?}"
+            );
         }
     }
 }
@@ -787,7 +845,301 @@ fn failed_writes_leave_no_file() {
     assert_eq!(read_checkpoint(&st).unwrap().tensors, good);
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
 
-    let missing = dir.join("no/such/dir/model.pt");
-    assert!(write_torch_state_dict(&missing, &good).is_err());
-    assert!(!missing.exists());
+    // A parent that is a file cannot be created: the write fails and leaves nothing. (Missing parent
+    // directories are created: `fsutil::write_atomic_with` does that for every output.)
+    let blocked = dir.join("model.pt/sub/model.pt");
+    assert!(write_torch_state_dict(&blocked, &good).is_err());
+    assert!(write_safetensors(&blocked, &good, None).is_err());
+    assert!(!dir.join("model.pt/sub").exists());
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+    let nested = dir.join("new/dir/model.pt");
+    write_torch_state_dict(&nested, &good).expect("write into new directories");
+    assert_eq!(read_checkpoint(&nested).unwrap().tensors, good);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Loading into the network: options, typed mismatches, the trainer's resumable state
+// ----------------------------------------------------------------------------------------------
+
+mod network {
+    use super::*;
+    use std::process::Output;
+    use tch::{nn, Device, Tensor};
+    use vista3d::training::optim::{AdamW, AdamWSettings};
+    use vista3d::training::trainer::{save_last, state_dict, LossScaler, TrainState};
+    use vista3d::{load_model, LoadOptions, Vista3d, Vista3dConfig};
+
+    /// A width-8 network with seeded weights.
+    fn tiny_network() -> (nn::VarStore, Vista3d) {
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).expect("network");
+        (vs, net)
+    }
+
+    fn vista3d_cli(args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vista3d"))
+            .args(args)
+            .output()
+            .expect("run vista3d")
+    }
+
+    /// Writes a training state with the trainer's own writer after one AdamW step (so the optimizer
+    /// state is there too); returns the network tensors it holds and the number of trainable ones.
+    fn write_training_state(path: &Path) -> (Vec<(String, RawTensor)>, usize) {
+        let (vs, _net) = tiny_network();
+        let trainable: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        let loss = trainable
+            .iter()
+            .map(|(_, t)| t.square().sum(tch::Kind::Float))
+            .fold(Tensor::from(0.0f32), |a, b| a + b);
+        loss.backward();
+        let mut opt = AdamW::new(AdamWSettings::default());
+        opt.step(&trainable);
+        let state = TrainState {
+            epochs_done: 1,
+            global_step: 1,
+            best_metric: None,
+            best_epoch: None,
+            seed: 0,
+            encoder_embed_dim: 8,
+            scaler: LossScaler::default(),
+            stale_validations: 0,
+            history: Vec::new(),
+            step_losses: vec![(1, 0.5)],
+        };
+        save_last(path, &vs, &opt, &state).expect("save_last");
+        (state_dict(&vs).expect("state dict"), trainable.len())
+    }
+
+    #[test]
+    fn training_state_is_a_checkpoint_of_its_network() {
+        let dir = scratch_dir("training_state");
+        let last = dir.join("last.safetensors");
+        let (network, trainable) = write_training_state(&last);
+
+        // read_checkpoint: the network part, names without the prefix, bytes as saved.
+        let sd = read_checkpoint(&last).expect("read the training state");
+        assert_eq!(sd.format, CheckpointFormat::TrainingState);
+        assert!(
+            sd.format.to_string().contains("training state"),
+            "{}",
+            sd.format
+        );
+        let mut got = sd.tensors.clone();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut want = network.clone();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got.len(), 259);
+        assert_eq!(got, want);
+
+        // read_all_tensors: everything as stored, for resuming.
+        let all = read_all_tensors(&last).expect("read every tensor");
+        assert_eq!(all.format, CheckpointFormat::TrainingState);
+        assert_eq!(all.names().filter(|n| n.starts_with("model.")).count(), 259);
+        // exp_avg, exp_avg_sq and step per trainable parameter.
+        let optimizer = all.names().filter(|n| n.starts_with("optimizer.")).count();
+        assert!(trainable > 200, "{trainable} trainable parameters");
+        assert_eq!((optimizer, all.len()), (3 * trainable, 259 + 3 * trainable));
+
+        // load_model: strict, same weights as the network that was saved.
+        let loaded = load_model(&last, Device::Cpu, &LoadOptions::default()).expect("load");
+        assert_eq!(loaded.format, CheckpointFormat::TrainingState);
+        assert_eq!((loaded.report.loaded, loaded.tensors), (259, 259));
+        assert_eq!(loaded.net.config.embed_dim, 8);
+        let back = state_dict(&loaded.vs).expect("state dict");
+        assert_eq!(back.len(), want.len());
+        for ((n, a), (m, b)) in back.iter().zip(&network) {
+            assert_eq!((n, &a.data), (m, &b.data), "{n}");
+        }
+
+        // The CLI accepts it wherever a checkpoint goes.
+        let o = vista3d_cli(&["info", "--checkpoint", last.to_str().unwrap(), "--json"]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        let info: Json = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(info["encoder_embed_dim"], 8);
+        assert_eq!(info["loaded"], 259);
+        assert_eq!(info["tensors"], 259);
+        assert!(
+            info["format"].as_str().unwrap().contains("training state"),
+            "{info}"
+        );
+    }
+
+    #[test]
+    fn training_state_without_weights_names_the_file_to_use() {
+        let dir = scratch_dir("training_state_no_weights");
+        let full = dir.join("full.safetensors");
+        let _ = write_training_state(&full);
+        let optimizer_only: Vec<(String, RawTensor)> = read_all_tensors(&full)
+            .expect("read")
+            .tensors
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("model."))
+            .collect();
+        fs::remove_file(&full).unwrap();
+        let last = dir.join("last.safetensors");
+        let meta = HashMap::from([(TRAINING_STATE_KEY.to_string(), "{}".to_string())]);
+        write_safetensors(&last, &optimizer_only, Some(meta.clone())).expect("write");
+
+        // Nothing beside it: the message describes the file `vista3d train` writes.
+        let err = read_err(&last);
+        assert!(
+            matches!(err, CheckpointError::TrainingStateWithoutWeights { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("last.safetensors") && msg.contains("key_metric_filename"),
+            "{msg}"
+        );
+
+        // With the best model beside it: that file is named, and the CLI exits 1 with the message.
+        let best = dir.join("model_finetune.pt");
+        write_torch_state_dict(&best, &[("w".into(), RawTensor::from_f32(vec![1], &[1.0]))])
+            .expect("write");
+        let msg = err_text(read_checkpoint(&last));
+        assert!(
+            msg.contains(&format!("use {} instead", best.display())),
+            "{msg}"
+        );
+        let o = vista3d_cli(&["info", "--checkpoint", last.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("model_finetune.pt"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+
+        // The same tensors without the training-state marker are a plain (non-VISTA3D) safetensors file.
+        let plain = dir.join("plain.safetensors");
+        write_safetensors(&plain, &optimizer_only, None).expect("write");
+        assert_eq!(
+            read_checkpoint(&plain).expect("plain").format,
+            CheckpointFormat::Safetensors
+        );
+    }
+
+    #[test]
+    fn load_options_strict_partial_and_width() {
+        let dir = scratch_dir("load_options");
+        let (vs, _net) = tiny_network();
+        let mut tensors = state_dict(&vs).expect("state dict");
+        let removed = tensors.remove(3).0;
+        tensors.push((
+            "extra.weight".into(),
+            RawTensor::from_f32(vec![2], &[1.0, 2.0]),
+        ));
+        let shaped = tensors
+            .iter()
+            .position(|(n, _)| n == "class_head.class_embeddings.weight")
+            .expect("class embeddings");
+        let (name, t) = &tensors[shaped];
+        let wrong = RawTensor::from_f32(vec![t.shape[0], 2], &vec![0.0; t.shape[0] * 2]);
+        let mis_shaped = name.clone();
+        tensors[shaped].1 = wrong;
+        for file in ["partial.safetensors", "partial.pt"] {
+            let path = dir.join(file);
+            if file.ends_with(".pt") {
+                write_torch_state_dict(&path, &tensors).expect("write");
+            } else {
+                write_safetensors(&path, &tensors, None).expect("write");
+            }
+
+            // Strict (the default): one typed error listing every problem.
+            let err = load_model(&path, Device::Cpu, &LoadOptions::default())
+                .err()
+                .expect("strict load must fail");
+            match &err {
+                CheckpointError::Weights {
+                    path: p,
+                    problem:
+                        WeightsError::Mismatch {
+                            missing,
+                            unexpected,
+                            mismatched,
+                        },
+                } => {
+                    assert_eq!(p, &path);
+                    assert_eq!(missing, &vec![removed.clone()]);
+                    assert_eq!(unexpected, &vec!["extra.weight".to_string()]);
+                    assert_eq!(mismatched.len(), 1);
+                    assert_eq!(mismatched[0].0, mis_shaped);
+                }
+                other => panic!("{file}: {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(
+                msg.contains(file) && msg.contains("strict loading"),
+                "{msg}"
+            );
+            assert!(
+                msg.contains(&removed) && msg.contains("extra.weight"),
+                "{msg}"
+            );
+
+            // Partial: what matches is loaded, the rest reported.
+            let loaded = load_model(
+                &path,
+                Device::Cpu,
+                &LoadOptions::default().allow_partial(true),
+            )
+            .expect("partial load");
+            assert_eq!(loaded.report.loaded, 257);
+            assert_eq!(loaded.report.missing, vec![removed.clone()]);
+            assert_eq!(loaded.report.unexpected, vec!["extra.weight".to_string()]);
+            assert!(!loaded.report.is_exact());
+
+            // Another width than asked for: refused before anything is built.
+            let err = load_model(&path, Device::Cpu, &LoadOptions::default().expect_width(48))
+                .err()
+                .expect("width 48 must be refused");
+            assert!(
+                matches!(
+                    err,
+                    CheckpointError::Weights {
+                        problem: WeightsError::WrongWidth {
+                            found: 8,
+                            expected: 48
+                        },
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().contains("encoder_embed_dim is 8, but 48"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_vista3d_checkpoints_are_refused_by_type() {
+        let err = load_model(
+            &fixtures().join("module.pt"),
+            Device::Cpu,
+            &LoadOptions::default(),
+        )
+        .err()
+        .expect("not VISTA3D");
+        assert!(
+            matches!(
+                err,
+                CheckpointError::Weights {
+                    problem: WeightsError::NotVista3d { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("module.pt: not a VISTA3D checkpoint"),
+            "{err}"
+        );
+    }
 }

@@ -39,7 +39,7 @@ fn load_net(width: i64, format: &str) -> (nn::VarStore, Vista3d) {
     let file = m["weights"][width.to_string()][format]
         .as_str()
         .expect("weights in manifest");
-    let loaded = vista3d::load_model(&fixture_dir().join(file), Device::Cpu, true)
+    let loaded = vista3d::load_model(&fixture_dir().join(file), Device::Cpu, &Default::default())
         .unwrap_or_else(|e| panic!("loading {file}: {e:#}"));
     assert_eq!(loaded.net.config.embed_dim, width);
     (loaded.vs, loaded.net)

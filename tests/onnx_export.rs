@@ -167,7 +167,7 @@ fn checkpoint_export_keeps_the_fingerprint_and_checksum() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let manifest = OnnxManifest::read(&out).unwrap();
-    let model = vista3d::load_model(&ckpt, Device::Cpu, true).unwrap();
+    let model = vista3d::load_model(&ckpt, Device::Cpu, &Default::default()).unwrap();
     assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&model.vs));
     assert_eq!(
         manifest.weights,

@@ -42,8 +42,12 @@ fn bundle_inference_matches_monai_on_real_cts() {
     let cases: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(root.join("pipeline/cases.json")).unwrap())
             .unwrap();
-    let model =
-        vista3d::load_model(&root.join("network/weights_e16.pt"), Device::Cpu, true).unwrap();
+    let model = vista3d::load_model(
+        &root.join("network/weights_e16.pt"),
+        Device::Cpu,
+        &Default::default(),
+    )
+    .unwrap();
     let table = LabelTable::bundle();
     let mut failures = Vec::new();
     // VISTA3D_CASES=name,name runs a subset (for debugging).

@@ -14,7 +14,12 @@ fn sliding_window_matches_monai_in_gaussian_and_batched_modes() {
     let dir = common::fixtures("network", "manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
-    let model = vista3d::load_model(&dir.join("weights_e16.pt"), Device::Cpu, true).unwrap();
+    let model = vista3d::load_model(
+        &dir.join("weights_e16.pt"),
+        Device::Cpu,
+        &Default::default(),
+    )
+    .unwrap();
     let cases = manifest["sliding_window"]
         .as_array()
         .expect("sliding-window cases in the manifest");

@@ -106,9 +106,9 @@ fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .tensors
         .into_iter()
-        .filter(|(n, _)| n.starts_with("model."))
         .map(|(n, t)| (n, t.data))
         .collect();
+    assert!(!v.is_empty(), "{}: no network tensors", path.display());
     v.sort();
     v
 }

@@ -48,7 +48,7 @@ fn run_case(dir: &Path, manifest: &Value, name: &str) -> (f64, f64, f64, f64) {
     let model = vista3d::load_model(
         &dir.join(manifest["weights"].as_str().unwrap()),
         Device::Cpu,
-        true,
+        &Default::default(),
     )
     .unwrap();
     let loss_settings = DiceCeSettings {

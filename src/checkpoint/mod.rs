@@ -2,14 +2,20 @@
 //!
 //! Two formats are supported, detected from the file contents rather than the extension:
 //! - PyTorch's zip+pickle format written by `torch.save` (torch >= 1.6), e.g. a MONAI bundle's
-//!   `model.pt`. Pickles are read by a restricted unpickler that runs no code and only accepts
-//!   tensors, storages and plain containers.
-//! - safetensors.
+//!   `model.pt`, read through the `zip` crate (stored or deflated records, CRC-32 checked by the crate,
+//!   zip64). Pickles are read by a restricted unpickler that runs no code and only accepts tensors,
+//!   storages and plain containers.
+//! - safetensors. The resumable training state `vista3d train` writes (`last.safetensors`: the network
+//!   under `model.`, the optimizer under `optimizer.`) is a checkpoint too: reading it gives its network
+//!   part.
 //!
-//! Tensors come back as [`RawTensor`]s: contiguous, row-major, little-endian bytes.
+//! Files are memory-mapped. [`read_checkpoint`] gives owned [`RawTensor`]s (contiguous, row-major,
+//! little-endian bytes); [`Checkpoint::open`] is what [`crate::load_model`] uses: tensors stored as they are
+//! stay in the mapped file until they are copied into the network. Errors are [`CheckpointError`]s naming
+//! the file.
 //!
 //! ```no_run
-//! # fn main() -> anyhow::Result<()> {
+//! # fn main() -> Result<(), vista3d::checkpoint::CheckpointError> {
 //! let sd = vista3d::checkpoint::read_checkpoint(std::path::Path::new("model.pt"))?;
 //! for (name, t) in sd.iter() {
 //!     println!("{name}: {} {:?}", t.dtype, t.shape);
@@ -18,18 +24,27 @@
 //! # }
 //! ```
 
+mod error;
+mod open;
 mod pickle;
 mod safetensors_io;
 mod torch_zip;
-mod zip_archive;
+mod zip_writer;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+pub(crate) use error::describe_mismatch;
+pub use error::{CheckpointError, ShapeMismatch, WeightsError};
+pub use open::Checkpoint;
+
+/// Metadata key that marks a `vista3d train` resumable state (`last.safetensors`); its value is the
+/// training state as JSON.
+pub const TRAINING_STATE_KEY: &str = "vista3d.training_state";
+/// Prefix of the network tensors inside a training state (the optimizer's are under `optimizer.`).
+pub const TRAINING_MODEL_PREFIX: &str = "model.";
 
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -123,7 +138,7 @@ pub struct RawTensor {
 
 impl RawTensor {
     /// Builds a tensor, checking that `data` has exactly the size `dtype` and `shape` imply.
-    pub fn new(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
+    pub fn new(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self, SizeMismatch> {
         let t = RawTensor { dtype, shape, data };
         t.validate()?;
         Ok(t)
@@ -137,25 +152,25 @@ impl RawTensor {
     }
 
     /// Checks that `data.len()` matches the dtype and shape.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), SizeMismatch> {
         let expected = self
             .shape
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .and_then(|n| n.checked_mul(self.dtype.size_bytes()));
-        ensure!(
-            expected == Some(self.data.len()),
-            "{} tensor of shape {:?} needs {} bytes but has {}",
-            self.dtype,
-            self.shape,
-            expected.map_or_else(|| "too many".to_string(), |n| n.to_string()),
-            self.data.len()
-        );
-        Ok(())
+        if expected == Some(self.data.len()) {
+            return Ok(());
+        }
+        Err(SizeMismatch {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            needed: expected,
+            actual: self.data.len(),
+        })
     }
 
     /// Converts the elements to `f32` (integers and bools by value; float64 is rounded).
-    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, SizeMismatch> {
         self.validate()?;
         let d = &self.data;
         macro_rules! conv {
@@ -203,6 +218,21 @@ impl RawTensor {
     }
 }
 
+/// A tensor whose data size does not match its dtype and shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{dtype} tensor of shape {shape:?} needs {} bytes but has {actual}",
+    needed.map_or_else(|| "too many".to_string(), |n| n.to_string())
+)]
+pub struct SizeMismatch {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Bytes the dtype and shape need (`None`: more than the address space).
+    pub needed: Option<usize>,
+    /// Bytes the tensor has.
+    pub actual: usize,
+}
+
 impl fmt::Debug for RawTensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawTensor")
@@ -220,6 +250,9 @@ pub enum CheckpointFormat {
     TorchZip,
     /// safetensors.
     Safetensors,
+    /// The resumable state `vista3d train` writes (`last.safetensors`): safetensors holding the network
+    /// under `model.`, the optimizer state and the training state as metadata.
+    TrainingState,
 }
 
 impl fmt::Display for CheckpointFormat {
@@ -227,8 +260,41 @@ impl fmt::Display for CheckpointFormat {
         f.write_str(match self {
             CheckpointFormat::TorchZip => "PyTorch zip+pickle (torch.save)",
             CheckpointFormat::Safetensors => "safetensors",
+            CheckpointFormat::TrainingState => {
+                "vista3d training state (safetensors; its network weights, not the optimizer state)"
+            }
         })
     }
+}
+
+/// One tensor borrowed from a [`StateDict`] or an opened [`Checkpoint`].
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    /// `numel * dtype.size_bytes()` contiguous, row-major, little-endian bytes.
+    pub data: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape
+            .iter()
+            .fold(1usize, |acc, &d| acc.saturating_mul(d))
+    }
+}
+
+/// Named tensors that can be loaded into a network: a [`StateDict`] in memory or an opened
+/// [`Checkpoint`] (whose tensors stay in the memory-mapped file until they are copied).
+pub trait TensorSource {
+    /// Every tensor, in file order.
+    fn tensor_views(&self) -> Vec<TensorView<'_>>;
+
+    /// Says that `view`'s bytes were copied and are not needed soon: a memory-mapped source lets the
+    /// kernel drop those pages from this process (they are read again from the file if used again).
+    fn release(&self, _view: &TensorView<'_>) {}
 }
 
 /// Named tensors read from a checkpoint.
@@ -277,59 +343,61 @@ impl StateDict {
     }
 }
 
-const LEGACY_MESSAGE: &str = "legacy (pre-1.6, non-zip) torch.save format is not supported; \
-                              re-save it with torch >= 1.6";
+impl TensorSource for StateDict {
+    fn tensor_views(&self) -> Vec<TensorView<'_>> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| TensorView {
+                name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                data: &t.data,
+            })
+            .collect()
+    }
+}
 
-/// Reads a `torch.save` state dict (zip format) or a safetensors file.
+/// A tensor as a reader found it: its bytes either still in the checkpoint file (a byte range of the
+/// mapped file) or in memory (decompressed, gathered from a strided view, or byte-swapped).
+pub(crate) struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: StoredBytes,
+}
+
+/// Where a [`StoredTensor`]'s contiguous little-endian bytes are.
+pub(crate) enum StoredBytes {
+    /// This byte range of the file.
+    InFile(Range<usize>),
+    /// Owned bytes.
+    Owned(Vec<u8>),
+}
+
+/// Reads a checkpoint's network weights into memory: a `torch.save` state dict (zip format), a
+/// safetensors file, or the network part of a `vista3d train` training state (`last.safetensors`).
 ///
 /// The format is detected from the content. For torch files the state dict may also be wrapped
 /// in a dict under `"model"` or `"state_dict"` (as MONAI's `CheckpointSaver` writes); non-tensor
 /// entries are skipped with a warning. Errors name the file and the problem.
-pub fn read_checkpoint(path: &Path) -> Result<StateDict> {
-    read_checkpoint_inner(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+pub fn read_checkpoint(path: &Path) -> Result<StateDict, CheckpointError> {
+    Ok(Checkpoint::open(path)?.into_state_dict())
 }
 
-fn read_checkpoint_inner(path: &Path) -> Result<StateDict> {
-    let file = File::open(path).context("cannot open the file")?;
-    let meta = file.metadata().context("cannot stat the file")?;
-    ensure!(!meta.is_dir(), "is a directory, not a checkpoint file");
-    let len = meta.len();
-    ensure!(len > 0, "empty file (0 bytes), not a checkpoint");
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut head = Vec::with_capacity(16);
-    (&mut reader).take(16).read_to_end(&mut head)?;
-
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        let tensors = torch_zip::read(reader, len)?;
-        return Ok(StateDict {
-            format: CheckpointFormat::TorchZip,
-            tensors,
-        });
-    }
-    if safetensors_io::looks_like_safetensors(&head) {
-        let tensors = safetensors_io::read(reader, len)?;
-        return Ok(StateDict {
-            format: CheckpointFormat::Safetensors,
-            tensors,
-        });
-    }
-    // Legacy torch.save starts with a protocol-2 pickle of its magic number.
-    if head.first() == Some(&0x80) && head.get(1).is_some_and(|&p| p <= 5) {
-        bail!("{LEGACY_MESSAGE}");
-    }
-    let shown: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    bail!(
-        "not a PyTorch checkpoint or safetensors file (starts with bytes {})",
-        shown.join(" ")
-    )
+/// Reads every tensor of a checkpoint file as stored: unlike [`read_checkpoint`], a training state keeps
+/// its optimizer tensors and the `model.` prefix of its network tensors (what resuming needs).
+pub fn read_all_tensors(path: &Path) -> Result<StateDict, CheckpointError> {
+    Ok(Checkpoint::open_every_tensor(path)?.into_state_dict())
 }
 
 /// Checks names are unique and data sizes match shapes.
-fn validate_for_write(tensors: &[(String, RawTensor)]) -> Result<()> {
+fn validate_for_write(tensors: &[(String, RawTensor)]) -> Result<(), String> {
     let mut seen = HashSet::new();
     for (name, t) in tensors {
-        ensure!(seen.insert(name.as_str()), "duplicate tensor name '{name}'");
-        t.validate().with_context(|| format!("tensor '{name}'"))?;
+        if !seen.insert(name.as_str()) {
+            return Err(format!("duplicate tensor name '{name}'"));
+        }
+        t.validate().map_err(|e| format!("tensor '{name}': {e}"))?;
     }
     Ok(())
 }
@@ -342,12 +410,17 @@ pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, RawTensor)],
     metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+) -> Result<(), CheckpointError> {
     validate_for_write(tensors)
         .and_then(|()| {
             crate::fsutil::write_atomic_with(path, |w| safetensors_io::write(w, tensors, metadata))
+                .map_err(|e| format!("{e:#}"))
         })
-        .map_err(|e| anyhow!("{}: cannot write safetensors file: {e:#}", path.display()))
+        .map_err(|detail| CheckpointError::Write {
+            path: path.to_path_buf(),
+            what: "safetensors file",
+            detail,
+        })
 }
 
 /// Writes `tensors` as `torch.save(OrderedDict(tensors))` would, loadable with
@@ -355,14 +428,22 @@ pub fn write_safetensors(
 ///
 /// The archive layout matches torch 2.x (stored zip entries under `archive/`, 64-byte aligned
 /// records, protocol-2 `data.pkl`). Written via a temporary file renamed at the end.
-pub fn write_torch_state_dict(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
+pub fn write_torch_state_dict(
+    path: &Path,
+    tensors: &[(String, RawTensor)],
+) -> Result<(), CheckpointError> {
     validate_for_write(tensors)
         .and_then(|()| {
             crate::fsutil::write_atomic_with(path, |w| {
                 torch_zip::write(w, tensors, &torch_zip::WriteOptions::default()).map(|_| ())
             })
+            .map_err(|e| format!("{e:#}"))
         })
-        .map_err(|e| anyhow!("{}: cannot write torch checkpoint: {e:#}", path.display()))
+        .map_err(|detail| CheckpointError::Write {
+            path: path.to_path_buf(),
+            what: "torch checkpoint",
+            detail,
+        })
 }
 
 #[cfg(test)]
@@ -424,7 +505,7 @@ mod tests {
         let target = dir.join("out.pt");
         let err = crate::fsutil::write_atomic_with(&target, |w| {
             w.write_all(b"partial")?;
-            bail!("simulated failure")
+            anyhow::bail!("simulated failure")
         });
         assert!(err.is_err());
         assert!(!target.exists());

@@ -1,17 +1,19 @@
 //! safetensors reading and writing.
 //!
-//! The header is parsed and validated with the `safetensors` crate; tensor data is read straight
-//! from the file (no second in-memory copy of the whole file). The writer produces the same
-//! layout as `safetensors.torch.save_file` (tensors sorted by dtype alignment, then name).
+//! The reader works on the whole (memory-mapped) file: the header is parsed and validated with the
+//! `safetensors` crate and tensors are byte ranges of the file, so loading a network copies each tensor
+//! once, from the page cache into the network's parameter. The writer produces the same layout as
+//! `safetensors.torch.save_file` (tensors sorted by dtype alignment, then name).
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
-use super::{DType, RawTensor};
+use super::error::{corrupt, ensure_intact, ReadError};
+use super::{DType, RawTensor, StoredBytes, StoredTensor};
 
 /// Largest header the safetensors crate accepts.
 const MAX_HEADER: u64 = 100_000_000;
@@ -57,54 +59,53 @@ pub(crate) fn looks_like_safetensors(head: &[u8]) -> bool {
     (2..=MAX_HEADER).contains(&u64::from_le_bytes(n))
 }
 
-/// Reads every tensor of a safetensors file of `len` bytes, in file (offset) order.
-pub(crate) fn read<R: Read + Seek>(mut r: R, len: u64) -> Result<Vec<(String, RawTensor)>> {
-    ensure!(len >= 8, "truncated safetensors file ({len} bytes)");
+/// Reads the header of a whole safetensors file (`file`, usually memory-mapped), validates it against the
+/// file size, and returns the tensors (as byte ranges of `file`) in file order, with the `__metadata__`.
+pub(crate) fn read(file: &[u8]) -> Result<(Vec<StoredTensor>, HashMap<String, String>), ReadError> {
+    let len = file.len() as u64;
+    ensure_intact!(len >= 8, "truncated safetensors file ({len} bytes)");
     let mut n = [0u8; 8];
-    r.seek(SeekFrom::Start(0))?;
-    r.read_exact(&mut n)?;
+    n.copy_from_slice(&file[..8]);
     let n = u64::from_le_bytes(n);
-    ensure!(
+    ensure_intact!(
         n <= MAX_HEADER,
         "safetensors header length {n} is too large"
     );
-    ensure!(
+    ensure_intact!(
         8 + n <= len,
         "truncated safetensors file: the header needs {n} bytes but the file has {len}"
     );
-    let mut header = vec![0u8; n as usize];
-    r.read_exact(&mut header)?;
-    let meta: Metadata = serde_json::from_slice(&header).context("invalid safetensors header")?;
+    let data_start = 8 + n as usize;
+    let meta: Metadata = serde_json::from_slice(&file[8..data_start])
+        .map_err(|e| corrupt!("invalid safetensors header: {e}"))?;
     let data_len = meta.data_len() as u64;
-    ensure!(
+    ensure_intact!(
         8 + n + data_len == len,
         "safetensors file has {} data bytes but its header describes {data_len} (truncated or \
          corrupt)",
         len - 8 - n
     );
-
-    let mut out = Vec::new();
+    let mut tensors = Vec::new();
     for name in meta.offset_keys() {
         let info = meta
             .info(&name)
-            .ok_or_else(|| anyhow!("internal error: tensor '{name}' vanished"))?;
-        let dtype = from_st(info.dtype)
-            .ok_or_else(|| anyhow!("tensor '{name}' has unsupported dtype {:?}", info.dtype))?;
+            .ok_or_else(|| corrupt!("internal error: tensor '{name}' vanished"))?;
+        let dtype = from_st(info.dtype).ok_or_else(|| {
+            ReadError::NotACheckpoint(format!(
+                "tensor '{name}' has unsupported dtype {:?}",
+                info.dtype
+            ))
+        })?;
+        // In bounds: the header's offsets were validated against the file size above.
         let (start, end) = info.data_offsets;
-        let mut data = vec![0u8; end - start];
-        r.seek(SeekFrom::Start(8 + n + start as u64))?;
-        r.read_exact(&mut data)
-            .with_context(|| format!("cannot read tensor '{name}'"))?;
-        out.push((
-            name.clone(),
-            RawTensor {
-                dtype,
-                shape: info.shape.clone(),
-                data,
-            },
-        ));
+        tensors.push(StoredTensor {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            bytes: StoredBytes::InFile(data_start + start..data_start + end),
+        });
     }
-    Ok(out)
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// Writes a safetensors file into `out` (the caller handles files).
@@ -152,7 +153,21 @@ pub(crate) fn write<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
+
+    /// Reads a whole file's bytes into owned tensors.
+    fn read_bytes(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, ReadError> {
+        let (tensors, _) = read(bytes)?;
+        Ok(tensors
+            .into_iter()
+            .map(|t| {
+                let StoredBytes::InFile(range) = t.bytes else {
+                    panic!("safetensors tensors are byte ranges of the file")
+                };
+                let data = bytes[range].to_vec();
+                (t.name, RawTensor::new(t.dtype, t.shape, data).unwrap())
+            })
+            .collect())
+    }
 
     #[test]
     fn round_trip_and_crate_compatibility() {
@@ -180,7 +195,7 @@ mod tests {
         write(&mut buf, &tensors, Some(meta)).unwrap();
         let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
         assert_eq!(st.tensor("z").unwrap().data(), tensors[0].1.data.as_slice());
-        let back = read(Cursor::new(buf.clone()), buf.len() as u64).unwrap();
+        let back = read_bytes(&buf).unwrap();
         // File order: descending alignment, then name.
         let names: Vec<&str> = back.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["s", "z", "a"]);
@@ -188,7 +203,7 @@ mod tests {
             assert_eq!(back.iter().find(|(m, _)| m == n).map(|(_, t)| t), Some(t));
         }
         for cut in 0..buf.len() {
-            assert!(read(Cursor::new(buf[..cut].to_vec()), cut as u64).is_err());
+            assert!(read_bytes(&buf[..cut]).is_err(), "cut at {cut}");
         }
     }
 }

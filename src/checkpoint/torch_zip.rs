@@ -5,20 +5,27 @@
 //! `<dir>/.storage_alignment` and `<dir>/.data/serialization_id`.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, Write};
+use std::io::{Cursor, Read, Seek, Write};
 use std::rc::Rc;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::Result;
+use zip::result::ZipError;
+use zip::{CompressionMethod, ZipArchive};
 
+use super::error::{corrupt, ensure_intact, ReadError};
+use super::open::FileBytes;
 use super::pickle::{self, TensorEntry, TensorRef, Value};
-use super::zip_archive::{check_crc, crc32, ZipReader, ZipWriter};
-use super::{DType, RawTensor};
+use super::zip_writer::ZipWriter;
+use super::{DType, RawTensor, StoredBytes, StoredTensor};
 
 /// Name of the top-level folder the writer uses.
 const ARCHIVE_DIR: &str = "archive";
 
 /// Largest tensor materialized from an overlapping (e.g. expanded, stride-0) view.
 const MAX_EXPANDED_BYTES: u64 = 1 << 30;
+
+/// Deflate cannot expand data by more than ~1032:1; an entry claiming more is corrupt.
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// Options of the writer; the defaults match `torch.save` on a little-endian CPU.
 pub(crate) struct WriteOptions<'a> {
@@ -37,112 +44,250 @@ impl Default for WriteOptions<'_> {
     }
 }
 
-/// Reads the tensors of a torch zip checkpoint, in state-dict order.
-pub(crate) fn read<R: Read + Seek>(reader: R, len: u64) -> Result<Vec<(String, RawTensor)>> {
-    let mut zip = ZipReader::new(reader, len).context("truncated or corrupt zip archive")?;
-    let (pkl_idx, prefix) = find_data_pkl(&zip)?;
-    let torchscript = zip.find(&format!("{prefix}constants.pkl")).is_some()
-        || zip
-            .entries()
-            .iter()
-            .any(|e| e.name.starts_with(&format!("{prefix}code/")));
+/// A `zip` crate error while opening or reading `what`: the archive is read from memory (the mapped
+/// file), so only an operating-system error is an I/O problem; everything else is about the bytes.
+fn zip_error(what: &str, e: ZipError) -> ReadError {
+    match e {
+        ZipError::Io(e) if e.raw_os_error().is_some() => ReadError::Io(e),
+        e => corrupt!("{what}: {e}"),
+    }
+}
 
-    let big_endian = match zip.find(&format!("{prefix}byteorder")) {
+/// An error while reading entry `name`'s bytes: an operating-system error (EIO, ...) is an I/O problem;
+/// everything else the zip crate or the decompressor reports is about the bytes.
+fn entry_read_error(name: &str, e: std::io::Error) -> ReadError {
+    if e.raw_os_error().is_some() {
+        ReadError::Io(e)
+    } else if e.to_string().contains("checksum") {
+        corrupt!("entry '{name}' is corrupt: CRC-32 mismatch")
+    } else {
+        corrupt!("cannot read entry '{name}': {e}")
+    }
+}
+
+/// Reads one whole entry through the `zip` crate (stored or deflated), checking its CRC-32 and size;
+/// fails if it is larger than `limit` bytes.
+///
+/// A CRC-32 of 0 on non-empty data means torch saved without checksums (`compute_crc32=False`), so that
+/// entry is read without the check.
+fn read_entry<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    index: usize,
+    limit: u64,
+) -> Result<Vec<u8>, ReadError> {
+    let (name, size, method, unchecked) = {
+        let f = zip
+            .by_index_raw(index)
+            .map_err(|e| zip_error(&format!("zip entry {index}"), e))?;
+        let name = f.name().to_string();
+        let (size, compressed) = (f.size(), f.compressed_size());
+        match f.compression() {
+            CompressionMethod::Stored => ensure_intact!(
+                size == compressed,
+                "stored entry '{name}' has inconsistent sizes"
+            ),
+            CompressionMethod::Deflated => ensure_intact!(
+                size <= compressed
+                    .saturating_mul(MAX_DEFLATE_RATIO)
+                    .saturating_add(1024),
+                "entry '{name}' claims an impossible size"
+            ),
+            m => {
+                return Err(corrupt!(
+                    "entry '{name}' uses unsupported compression method {m}"
+                ))
+            }
+        }
+        ensure_intact!(
+            size <= limit,
+            "entry '{name}' is unexpectedly large ({size} bytes)"
+        );
+        (name, size, f.compression(), f.crc32() == 0 && size > 0)
+    };
+    // Grows with the data actually read, so a lying size cannot allocate more than the file holds.
+    let mut out = Vec::with_capacity(usize::try_from(size.min(1 << 20)).unwrap_or(0));
+    let read = if unchecked {
+        log::debug!("entry '{name}' has no CRC-32; not verified");
+        let raw = zip
+            .by_index_raw(index)
+            .map_err(|e| zip_error(&format!("entry '{name}'"), e))?;
+        if method == CompressionMethod::Deflated {
+            flate2::read::DeflateDecoder::new(raw)
+                .take(size + 1)
+                .read_to_end(&mut out)
+        } else {
+            raw.take(size + 1).read_to_end(&mut out)
+        }
+    } else {
+        // The zip crate decompresses and checks the CRC-32 when the entry's end is reached, which
+        // reading up to one byte past the declared size guarantees.
+        let file = zip
+            .by_index(index)
+            .map_err(|e| zip_error(&format!("entry '{name}'"), e))?;
+        file.take(size + 1).read_to_end(&mut out)
+    };
+    read.map_err(|e| entry_read_error(&name, e))?;
+    ensure_intact!(
+        out.len() as u64 == size,
+        "entry '{name}' has {} bytes, expected {size} (truncated or corrupt)",
+        out.len()
+    );
+    Ok(out)
+}
+
+/// Reads a stored entry through the `zip` crate for its CRC-32 check only (the bytes are used from the
+/// file directly); fails unless the entry has exactly `size` bytes.
+fn verify_entry<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    index: usize,
+    size: u64,
+) -> Result<(), ReadError> {
+    let file = zip
+        .by_index(index)
+        .map_err(|e| zip_error(&format!("zip entry {index}"), e))?;
+    let name = file.name().to_string();
+    if file.crc32() == 0 && size > 0 {
+        log::debug!("entry '{name}' has no CRC-32; not verified");
+        return Ok(());
+    }
+    let mut reader = file.take(size + 1);
+    let mut buf = vec![0u8; (1 << 20).min(size as usize + 1)];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(entry_read_error(&name, e)),
+        }
+    }
+    ensure_intact!(
+        total == size,
+        "entry '{name}' has {total} bytes, expected {size} (truncated or corrupt)"
+    );
+    Ok(())
+}
+
+/// Reads the tensors of a whole torch zip checkpoint (`file`, usually memory-mapped), in state-dict order.
+///
+/// Tensors that are their stored record's bytes as they are (stored, little-endian, contiguous views) stay
+/// in the file as byte ranges; the others are materialized. Every record used is CRC-checked by the `zip`
+/// crate as it is read (stored records are read once for the check and their pages released).
+pub(crate) fn read(file: &FileBytes) -> Result<Vec<StoredTensor>, ReadError> {
+    let bytes = file.bytes();
+    let len = bytes.len() as u64;
+    let mut zip = ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| zip_error("truncated or corrupt zip archive", e))?;
+    let names: Vec<String> = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i).map(str::to_string))
+        .collect();
+    let (pkl_name, prefix) = find_data_pkl(&names)?;
+    let torchscript = zip
+        .index_for_name(&format!("{prefix}constants.pkl"))
+        .is_some()
+        || names
+            .iter()
+            .any(|n| n.starts_with(&format!("{prefix}code/")));
+
+    let big_endian = match zip.index_for_name(&format!("{prefix}byteorder")) {
         None => false,
         Some(i) => {
-            let order = zip
-                .read_all(i, 16)
-                .context("cannot read the byteorder record")?;
+            let order = read_entry(&mut zip, i, 16)
+                .map_err(|e| e.context("cannot read the byteorder record"))?;
             match order.as_slice() {
                 b"little" => false,
                 b"big" => true,
-                other => bail!(
-                    "unknown byte order '{}' in the archive",
-                    String::from_utf8_lossy(other)
-                ),
+                other => {
+                    return Err(corrupt!(
+                        "unknown byte order '{}' in the archive",
+                        String::from_utf8_lossy(other)
+                    ))
+                }
             }
         }
     };
 
-    let pkl_name = zip.entry(pkl_idx).name.clone();
-    let pkl = zip
-        .read_all(pkl_idx, len)
-        .with_context(|| format!("cannot read '{pkl_name}'"))?;
+    let pkl_index = zip
+        .index_for_name(&pkl_name)
+        .ok_or_else(|| corrupt!("internal error: '{pkl_name}' vanished"))?;
+    let pkl = read_entry(&mut zip, pkl_index, len)
+        .map_err(|e| e.context(format!("cannot read '{pkl_name}'")))?;
     let root = pickle::unpickle(&pkl).map_err(|e| {
-        let e = e.context(format!("cannot parse '{pkl_name}'"));
+        let detail = format!("cannot parse '{pkl_name}': {e:#}");
         if torchscript {
-            e.context(
+            ReadError::NotACheckpoint(format!(
                 "this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint; \
-                 save the weights with torch.save(model.state_dict()) instead",
-            )
+                 save the weights with torch.save(model.state_dict()) instead: {detail}"
+            ))
         } else {
-            e
+            ReadError::UnsupportedPickle(detail)
         }
     })?;
     drop(pkl);
 
     let tensors = select_state_dict(&root)?;
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for (_, t) in &tensors {
+        *uses.entry(t.storage.key.clone()).or_default() += 1;
+    }
     let mut storages = Storages {
         zip: &mut zip,
+        file,
         prefix: &prefix,
         big_endian,
-        info: HashMap::new(),
+        uses,
+        records: HashMap::new(),
     };
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let raw = storages
+        let stored = storages
             .materialize(&name, &t)
-            .with_context(|| format!("cannot load tensor '{name}'"))?;
-        out.push((name, raw));
+            .map_err(|e| e.context(format!("cannot load tensor '{name}'")))?;
+        out.push(StoredTensor {
+            name,
+            dtype: t.storage.dtype,
+            shape: stored.0,
+            bytes: stored.1,
+        });
     }
-    storages.verify_remaining()?;
     Ok(out)
 }
 
-/// Finds `<dir>/data.pkl`; returns its index and the `<dir>/` prefix.
-fn find_data_pkl<R: Read + Seek>(zip: &ZipReader<R>) -> Result<(usize, String)> {
-    let candidates: Vec<usize> = zip
-        .entries()
+/// Finds `<dir>/data.pkl`; returns its name and the `<dir>/` prefix.
+fn find_data_pkl(names: &[String]) -> Result<(String, String), ReadError> {
+    let candidates: Vec<&String> = names
         .iter()
-        .enumerate()
-        .filter(|(_, e)| match e.name.strip_suffix("data.pkl") {
+        .filter(|n| match n.strip_suffix("data.pkl") {
             Some(dir) => dir.is_empty() || (dir.ends_with('/') && dir.matches('/').count() == 1),
             None => false,
         })
-        .map(|(i, _)| i)
         .collect();
     match candidates.as_slice() {
-        [i] => {
-            let name = &zip.entry(*i).name;
+        [name] => {
             let prefix = name[..name.len() - "data.pkl".len()].to_string();
-            Ok((*i, prefix))
+            Ok(((*name).clone(), prefix))
         }
         [] => {
-            let names: Vec<&str> = zip
-                .entries()
-                .iter()
-                .take(8)
-                .map(|e| e.name.as_str())
-                .collect();
-            bail!(
+            let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+            Err(ReadError::NotACheckpoint(format!(
                 "zip archive has no data.pkl entry, so it is not a torch.save checkpoint \
                  (entries: {}{})",
-                names.join(", "),
-                if zip.entries().len() > 8 { ", ..." } else { "" }
-            )
+                shown.join(", "),
+                if names.len() > 8 { ", ..." } else { "" }
+            )))
         }
-        _ => bail!("zip archive has several data.pkl entries"),
+        _ => Err(corrupt!("zip archive has several data.pkl entries")),
     }
 }
 
 /// Picks the state dict: the top-level dict, or the dict under "model"/"state_dict" when the
 /// checkpoint wraps it (MONAI's CheckpointSaver writes `{"model": state_dict, ...}`).
-fn select_state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
+fn select_state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>, ReadError> {
     let Value::Dict(top) = root else {
-        bail!(
+        return Err(ReadError::NotACheckpoint(format!(
             "the checkpoint holds a {} at the top level, expected a dict of tensors (a state_dict)",
             root.type_name()
-        );
+        )));
     };
     let has_tensor = |d: &pickle::Dict| {
         d.entries()
@@ -187,107 +332,158 @@ fn select_state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
                 other => other.type_name().to_string(),
             })
             .collect();
-        bail!(
+        return Err(ReadError::NotACheckpoint(format!(
             "no tensors found in the checkpoint (top-level keys: {})",
             if keys.is_empty() {
                 "none".to_string()
             } else {
                 keys.join(", ")
             }
-        );
+        )));
     }
     Ok(tensors)
 }
 
-/// Per-storage bookkeeping while tensors are materialized.
-struct StorageInfo {
-    entry: usize,
-    dtype: DType,
-    nbytes: u64,
-    crc_checked: bool,
-    /// Whole contents of a compressed record (stored records are read in ranges).
-    cached: Option<Rc<Vec<u8>>>,
+/// A storage record, checked.
+enum Record {
+    /// Stored (uncompressed): the record's bytes start at this offset of the file.
+    InFile { start: usize, dtype: DType },
+    /// Deflated: the decompressed bytes (kept until the last tensor using them is read).
+    Decompressed { bytes: Vec<u8>, dtype: DType },
 }
 
+/// Storage records read so far, with the number of tensors still to be read from each.
 struct Storages<'a, R> {
-    zip: &'a mut ZipReader<R>,
+    zip: &'a mut ZipArchive<R>,
+    file: &'a FileBytes,
     prefix: &'a str,
     big_endian: bool,
-    info: HashMap<String, StorageInfo>,
+    /// Tensors not yet materialized per storage key: the last one may take decompressed bytes.
+    uses: HashMap<String, usize>,
+    records: HashMap<String, Record>,
+}
+
+/// A record's bytes for one tensor.
+enum RecordBytes<'b> {
+    /// In the file, from this offset.
+    InFile(usize),
+    /// Decompressed, shared with later tensors.
+    Shared(&'b [u8]),
+    /// Decompressed, owned by the last tensor that uses them.
+    Owned(Vec<u8>),
 }
 
 impl<R: Read + Seek> Storages<'_, R> {
-    fn storage(&mut self, name: &str, t: &TensorRef) -> Result<&mut StorageInfo> {
+    /// Checks and reads the record of `t`'s storage (once); returns its size and bytes.
+    fn record(&mut self, name: &str, t: &TensorRef) -> Result<(u64, RecordBytes<'_>), ReadError> {
         let s = &t.storage;
         let record = format!("{}data/{}", self.prefix, s.key);
-        if !self.info.contains_key(&s.key) {
+        let nbytes = s
+            .numel
+            .checked_mul(s.dtype.size_bytes() as u64)
+            .ok_or_else(|| corrupt!("storage '{record}' is too large"))?;
+        if !self.records.contains_key(&s.key) {
             let entry = self
                 .zip
-                .find(&record)
-                .ok_or_else(|| anyhow!("storage '{record}' is missing from the archive"))?;
-            let nbytes = self.zip.entry(entry).size;
-            let declared = s.numel.checked_mul(s.dtype.size_bytes() as u64);
-            ensure!(
-                declared == Some(nbytes),
-                "storage '{record}' has {nbytes} bytes but is declared as {} {} elements",
+                .index_for_name(&record)
+                .ok_or_else(|| corrupt!("storage '{record}' is missing from the archive"))?;
+            let (size, method, start) = {
+                let f = self
+                    .zip
+                    .by_index_raw(entry)
+                    .map_err(|e| zip_error(&format!("entry '{record}'"), e))?;
+                (f.size(), f.compression(), f.data_start())
+            };
+            ensure_intact!(
+                size == nbytes,
+                "storage '{record}' has {size} bytes but is declared as {} {} elements",
                 s.numel,
                 s.dtype.name()
             );
             if !s.location.starts_with("cpu") {
                 log::debug!("storage '{record}' was saved from '{}'", s.location);
             }
-            self.info.insert(
-                s.key.clone(),
-                StorageInfo {
-                    entry,
+            let checked = if method == CompressionMethod::Stored {
+                verify_entry(self.zip, entry, size)?;
+                let end = start
+                    .checked_add(size)
+                    .filter(|&e| e <= self.file.bytes().len() as u64);
+                ensure_intact!(
+                    end.is_some(),
+                    "entry '{record}' extends past the end of the file"
+                );
+                // Read for the CRC check; the tensors read these pages again when they are copied.
+                self.file.release(start as usize..(start + size) as usize);
+                Record::InFile {
+                    start: start as usize,
                     dtype: s.dtype,
-                    nbytes,
-                    crc_checked: false,
-                    cached: None,
-                },
-            );
+                }
+            } else {
+                Record::Decompressed {
+                    bytes: read_entry(self.zip, entry, size)?,
+                    dtype: s.dtype,
+                }
+            };
+            self.records.insert(s.key.clone(), checked);
         }
-        let info = self
-            .info
-            .get_mut(&s.key)
-            .ok_or_else(|| anyhow!("internal error: storage bookkeeping"))?;
-        ensure!(
-            info.dtype == s.dtype,
+        let left = self.uses.get_mut(&s.key).map_or(0, |n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        let dtype = match self.records.get(&s.key) {
+            Some(Record::InFile { dtype, .. } | Record::Decompressed { dtype, .. }) => *dtype,
+            None => return Err(corrupt!("internal error: storage bookkeeping")),
+        };
+        ensure_intact!(
+            dtype == s.dtype,
             "storage '{record}' is used as both {} and {} (tensor '{name}')",
-            info.dtype.name(),
+            dtype.name(),
             s.dtype.name()
         );
-        Ok(info)
+        if let Some(&Record::InFile { start, .. }) = self.records.get(&s.key) {
+            return Ok((nbytes, RecordBytes::InFile(start)));
+        }
+        let bookkeeping = || corrupt!("internal error: storage bookkeeping");
+        if left == 0 {
+            return match self.records.remove(&s.key) {
+                Some(Record::Decompressed { bytes, .. }) => Ok((nbytes, RecordBytes::Owned(bytes))),
+                _ => Err(bookkeeping()),
+            };
+        }
+        match self.records.get(&s.key) {
+            Some(Record::Decompressed { bytes, .. }) => Ok((nbytes, RecordBytes::Shared(bytes))),
+            _ => Err(bookkeeping()),
+        }
     }
 
-    /// Reads a tensor view and returns it as contiguous row-major data.
-    fn materialize(&mut self, name: &str, t: &TensorRef) -> Result<RawTensor> {
+    /// Reads a tensor view: its shape, and its bytes as a range of the file when they are contiguous
+    /// little-endian bytes of a stored record, else as contiguous row-major bytes in memory.
+    fn materialize(
+        &mut self,
+        name: &str,
+        t: &TensorRef,
+    ) -> Result<(Vec<usize>, StoredBytes), ReadError> {
         let dtype = t.storage.dtype;
         let es = dtype.size_bytes() as u64;
         let record = format!("{}data/{}", self.prefix, t.storage.key);
         let big_endian = self.big_endian;
-        let info = self.storage(name, t)?;
-        let (entry, nbytes) = (info.entry, info.nbytes);
+        let file = self.file;
 
         let shape: Vec<usize> = t
             .size
             .iter()
-            .map(|&d| usize::try_from(d).context("tensor dimension too large"))
-            .collect::<Result<_>>()?;
+            .map(|&d| usize::try_from(d).map_err(|_| corrupt!("tensor dimension too large")))
+            .collect::<Result<_, _>>()?;
+        let overflow = || corrupt!("tensor size {:?} overflows", t.size);
         let numel = t
             .size
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| anyhow!("tensor size {:?} overflows", t.size))?;
-        let out_bytes = numel
-            .checked_mul(es)
-            .ok_or_else(|| anyhow!("tensor size {:?} overflows", t.size))?;
+            .ok_or_else(overflow)?;
+        let out_bytes = numel.checked_mul(es).ok_or_else(overflow)?;
+        let (nbytes, bytes) = self.record(name, t)?;
         if numel == 0 {
-            return Ok(RawTensor {
-                dtype,
-                shape,
-                data: Vec::new(),
-            });
+            return Ok((shape, StoredBytes::Owned(Vec::new())));
         }
         // Highest element touched, relative to the storage start.
         let mut last = t.offset;
@@ -295,94 +491,64 @@ impl<R: Read + Seek> Storages<'_, R> {
             last = (d - 1)
                 .checked_mul(s)
                 .and_then(|x| last.checked_add(x))
-                .ok_or_else(|| anyhow!("tensor strides {:?} overflow", t.stride))?;
+                .ok_or_else(|| corrupt!("tensor strides {:?} overflow", t.stride))?;
         }
         let needed = last
             .checked_add(1)
             .and_then(|x| x.checked_mul(es))
-            .ok_or_else(|| anyhow!("tensor layout overflows"))?;
-        ensure!(
+            .ok_or_else(|| corrupt!("tensor layout overflows"))?;
+        ensure_intact!(
             needed <= nbytes,
             "storage '{record}' has {nbytes} bytes but tensor '{name}' needs {needed}"
         );
         let span_start = t.offset * es;
         let span_len = needed - span_start;
-        ensure!(
+        ensure_intact!(
             out_bytes <= span_len || out_bytes <= MAX_EXPANDED_BYTES,
             "tensor '{name}' is an expanded view of {out_bytes} bytes over {span_len} bytes of \
              storage; refusing to materialize it"
         );
-
-        let span = self.read_span(&t.storage.key, entry, nbytes, span_start, span_len)?;
-        let strides: Vec<u64> = t.stride.clone();
-        let mut data = if is_contiguous(&t.size, &strides) {
-            ensure!(span.len() as u64 == out_bytes, "internal error: span size");
-            span
-        } else {
-            gather(&span, es as usize, &t.size, &strides, out_bytes)?
+        let (s, e) = (span_start as usize, needed as usize);
+        let contiguous = is_contiguous(&t.size, &t.stride);
+        let swap = big_endian && es > 1;
+        let mut data = match bytes {
+            // The common case: the tensor's bytes are in the file as they are.
+            RecordBytes::InFile(start) if contiguous && !swap => {
+                return Ok((shape, StoredBytes::InFile(start + s..start + e)));
+            }
+            RecordBytes::InFile(start) => view(
+                &file.bytes()[start + s..start + e],
+                es,
+                t,
+                contiguous,
+                out_bytes,
+            )?,
+            RecordBytes::Owned(b) if contiguous && s == 0 && e == b.len() => b,
+            RecordBytes::Owned(b) => view(&b[s..e], es, t, contiguous, out_bytes)?,
+            RecordBytes::Shared(b) => view(&b[s..e], es, t, contiguous, out_bytes)?,
         };
-        if big_endian && es > 1 {
+        if swap {
             for el in data.chunks_exact_mut(es as usize) {
                 el.reverse();
             }
         }
-        Ok(RawTensor { dtype, shape, data })
+        Ok((shape, StoredBytes::Owned(data)))
     }
+}
 
-    /// Reads `len` bytes at `start` of a storage record (CRC-checked when it is the whole record).
-    fn read_span(
-        &mut self,
-        key: &str,
-        entry: usize,
-        nbytes: u64,
-        start: u64,
-        len: u64,
-    ) -> Result<Vec<u8>> {
-        let compressed = self.zip.entry(entry).method != 0;
-        if compressed {
-            let cached = match self.info.get(key).and_then(|i| i.cached.clone()) {
-                Some(c) => c,
-                None => {
-                    let all = Rc::new(self.zip.read_all(entry, nbytes)?);
-                    if let Some(i) = self.info.get_mut(key) {
-                        i.cached = Some(all.clone());
-                        i.crc_checked = true;
-                    }
-                    all
-                }
-            };
-            let s = usize::try_from(start)?;
-            let e = usize::try_from(start + len)?;
-            return cached
-                .get(s..e)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| anyhow!("internal error: span outside storage"));
-        }
-        let mut buf = vec![0u8; usize::try_from(len)?];
-        self.zip.read_range(entry, start, &mut buf)?;
-        if start == 0 && len == nbytes {
-            let e = self.zip.entry(entry).clone();
-            check_crc(&e, crc32(&buf))?;
-            if let Some(i) = self.info.get_mut(key) {
-                i.crc_checked = true;
-            }
-        }
-        Ok(buf)
-    }
-
-    /// CRC-checks storages that were only read partially.
-    fn verify_remaining(&mut self) -> Result<()> {
-        let mut pending: Vec<usize> = self
-            .info
-            .values()
-            .filter(|i| !i.crc_checked)
-            .map(|i| i.entry)
-            .collect();
-        pending.sort_unstable();
-        for entry in pending {
-            self.zip.verify_crc(entry)?;
-        }
-        Ok(())
+/// The elements of a view whose bytes start at `span`'s start, as contiguous row-major data.
+fn view(
+    span: &[u8],
+    es: u64,
+    t: &TensorRef,
+    contiguous: bool,
+    out_bytes: u64,
+) -> Result<Vec<u8>, ReadError> {
+    if contiguous {
+        ensure_intact!(span.len() as u64 == out_bytes, "internal error: span size");
+        Ok(span.to_vec())
+    } else {
+        gather(span, es as usize, &t.size, &t.stride, out_bytes)
     }
 }
 
@@ -399,9 +565,16 @@ fn is_contiguous(size: &[u64], stride: &[u64]) -> bool {
 }
 
 /// Copies a strided view out of `span` (which starts at the view's first element).
-fn gather(span: &[u8], es: usize, size: &[u64], stride: &[u64], out_bytes: u64) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(usize::try_from(out_bytes)?);
-    let oob = || anyhow!("internal error: view outside its storage");
+fn gather(
+    span: &[u8],
+    es: usize,
+    size: &[u64],
+    stride: &[u64],
+    out_bytes: u64,
+) -> Result<Vec<u8>, ReadError> {
+    let too_large = |_| corrupt!("tensor too large for this machine");
+    let mut out = Vec::with_capacity(usize::try_from(out_bytes).map_err(too_large)?);
+    let oob = || corrupt!("internal error: view outside its storage");
     let nd = size.len();
     if nd == 0 {
         out.extend_from_slice(span.get(..es).ok_or_else(oob)?);
@@ -411,7 +584,7 @@ fn gather(span: &[u8], es: usize, size: &[u64], stride: &[u64], out_bytes: u64) 
     let mut idx = vec![0u64; nd - 1];
     loop {
         let base: u64 = idx.iter().zip(stride).map(|(&i, &s)| i * s).sum::<u64>() * es as u64;
-        let base = usize::try_from(base)?;
+        let base = usize::try_from(base).map_err(too_large)?;
         for j in 0..inner_n {
             let p = base + j * inner_s;
             out.extend_from_slice(span.get(p..p + es).ok_or_else(oob)?);
@@ -499,7 +672,6 @@ fn serialization_id(records: &[(String, u32, u64)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
 
     fn sample() -> Vec<(String, RawTensor)> {
         let f: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
@@ -543,12 +715,53 @@ mod tests {
         ]
     }
 
+    /// Reads a whole archive's bytes into owned tensors.
+    fn read_bytes(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, ReadError> {
+        let file = FileBytes::InMemory(bytes.to_vec());
+        let tensors = read(&file)?;
+        Ok(super::super::open::into_raw_tensors(&file, tensors))
+    }
+
     fn round_trip(opts: &WriteOptions<'_>) -> Vec<u8> {
         let tensors = sample();
         let bytes = write(Vec::new(), &tensors, opts).unwrap();
-        let back = read(Cursor::new(bytes.clone()), bytes.len() as u64).unwrap();
-        assert_eq!(back, tensors);
+        let file = FileBytes::InMemory(bytes.clone());
+        let stored = read(&file).unwrap();
+        // Little-endian contiguous tensors stay in the file; byte-swapped ones are copied.
+        let in_file = stored
+            .iter()
+            .filter(|t| matches!(t.bytes, StoredBytes::InFile(_)))
+            .count();
+        let expected_in_file = if opts.big_endian { 0 } else { 4 };
+        assert_eq!(in_file, expected_in_file);
+        assert_eq!(super::super::open::into_raw_tensors(&file, stored), tensors);
         bytes
+    }
+
+    #[test]
+    fn truncated_and_corrupt_archives_fail_or_read_the_same() {
+        let tensors = sample();
+        let bytes = write(Vec::new(), &tensors, &WriteOptions::default()).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(
+                read_bytes(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes parsed"
+            );
+        }
+        // Flip every byte: never a panic, and never different tensors.
+        let mut rejected = 0;
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x5a;
+            match read_bytes(&b) {
+                Ok(back) => assert_eq!(back, tensors, "flip at {i} changed the tensors"),
+                Err(_) => rejected += 1,
+            }
+        }
+        assert!(
+            rejected > bytes.len() / 4,
+            "only {rejected} flips were detected"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tch::{nn, Device};
 use vista3d::{checkpoint, model, Vista3d, Vista3dConfig};
 
@@ -58,22 +58,13 @@ fn thousands(n: i64) -> String {
 pub fn info(args: InfoArgs) -> Result<()> {
     let path = &args.checkpoint;
     let strict = !args.non_strict;
-    let sd = checkpoint::read_checkpoint(path)?;
-    let config = model::detect_config(&sd).with_context(|| format!("{}", path.display()))?;
-    if let Some(w) = args.width {
-        anyhow::ensure!(
-            w == config.embed_dim,
-            "{}: the checkpoint's encoder_embed_dim is {}, but {w} was asked for",
-            path.display(),
-            config.embed_dim
-        );
-    }
-    let vs = nn::VarStore::new(Device::Cpu);
-    Vista3d::new(&vs.root(), config)?;
-    let report =
-        model::load_weights(&vs, &sd, strict).with_context(|| format!("{}", path.display()))?;
-    let counts = model::parameter_counts(&vs);
-    let elements: usize = sd.tensors.iter().map(|(_, t)| t.numel()).sum();
+    let options = vista3d::LoadOptions::default()
+        .allow_partial(!strict)
+        .expect_width(args.width);
+    let loaded = vista3d::load_model(path, Device::Cpu, &options)?;
+    let (vs, config, report) = (&loaded.vs, loaded.net.config, &loaded.report);
+    let counts = model::parameter_counts(vs);
+    let elements = loaded.elements;
     if args.json {
         let modules: Vec<_> = counts
             .iter()
@@ -81,8 +72,8 @@ pub fn info(args: InfoArgs) -> Result<()> {
             .collect();
         let json = serde_json::json!({
             "checkpoint": path.display().to_string(),
-            "format": sd.format.to_string(),
-            "tensors": sd.tensors.len(),
+            "format": loaded.format.to_string(),
+            "tensors": loaded.tensors,
             "elements": elements,
             "encoder_embed_dim": config.embed_dim,
             "in_channels": config.in_channels,
@@ -99,10 +90,10 @@ pub fn info(args: InfoArgs) -> Result<()> {
         return Ok(());
     }
     out!("checkpoint:        {}", path.display());
-    out!("format:            {}", sd.format);
+    out!("format:            {}", loaded.format);
     out!(
         "tensors:           {} ({} elements)",
-        sd.tensors.len(),
+        loaded.tensors,
         thousands(elements as i64)
     );
     out!(

@@ -19,7 +19,7 @@ pub use class_head::ClassHead;
 pub use encoder::{ImageEncoder, BLOCKS_DOWN, SHAPE_FACTOR};
 pub use point_head::{PointHead, MAX_PROMPT};
 pub use weights::{
-    detect_config, load_weights, parameter_counts, to_tensor, LoadReport, ModuleCount,
+    detect_config, load_weights, parameter_counts, to_tensor, LoadOptions, LoadReport, ModuleCount,
 };
 
 /// Logit for "no prompt / no valid point in this window" (MONAI's `NINF_VALUE`).

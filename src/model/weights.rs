@@ -3,16 +3,68 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{bail, Context, Result};
 use tch::{nn, Kind, Tensor};
 
 use super::Vista3dConfig;
-use crate::checkpoint::{DType, RawTensor, StateDict};
+use crate::checkpoint::{
+    describe_mismatch, DType, RawTensor, ShapeMismatch, TensorSource, TensorView, WeightsError,
+};
 
 /// Key whose shape `[E, in_channels, 3, 3, 3]` gives the width of a checkpoint.
 const WIDTH_KEY: &str = "image_encoder.encoder.conv_init.weight";
 /// Key whose first dim gives the number of class embeddings.
 const CLASSES_KEY: &str = "class_head.class_embeddings.weight";
+
+/// How to load a checkpoint's weights into the network.
+///
+/// The default is what the bundle does: strict loading, any width.
+/// ```
+/// let options = vista3d::LoadOptions::default().allow_partial(true).expect_width(48);
+/// assert!(!options.strict);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Every network tensor must be in the checkpoint with its shape, and the checkpoint must hold
+    /// nothing else (default). Otherwise matching tensors are loaded and the rest is reported (and logged).
+    pub strict: bool,
+    /// Refuse a checkpoint of another width (`encoder_embed_dim`); `None` (default) takes the width the
+    /// checkpoint has.
+    pub expected_width: Option<i64>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            strict: true,
+            expected_width: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Loads what matches and reports the rest instead of failing (`strict: false`), as MONAI's
+    /// `load_state_dict(strict=False)`.
+    pub fn allow_partial(mut self, allow: bool) -> Self {
+        self.strict = !allow;
+        self
+    }
+
+    /// Requires this width (`encoder_embed_dim`), or any width with `None`.
+    pub fn expect_width(mut self, width: impl Into<Option<i64>>) -> Self {
+        self.expected_width = width.into();
+        self
+    }
+
+    /// Checks the width found in a checkpoint against [`LoadOptions::expected_width`].
+    pub fn check_width(&self, found: i64) -> Result<(), WeightsError> {
+        match self.expected_width {
+            Some(expected) if expected != found => {
+                Err(WeightsError::WrongWidth { found, expected })
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// What a checkpoint load did.
 #[derive(Debug, Default)]
@@ -24,7 +76,7 @@ pub struct LoadReport {
     /// Checkpoint tensors the model does not have.
     pub unexpected: Vec<String>,
     /// `(name, checkpoint shape, model shape)` for tensors present in both with different shapes.
-    pub mismatched: Vec<(String, Vec<usize>, Vec<i64>)>,
+    pub mismatched: Vec<ShapeMismatch>,
     /// A prefix such as `module.` (DistributedDataParallel) removed from every checkpoint key.
     pub stripped_prefix: Option<String>,
 }
@@ -36,90 +88,58 @@ impl LoadReport {
     }
 
     fn describe(&self) -> String {
-        fn list(names: &[String]) -> String {
-            const SHOWN: usize = 12;
-            let mut s = names
-                .iter()
-                .take(SHOWN)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ");
-            if names.len() > SHOWN {
-                s.push_str(&format!(", ... ({} more)", names.len() - SHOWN));
-            }
-            s
-        }
-        let mut lines = Vec::new();
-        if !self.missing.is_empty() {
-            lines.push(format!(
-                "  missing from the checkpoint ({}): {}",
-                self.missing.len(),
-                list(&self.missing)
-            ));
-        }
-        if !self.unexpected.is_empty() {
-            lines.push(format!(
-                "  not in the model ({}): {}",
-                self.unexpected.len(),
-                list(&self.unexpected)
-            ));
-        }
-        if !self.mismatched.is_empty() {
-            let shown: Vec<String> = self
-                .mismatched
-                .iter()
-                .map(|(n, ck, m)| format!("{n}: checkpoint {ck:?} vs model {m:?}"))
-                .collect();
-            lines.push(format!(
-                "  wrong shape ({}): {}",
-                self.mismatched.len(),
-                list(&shown)
-            ));
-        }
-        lines.join("\n")
+        describe_mismatch(&self.missing, &self.unexpected, &self.mismatched)
     }
 }
 
-/// Returns the checkpoint's keys with a common wrapper prefix (`module.`, `network.`, `model.`) removed when
-/// that prefix is on every key and the bare names are VISTA3D's.
-fn normalised_keys(sd: &StateDict) -> (HashMap<String, &RawTensor>, Option<String>) {
-    let has_bare = sd.tensors.iter().any(|(k, _)| k == WIDTH_KEY);
+/// The checkpoint's tensors by name, with a common wrapper prefix (`module.`, `network.`, `model.`)
+/// removed when that prefix is on every key and the bare names are VISTA3D's.
+fn normalised_keys<'a>(
+    views: &[TensorView<'a>],
+) -> (HashMap<&'a str, TensorView<'a>>, Option<String>) {
+    let has_bare = views.iter().any(|v| v.name == WIDTH_KEY);
     if !has_bare {
         for prefix in ["module.", "network.", "model."] {
-            if !sd.tensors.is_empty() && sd.tensors.iter().all(|(k, _)| k.starts_with(prefix)) {
-                let map = sd
-                    .tensors
+            if !views.is_empty() && views.iter().all(|v| v.name.starts_with(prefix)) {
+                let map = views
                     .iter()
-                    .map(|(k, t)| (k[prefix.len()..].to_string(), t))
+                    .map(|v| (&v.name[prefix.len()..], *v))
                     .collect();
                 return (map, Some(prefix.to_string()));
             }
         }
     }
-    (
-        sd.tensors.iter().map(|(k, t)| (k.clone(), t)).collect(),
-        None,
-    )
+    (views.iter().map(|v| (v.name, *v)).collect(), None)
 }
 
 /// Reads the network configuration (width, input channels, class-table size) from a checkpoint's shapes.
-pub fn detect_config(sd: &StateDict) -> Result<Vista3dConfig> {
-    let (keys, _) = normalised_keys(sd);
+pub fn detect_config(source: &impl TensorSource) -> Result<Vista3dConfig, WeightsError> {
+    config_of(&source.tensor_views())
+}
+
+fn config_of(views: &[TensorView<'_>]) -> Result<Vista3dConfig, WeightsError> {
+    let (keys, _) = normalised_keys(views);
     let Some(conv_init) = keys.get(WIDTH_KEY) else {
-        let examples: Vec<&str> = sd.tensors.iter().take(5).map(|(k, _)| k.as_str()).collect();
-        bail!(
-            "not a VISTA3D checkpoint: it has no '{WIDTH_KEY}' ({} tensors, first: {})",
-            sd.tensors.len(),
-            if examples.is_empty() {
-                "none".to_string()
-            } else {
-                examples.join(", ")
-            }
-        );
+        let examples: Vec<&str> = views.iter().take(5).map(|v| v.name).collect();
+        return Err(WeightsError::NotVista3d {
+            detail: format!(
+                "it has no '{WIDTH_KEY}' ({} tensors, first: {})",
+                views.len(),
+                if examples.is_empty() {
+                    "none".to_string()
+                } else {
+                    examples.join(", ")
+                }
+            ),
+        });
     };
-    let s = &conv_init.shape;
+    let s = conv_init.shape;
     if s.len() != 5 || s[2..] != [3, 3, 3] {
-        bail!("'{WIDTH_KEY}' has shape {s:?}; VISTA3D's is [E, in_channels, 3, 3, 3]");
+        return Err(WeightsError::NotVista3d {
+            detail: format!(
+                "'{WIDTH_KEY}' has shape {s:?}; VISTA3D's is [E, in_channels, 3, 3, 3]"
+            ),
+        });
     }
     let mut config = Vista3dConfig::with_width(s[0] as i64);
     config.in_channels = s[1] as i64;
@@ -128,7 +148,11 @@ pub fn detect_config(sd: &StateDict) -> Result<Vista3dConfig> {
             config.n_classes = classes.shape[0] as i64;
         }
     }
-    config.validate().context("unsupported checkpoint width")?;
+    config
+        .validate()
+        .map_err(|e| WeightsError::UnsupportedNetwork {
+            detail: format!("{e:#}"),
+        })?;
     Ok(config)
 }
 
@@ -154,10 +178,23 @@ pub fn to_tensor(raw: &RawTensor) -> Tensor {
 }
 
 /// Copies the checkpoint's tensors into the variables of `vs` (converted to each variable's dtype and
-/// device). With `strict`, any missing, unexpected or wrongly shaped tensor is an error listing all of them
-/// and nothing is changed; otherwise matching tensors are loaded and the rest is reported.
-pub fn load_weights(vs: &nn::VarStore, sd: &StateDict, strict: bool) -> Result<LoadReport> {
-    let (keys, stripped_prefix) = normalised_keys(sd);
+/// device). Strict loading ([`LoadOptions::strict`]) fails on any missing, unexpected or wrongly shaped
+/// tensor, listing all of them, and changes nothing; otherwise matching tensors are loaded and the rest is
+/// reported.
+pub fn load_weights(
+    vs: &nn::VarStore,
+    source: &impl TensorSource,
+    options: &LoadOptions,
+) -> Result<LoadReport, WeightsError> {
+    let views = source.tensor_views();
+    let (keys, stripped_prefix) = normalised_keys(&views);
+    if options.expected_width.is_some() {
+        if let Some(conv_init) = keys.get(WIDTH_KEY) {
+            if let Some(&width) = conv_init.shape.first() {
+                options.check_width(width as i64)?;
+            }
+        }
+    }
     let vars = vs.variables();
     let mut report = LoadReport {
         stripped_prefix,
@@ -170,9 +207,9 @@ pub fn load_weights(vs: &nn::VarStore, sd: &StateDict, strict: bool) -> Result<L
         let var = &vars[name];
         match keys.get(name.as_str()) {
             None => report.missing.push(name.clone()),
-            Some(raw) => {
+            Some(view) => {
                 let model_shape = var.size();
-                if raw
+                if view
                     .shape
                     .iter()
                     .map(|&d| d as i64)
@@ -180,30 +217,35 @@ pub fn load_weights(vs: &nn::VarStore, sd: &StateDict, strict: bool) -> Result<L
                 {
                     report
                         .mismatched
-                        .push((name.clone(), raw.shape.clone(), model_shape));
+                        .push((name.clone(), view.shape.to_vec(), model_shape));
                 } else {
-                    to_copy.push((var, *raw));
+                    to_copy.push((var, *view));
                 }
             }
         }
     }
     let mut unexpected: Vec<String> = keys
         .keys()
-        .filter(|k| !vars.contains_key(k.as_str()))
-        .cloned()
+        .filter(|k| !vars.contains_key(**k))
+        .map(|k| k.to_string())
         .collect();
     unexpected.sort();
     report.unexpected = unexpected;
-    if strict && !report.is_exact() {
-        bail!(
-            "the checkpoint does not match the model (strict loading):\n{}",
-            report.describe()
-        );
+    if options.strict && !report.is_exact() {
+        return Err(WeightsError::Mismatch {
+            missing: report.missing,
+            unexpected: report.unexpected,
+            mismatched: report.mismatched,
+        });
     }
     tch::no_grad(|| {
-        for (var, raw) in &to_copy {
-            let src = to_tensor(raw).to_kind(var.kind()).to_device(var.device());
+        for (var, view) in &to_copy {
+            let shape: Vec<i64> = view.shape.iter().map(|&d| d as i64).collect();
+            let src = Tensor::from_data_size(view.data, &shape, kind_of(view.dtype))
+                .to_kind(var.kind())
+                .to_device(var.device());
             var.shallow_clone().copy_(&src);
+            source.release(view);
         }
     });
     report.loaded = to_copy.len();

@@ -22,7 +22,6 @@ pub mod record;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};

@@ -72,7 +72,7 @@ impl Model {
                     path.display(),
                     device_name(device)
                 );
-                let m = crate::load_model(path, device, true)?;
+                let m = crate::load_model(path, device, &crate::LoadOptions::default())?;
                 let identity = checkpoint_identity(path, cache_dir)?;
                 (m.vs, m.net, Some(identity))
             }

@@ -41,9 +41,9 @@ use crate::{fsutil, runtime};
 /// File name of the resumable checkpoint in `ckpt_dir`.
 pub const LAST_CHECKPOINT: &str = "last.safetensors";
 /// Prefix of the network tensors inside [`LAST_CHECKPOINT`].
-const MODEL_PREFIX: &str = "model.";
+const MODEL_PREFIX: &str = checkpoint::TRAINING_MODEL_PREFIX;
 /// Metadata key of the training state inside [`LAST_CHECKPOINT`].
-const STATE_KEY: &str = "vista3d.training_state";
+const STATE_KEY: &str = checkpoint::TRAINING_STATE_KEY;
 
 /// Everything the training loop reads from the configuration.
 #[derive(Debug, Clone)]
@@ -328,7 +328,8 @@ fn build_model(settings: &TrainSettings, device: Device) -> Result<(nn::VarStore
     let vs = nn::VarStore::new(device);
     let net = Vista3d::new(&vs.root(), config)?;
     if let (Some(sd), Some(path)) = (&sd, &settings.finetune) {
-        let report = model::load_weights(&vs, sd, settings.finetune_strict)
+        let options = model::LoadOptions::default().allow_partial(!settings.finetune_strict);
+        let report = model::load_weights(&vs, sd, &options)
             .with_context(|| format!("finetune_model_path {}", path.display()))?;
         ensure!(
             report.loaded > 0,
@@ -365,7 +366,7 @@ fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainSta
     let state: TrainState = serde_json::from_str(state_json)
         .with_context(|| format!("{}: unreadable training state", path.display()))?;
     drop(bytes);
-    let sd = checkpoint::read_checkpoint(path)?;
+    let sd = checkpoint::read_all_tensors(path)?;
     let weights = checkpoint::StateDict {
         format: sd.format,
         tensors: sd
@@ -377,7 +378,7 @@ fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainSta
             })
             .collect(),
     };
-    model::load_weights(vs, &weights, true).with_context(|| {
+    model::load_weights(vs, &weights, &model::LoadOptions::default()).with_context(|| {
         format!(
             "{}: the weights do not fit the configured network",
             path.display()
@@ -390,7 +391,7 @@ fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainSta
 }
 
 /// Writes [`LAST_CHECKPOINT`] atomically: weights, optimizer state and the training state.
-fn save_last(path: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> Result<()> {
+pub fn save_last(path: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> Result<()> {
     let mut tensors: Vec<(String, RawTensor)> = state_dict(vs)?
         .into_iter()
         .map(|(n, t)| (format!("{MODEL_PREFIX}{n}"), t))
@@ -403,7 +404,7 @@ fn save_last(path: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) ->
             state.encoder_embed_dim.to_string(),
         ),
     ]);
-    checkpoint::write_safetensors(path, &tensors, Some(meta))
+    Ok(checkpoint::write_safetensors(path, &tensors, Some(meta))?)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
@@ -628,7 +629,10 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         Ok(Some(d))
     };
     let save_best = |vs: &nn::VarStore| -> Result<()> {
-        checkpoint::write_torch_state_dict(&best_path, &state_dict(vs)?)
+        Ok(checkpoint::write_torch_state_dict(
+            &best_path,
+            &state_dict(vs)?,
+        )?)
     };
 
     install_interrupt_handler();

@@ -43,7 +43,7 @@ pub fn export_command(req: &ExportRequest) -> Result<()> {
     let vs_holder;
     let (net, source) = match (&req.checkpoint, req.random_width) {
         (Some(path), None) => {
-            let m = crate::load_model(path, Device::Cpu, true)?;
+            let m = crate::load_model(path, Device::Cpu, &crate::LoadOptions::default())?;
             let sha256 = sha256_file(path)?;
             vs_holder = m.vs;
             let source = WeightsSource::Checkpoint {
