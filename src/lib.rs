@@ -13,6 +13,7 @@ pub mod io;
 pub mod model;
 pub mod numerics;
 pub mod pipeline;
+pub mod preview;
 pub mod prompts;
 pub mod runtime;
 pub mod training;
