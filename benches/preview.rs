@@ -1,6 +1,6 @@
 //! Cost of a QC preview per case: rendering (label checks and counts, slices, overlays, legend) and writing the
-//! PNG, on TotalSegmentator's example CT and on a synthetic 512 x 512 x 300 CT with 40 classes; plus a
-//! thumbnail and a contact sheet of 100 thumbnails.
+//! PNG, on TotalSegmentator's example CT and on a synthetic 512 x 512 x 300 CT with 40 classes (and with every
+//! body voxel labelled, the worst case for the label pass); plus thumbnails and a contact sheet of 100 thumbnails.
 //!
 //!     cargo bench --bench preview -- --runs 5 [--threads 2]
 //!
@@ -117,6 +117,15 @@ fn main() -> Result<()> {
     let mut labels = Array3::<f32>::zeros(ct.data.raw_dim());
     labels.slice_mut(s![.., .., 82..112]).assign(&seg);
     let (big_ct, big_labels) = synthetic();
+    // The worst case for the label pass: every body voxel labelled (as after an "everything" run), 117 classes in
+    // blocks of 40 x 40 x 30 voxels.
+    let dense = Array3::from_shape_fn(big_ct.data.raw_dim(), |(i, j, k)| {
+        if big_ct.data[[i, j, k]] > -1000.0 {
+            ((i / 40 + j / 40 * 13 + k / 30 * 7) % 117 + 1) as f32
+        } else {
+            0.0
+        }
+    });
 
     println!("| case | voxels | render, ms | PNG write, ms | total, ms | PNG size |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -124,6 +133,11 @@ fn main() -> Result<()> {
     for (name, ct, labels) in [
         ("example_ct 122x101x112, 41 classes", &ct, &labels),
         ("synthetic 512x512x300, 40 classes", &big_ct, &big_labels),
+        (
+            "synthetic 512x512x300, body all labelled, 117 classes",
+            &big_ct,
+            &dense,
+        ),
     ] {
         let opts = PreviewOptions::default();
         let path = out.join("preview.png");

@@ -249,12 +249,16 @@ fn label_stats(labels: &Array3<f32>) -> Result<LabelStats, PreviewError> {
     };
     struct Acc {
         voxels: Box<[u64; 256]>,
-        per_axis: [Vec<u64>; 3],
+        /// Class voxels per index along the first two axes.
+        per_axis: [Vec<u64>; 2],
+        /// Along the last axis, as differences: +1 where a run of class voxels starts, -1 after it ends.
+        last_axis_diff: Vec<i64>,
         bad: Option<(f32, [usize; 3])>,
     }
     let new = || Acc {
         voxels: Box::new([0; 256]),
-        per_axis: [vec![0; dims[0]], vec![0; ny], vec![0; nz]],
+        per_axis: [vec![0; dims[0]], vec![0; ny]],
+        last_axis_diff: vec![0; nz + 1],
         bad: None,
     };
     let slab = (ny * nz).max(1);
@@ -264,12 +268,8 @@ fn label_stats(labels: &Array3<f32>) -> Result<LabelStats, PreviewError> {
         .fold(new, |mut acc, (i, chunk)| {
             let mut in_slab = 0u64;
             for (j, row) in chunk.chunks(nz.max(1)).enumerate() {
-                // Most rows of a label map are background: one vectorised OR of the bit patterns finds them.
-                if row.iter().fold(0u32, |acc, v| acc | v.to_bits()) == 0 {
-                    acc.voxels[0] += row.len() as u64;
-                    continue;
-                }
-                // Runs of equal values (label maps are piecewise constant): each value is checked once per run.
+                // Runs of equal values (label maps are piecewise constant), found 8 values at a time: each value
+                // is checked and counted once per run.
                 let mut in_row = 0u64;
                 let mut k = 0;
                 while k < row.len() {
@@ -299,9 +299,8 @@ fn label_stats(labels: &Array3<f32>) -> Result<LabelStats, PreviewError> {
                         acc.voxels[c as usize] += run;
                         if c != u32::from(NOT_COMPUTED) {
                             in_row += run;
-                            for h in &mut acc.per_axis[2][k..run_end] {
-                                *h += 1;
-                            }
+                            acc.last_axis_diff[k] += 1;
+                            acc.last_axis_diff[run_end] -= 1;
                         }
                     }
                     k = run_end;
@@ -316,10 +315,13 @@ fn label_stats(labels: &Array3<f32>) -> Result<LabelStats, PreviewError> {
             for (x, y) in a.voxels.iter_mut().zip(b.voxels.iter()) {
                 *x += y;
             }
-            for axis in 0..3 {
+            for axis in 0..2 {
                 for (x, y) in a.per_axis[axis].iter_mut().zip(&b.per_axis[axis]) {
                     *x += y;
                 }
+            }
+            for (x, y) in a.last_axis_diff.iter_mut().zip(&b.last_axis_diff) {
+                *x += y;
             }
             a.bad = match (a.bad, b.bad) {
                 (Some(x), Some(y)) => Some(if y.1 < x.1 { y } else { x }),
@@ -330,9 +332,19 @@ fn label_stats(labels: &Array3<f32>) -> Result<LabelStats, PreviewError> {
     if let Some((value, voxel)) = acc.bad {
         return Err(PreviewError::InvalidLabel { value, voxel });
     }
+    let [first, second] = acc.per_axis;
+    let last: Vec<u64> = acc
+        .last_axis_diff
+        .iter()
+        .take(nz)
+        .scan(0i64, |running, d| {
+            *running += d;
+            Some(*running as u64)
+        })
+        .collect();
     Ok(LabelStats {
         voxels: acc.voxels,
-        per_axis: acc.per_axis,
+        per_axis: [first, second, last],
     })
 }
 
