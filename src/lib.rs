@@ -13,6 +13,7 @@ pub mod inference;
 pub mod io;
 pub mod model;
 pub mod numerics;
+pub mod preview;
 pub mod prompts;
 pub mod runtime;
 pub mod segmenter;

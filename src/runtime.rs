@@ -82,11 +82,19 @@ pub fn libtorch_dir() -> Option<std::path::PathBuf> {
 /// (`site-packages/onnxruntime/capi/`), then the install prefix of `scripts/install.sh` (`<bin>/../lib`, and the
 /// folder libtorch was loaded from). Candidates are returned in that order; the first that exists should be used.
 pub fn onnxruntime_candidates() -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        out.push(std::path::PathBuf::from(p));
+    }
+    out.extend(onnxruntime_beside_libtorch());
+    out
+}
+
+/// ONNX Runtime libraries found without any environment variable: in the Python environment of the libtorch the
+/// binary runs against, in the folder libtorch was loaded from, and in `<bin>/../lib` (the install prefix).
+pub fn onnxruntime_beside_libtorch() -> Vec<std::path::PathBuf> {
     use std::path::PathBuf;
     let mut out: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(p));
-    }
     let in_dir = |dir: &std::path::Path| -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
             .map(|rd| {

@@ -136,6 +136,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         args.input_dir.clone().or(config.input_dir.clone()),
     ) {
         (Some(list), _) => BatchInput::List(list.clone()),
+        (None, Some(dir)) if args.dicom => BatchInput::DicomTree(dir),
         (None, Some(dir)) => BatchInput::Dir {
             dir,
             suffix: args
