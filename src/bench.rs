@@ -124,6 +124,11 @@ pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
         ..Default::default()
     };
 
+    let windows_per_volume = opts.volume.map_or(0, |v| {
+        crate::inference::window::WindowGrid::new(v, patch, config.overlap)
+            .map_or(0, |g| g.windows().len())
+    });
+    let mut estimated = false;
     let mut results = Vec::new();
     let mut reference: Option<Tensor> = None;
     for &method in &opts.methods {
@@ -171,10 +176,29 @@ pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
         if method == Method::Fp32 && reference.is_none() {
             reference = logits;
         }
-        log::info!(
-            "{method}: model computation {:?} ms",
-            Stats::of(times.clone()).map(|s| s.median)
-        );
+        if let Some(st) = Stats::of(times.clone()) {
+            log::info!("{method}: model computation {:.1} ms (median)", st.median);
+        }
+        if !estimated {
+            estimated = true;
+            if let Some(st) = Stats::of(times.clone()) {
+                let secs = estimate_seconds(st.median / 1e3, opts, windows_per_volume);
+                let text = format!(
+                    "the whole benchmark will take about {} ({} method(s); {} window(s) per end-to-end run)",
+                    humantime::format_duration(std::time::Duration::from_secs(secs as u64)),
+                    opts.methods.len(),
+                    windows_per_volume
+                );
+                if device == Device::Cpu && secs > 300.0 {
+                    log::warn!(
+                        "{text}: this is a CPU; for a quick look use --volume none, fewer --runs, or a smaller \
+                         --random-width"
+                    );
+                } else {
+                    log::info!("{text}");
+                }
+            }
+        }
         let mut e2e = Vec::new();
         if let Some(vol) = &volume {
             for _ in 0..opts.e2e_runs {
@@ -194,10 +218,9 @@ pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
                     }
                 }
             }
-            log::info!(
-                "{method}: end to end {:?} s",
-                Stats::of(e2e.clone()).map(|s| s.median)
-            );
+            if let Some(st) = Stats::of(e2e.clone()) {
+                log::info!("{method}: end to end {:.2} s (median)", st.median);
+            }
         }
         results.push(MethodResult {
             method,
@@ -217,6 +240,14 @@ pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
         labels: opts.labels.clone(),
         results,
     })
+}
+
+/// Seconds the whole benchmark takes when one window takes `window_s`: every method's warm-up and timed windows,
+/// and its end-to-end runs over `windows_per_volume` windows each.
+fn estimate_seconds(window_s: f64, opts: &BenchOptions, windows_per_volume: usize) -> f64 {
+    let per_method = (opts.warmup + opts.runs) as f64 * window_s
+        + (opts.e2e_runs * windows_per_volume) as f64 * window_s;
+    per_method * opts.methods.len() as f64
 }
 
 /// A seeded random CT-like volume (HU in about -1000..1000) of `dims` voxels at `spacing` mm (RAS).
@@ -313,6 +344,20 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.runs), (2.0, 1.0, 3.0, 3));
         assert_eq!(Stats::of(vec![1.0, 2.0, 4.0, 3.0]).unwrap().median, 2.5);
         assert!(Stats::of(vec![]).is_none());
+    }
+
+    #[test]
+    fn the_estimate_counts_every_window() {
+        let opts = BenchOptions {
+            methods: vec![Method::Fp32, Method::Ort],
+            volume: Some([64, 64, 64]),
+            labels: vec![1],
+            runs: 5,
+            e2e_runs: 3,
+            warmup: 2,
+        };
+        // (2 + 5) windows + 3 runs x 8 windows, per method, at 0.5 s a window.
+        assert_eq!(estimate_seconds(0.5, &opts, 8), 2.0 * (7.0 + 24.0) * 0.5);
     }
 
     #[test]

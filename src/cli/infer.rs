@@ -99,6 +99,21 @@ fn output_spec(config: &vista3d::config::InferenceConfig) -> OutputSpec {
     }
 }
 
+/// With `precision_fallback: deny`, refuses before any image is read when the configured method cannot run here.
+fn insist_on_method(segmenter: &Segmenter) -> Result<()> {
+    let c = segmenter.config();
+    if c.precision_fallback == vista3d::config::FallbackPolicy::Deny {
+        let status = segmenter.method_status(c.precision);
+        anyhow::ensure!(
+            status.notes.is_empty(),
+            "precision {} cannot run here and precision_fallback is deny: {}",
+            c.precision,
+            status.notes.join("; ")
+        );
+    }
+    Ok(())
+}
+
 pub fn infer(args: InferArgs) -> Result<()> {
     let config = args.common.config()?.inference()?;
     let image = args
@@ -112,7 +127,9 @@ pub fn infer(args: InferArgs) -> Result<()> {
     batch::check_writable(&config.output_dir)?;
     let weights = args.common.weights(&config)?;
     let output = output_spec(&config);
-    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    let mut segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    segmenter.set_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    insist_on_method(&segmenter)?;
     let relative = PathBuf::from(image.file_name().unwrap_or_default());
     let item = BatchItem::new(image, relative, prompts);
     let out = batch::output_path(&output.dir, &item.relative, &output.postfix);
@@ -156,6 +173,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     batch::check_writable(&output.dir)?;
     let weights = args.common.weights(&config)?;
     let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    insist_on_method(&segmenter)?;
     let opts = BatchOptions {
         output,
         overwrite: args.overwrite,

@@ -25,9 +25,10 @@ const ORT_HINT: &str = "set ORT_DYLIB_PATH to ONNX Runtime 1.31's libonnxruntime
     (`pip install onnxruntime==1.31.1`: <site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1; \
     `. scripts/env.sh` exports it)";
 
-/// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and returns its environment. Errors, never
-/// panics, when the variable is unset, the file is missing or is not a usable ONNX Runtime >= 1.31: all
-/// [`EngineError::Unavailable`].
+/// Loads ONNX Runtime (once per process) from `ORT_DYLIB_PATH`, or else from the first library
+/// [`crate::runtime::onnxruntime_candidates`] finds (beside libtorch, the install prefix), and returns its
+/// environment. Errors, never panics, when nothing is found, the file is missing or is not a usable ONNX
+/// Runtime >= 1.31: all [`EngineError::Unavailable`].
 pub fn ort_environment() -> Result<Environment, EngineError> {
     let mut env = ORT_ENV.lock().map_err(|_| {
         EngineError::Unavailable(
@@ -37,24 +38,33 @@ pub fn ort_environment() -> Result<Environment, EngineError> {
     if let Some(e) = env.as_ref() {
         return Ok(e.clone());
     }
-    let path = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            EngineError::Unavailable(format!(
-                "ONNX Runtime not found: ORT_DYLIB_PATH is not set; {ORT_HINT}"
-            ))
-        })?;
-    if !path.is_file() {
-        return Err(EngineError::Unavailable(format!(
-            "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
-            path.display()
-        )));
-    }
+    let explicit = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty());
+    let path = match &explicit {
+        // An explicit path is honoured or refused, never silently replaced by another library.
+        Some(p) => {
+            let path = PathBuf::from(p);
+            if !path.is_file() {
+                return Err(EngineError::Unavailable(format!(
+                    "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
+                    path.display()
+                )));
+            }
+            path
+        }
+        None => crate::runtime::onnxruntime_candidates()
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                EngineError::Unavailable(format!(
+                    "ONNX Runtime not found: ORT_DYLIB_PATH is not set and no libonnxruntime.so is \
+                     beside libtorch or in the install prefix; {ORT_HINT}"
+                ))
+            })?,
+    };
     let built = ort::init_from(&path)
         .map_err(|e| {
             EngineError::Unavailable(format!(
-                "ONNX Runtime not usable: ORT_DYLIB_PATH={}: {e}; {ORT_HINT}",
+                "ONNX Runtime not usable: {}: {e}; {ORT_HINT}",
                 path.display()
             ))
         })?

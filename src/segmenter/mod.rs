@@ -150,6 +150,7 @@ pub struct RequestPath {
     pipeline: Pipeline,
     table: LabelTable,
     test_panic: Option<String>,
+    progress: bool,
 }
 
 /// The resident request path on a local model (see the module documentation).
@@ -196,6 +197,11 @@ impl Segmenter {
     /// The request logic (shared with other backends).
     pub fn request_path(&self) -> &RequestPath {
         &self.path
+    }
+
+    /// Shows a progress bar of each request's windows on stderr.
+    pub fn set_progress(&mut self, on: bool) {
+        self.path.set_progress(on);
     }
 
     /// Runs one window of `patch_size` through `method` (opening its engine), so that the first request does not
@@ -366,7 +372,13 @@ impl RequestPath {
             pipeline,
             table: LabelTable::bundle(),
             test_panic: std::env::var(TEST_PANIC_ENV).ok().filter(|s| !s.is_empty()),
+            progress: false,
         }
+    }
+
+    /// Shows a progress bar of the windows of each request on stderr (for long single images on a terminal).
+    pub fn set_progress(&mut self, on: bool) {
+        self.progress = on;
     }
 
     /// The settings every request starts from.
@@ -471,9 +483,19 @@ impl RequestPath {
         let image = volume_to_tensor(&processed)
             .map_err(SegmentError::Failed)?
             .to_device(device);
+        let progress = self
+            .progress
+            .then(|| WindowProgress::new(net, &processed.dims(), &window, &net_prompts));
+        let net: &dyn WindowNetwork = match &progress {
+            Some(p) => p,
+            None => net,
+        };
         let labels = infer_labels(net, &image, &net_prompts, &window)
             .with_context(|| format!("segmenting {}", req.name))
             .map_err(SegmentError::Failed)?;
+        if let Some(p) = progress {
+            p.bar.finish_and_clear();
+        }
         timings.push(("inference", t.elapsed().as_secs_f64()));
 
         let t = Instant::now();
@@ -490,6 +512,52 @@ impl RequestPath {
             timings,
             processed_shape: processed.dims(),
         })
+    }
+}
+
+/// A network that ticks a progress bar for every window it runs (the bar's length is the sliding-window count;
+/// point windows run without a known total).
+struct WindowProgress<'a> {
+    inner: &'a dyn WindowNetwork,
+    bar: indicatif::ProgressBar,
+}
+
+impl<'a> WindowProgress<'a> {
+    fn new(
+        inner: &'a dyn WindowNetwork,
+        dims: &[usize; 3],
+        window: &crate::inference::WindowSettings,
+        prompts: &NetworkPrompts,
+    ) -> Self {
+        let sliding = prompts.point_coords.is_none() || !window.use_point_window;
+        let total =
+            crate::inference::window::WindowGrid::new(*dims, window.patch_size, window.overlap)
+                .map(|g| g.windows().len() as u64)
+                .ok()
+                .filter(|_| sliding);
+        let bar = match total {
+            Some(n) => indicatif::ProgressBar::new(n).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} windows, elapsed {elapsed}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            ),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        Self { inner, bar }
+    }
+}
+
+impl WindowNetwork for WindowProgress<'_> {
+    fn forward_window(
+        &self,
+        input: &Tensor,
+        args: &crate::model::ForwardArgs,
+    ) -> anyhow::Result<Tensor> {
+        let out = self.inner.forward_window(input, args);
+        self.bar
+            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
+        out
     }
 }
 

@@ -196,12 +196,19 @@ pub fn evaluate_items(
                 Some(d)
             }
         };
+        let dice_text = match &dice {
+            None => "no label".to_string(),
+            Some(d) => d
+                .iter()
+                .map(|v| format!("{v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         log::info!(
-            "[{}/{}] {}: dice {:?} ({:.1} s) -> {}",
+            "[{}/{}] {}: dice {dice_text} ({:.1} s) -> {}",
             i + 1,
             items.len(),
             item.name(),
-            dice,
             t.elapsed().as_secs_f64(),
             out.display()
         );
