@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh test
+# gloo (Debian's libgloo-dev) for the multi-process tests: built into vista3d's CPU process group.
+bash scripts/install_gloo.sh
 export VISTA3D_DATA="${VISTA3D_DATA:-$PWD/target/data}"
 bash scripts/fetch_data.sh > /dev/null
 # TensorRT headers, so that the TensorRT shim is compiled and tested (no TensorRT library is needed).
@@ -41,5 +43,7 @@ generate transforms tests/fixtures/make_transform_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_transform_fixtures.py --data "$VISTA3D_DATA" --out "$fixtures/transforms"
 generate training tests/fixtures/make_training_fixtures.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_training_fixtures.py --out "$fixtures/training"
+generate ddp tests/fixtures/make_ddp_fixtures.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_ddp_fixtures.py --out "$fixtures/ddp"
 
 cargo test --release --no-fail-fast "$@"

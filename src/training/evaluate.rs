@@ -239,6 +239,70 @@ fn u8_tensor(a: &Array3<u8>) -> Result<Tensor> {
     )
 }
 
+/// Evaluates one item with a loaded network: writes its prediction and computes its Dice (when it has a label).
+/// `seq` is the sequential evaluation map of [`EvalSettings::label_set`] (`LabelMap::sequential(label_set, 1)`).
+pub fn evaluate_item(
+    net: &Vista3d,
+    device: Device,
+    item: &DataItem,
+    mappings: &LabelMappings,
+    settings: &EvalSettings,
+    seq: &LabelMap,
+) -> Result<EvalItem> {
+    let input = read_nifti(&item.image)?;
+    let (header, image) = (input.header, input.volume);
+    let label = load_label_for(item, &image)?;
+    let pred = segment_for_eval(net, device, &image, settings)
+        .with_context(|| format!("segmenting {}", item.image.display()))?;
+    let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
+    write_nifti(&out, &pred, &header, settings.output_dtype)?;
+    let dice = match &label {
+        None => None,
+        Some(l) => {
+            let gt = prepare_ground_truth(l, item, mappings, seq)
+                .with_context(|| format!("label of {}", item.image.display()))?;
+            let mut p = label_to_u8(&pred, "prediction")?;
+            seq.apply(&mut p);
+            Some(per_class_dice_labels(
+                &u8_tensor(&p)?,
+                &u8_tensor(&gt)?,
+                settings.num_classes,
+            ))
+        }
+    };
+    Ok(EvalItem {
+        image: item.image.clone(),
+        prediction: out,
+        dice,
+    })
+}
+
+/// The report of evaluated items (in datalist order): per-image Dice of the labelled ones and their aggregate
+/// (nothing is written).
+pub fn build_report(items: Vec<EvalItem>) -> Result<EvalReport> {
+    let mut details = MetricDetails {
+        name: METRIC_NAME.into(),
+        images: Vec::new(),
+        values: Vec::new(),
+    };
+    for it in &items {
+        if let Some(d) = &it.dice {
+            details.images.push(it.image.display().to_string());
+            details.values.push(d.clone());
+        }
+    }
+    ensure!(
+        !details.values.is_empty(),
+        "no evaluated item has a label: nothing to compute Dice on"
+    );
+    let mean_dice = details.aggregate();
+    Ok(EvalReport {
+        items,
+        details,
+        mean_dice,
+    })
+}
+
 /// Evaluates `items` with a loaded network: writes one prediction per image and the MONAI metric reports.
 pub fn evaluate_items(
     net: &Vista3d,
@@ -250,60 +314,23 @@ pub fn evaluate_items(
     ensure!(!items.is_empty(), "nothing to evaluate: the split is empty");
     let seq = LabelMap::sequential(&settings.label_set, 1)?;
     let mut out_items = Vec::new();
-    let mut details = MetricDetails {
-        name: METRIC_NAME.into(),
-        images: Vec::new(),
-        values: Vec::new(),
-    };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let input = read_nifti(&item.image)?;
-        let (header, image) = (input.header, input.volume);
-        let label = load_label_for(item, &image)?;
-        let pred = segment_for_eval(net, device, &image, settings)
-            .with_context(|| format!("segmenting {}", item.image.display()))?;
-        let out = output_path(&settings.output_dir, &item.image, &settings.output_postfix);
-        write_nifti(&out, &pred, &header, settings.output_dtype)?;
-        let dice = match &label {
-            None => None,
-            Some(l) => {
-                let gt = prepare_ground_truth(l, item, mappings, &seq)
-                    .with_context(|| format!("label of {}", item.image.display()))?;
-                let mut p = label_to_u8(&pred, "prediction")?;
-                seq.apply(&mut p);
-                let d =
-                    per_class_dice_labels(&u8_tensor(&p)?, &u8_tensor(&gt)?, settings.num_classes);
-                details.images.push(item.image.display().to_string());
-                details.values.push(d.clone());
-                Some(d)
-            }
-        };
+        let done = evaluate_item(net, device, item, mappings, settings, &seq)?;
         log::info!(
             "[{}/{}] {}: dice {:?} ({:.1} s) -> {}",
             i + 1,
             items.len(),
             item.name(),
-            dice,
+            done.dice,
             t.elapsed().as_secs_f64(),
-            out.display()
+            done.prediction.display()
         );
-        out_items.push(EvalItem {
-            image: item.image.clone(),
-            prediction: out,
-            dice,
-        });
+        out_items.push(done);
     }
-    ensure!(
-        !details.values.is_empty(),
-        "no evaluated item has a label: nothing to compute Dice on"
-    );
-    write_metrics_reports(&settings.output_dir, &details)?;
-    let mean_dice = details.aggregate();
-    Ok(EvalReport {
-        items: out_items,
-        details,
-        mean_dice,
-    })
+    let report = build_report(out_items)?;
+    write_metrics_reports(&settings.output_dir, &report.details)?;
+    Ok(report)
 }
 
 /// `vista3d evaluate`: loads the datalist and the checkpoint (`checkpoint`, else `ckpt_path`), evaluates the
@@ -324,15 +351,27 @@ pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> R
         .context("no checkpoint: pass --checkpoint or set ckpt_path")?;
     let device =
         crate::runtime::parse_device(&cfg.string("device")?.unwrap_or_else(|| "auto".into()))?;
-    let model = crate::load_model(&ckpt, device, true)?;
-    log::info!(
-        "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {device:?}",
-        items.len(),
-        ckpt.display(),
-        settings.label_set,
-        crate::training::metrics::evaluated_classes(settings.num_classes).len()
-    );
-    evaluate_items(&model.net, device, &items, &mappings, &settings)
+    // Under torchrun / srun (mgpu_evaluate.json): each rank evaluates its share, rank 0 writes the reports.
+    let (group, device) = match crate::distributed::ProcessGroup::from_env(cfg, device)? {
+        Some((g, d)) => (Some(g), d),
+        None => (None, device),
+    };
+    crate::distributed::run_in_group(group, |group| {
+        let model = crate::load_model(&ckpt, device, true)?;
+        log::info!(
+            "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {device:?}",
+            items.len(),
+            ckpt.display(),
+            settings.label_set,
+            crate::training::metrics::evaluated_classes(settings.num_classes).len()
+        );
+        match group {
+            None => evaluate_items(&model.net, device, &items, &mappings, &settings),
+            Some(g) => crate::distributed::evaluate::evaluate_items(
+                g, cfg, &model.net, device, &items, &mappings, &settings,
+            ),
+        }
+    })
 }
 
 /// The `vista3d evaluate` command: layered configs, `--set`s, then `--output-dir` / `--device`; prints the mean
