@@ -90,8 +90,15 @@ fn ddp_worker() {
         true,
     )
     .unwrap();
-    let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+    // The trainable parameters, sorted by name (what the trainer reduces and steps).
+    let mut vars: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let parameter_names = names(&manifest["parameter_names"]);
     let label_prompt = case["label_prompt"].shallow_clone();
     let pairs = PromptPairs {
         label_prompt: Some(label_prompt.shallow_clone()),
@@ -140,10 +147,12 @@ fn ddp_worker() {
             .sum(Kind::Double)
             .double_value(&[])
     };
-    let grad_norms: Vec<f64> = vars
+    let by_name: HashMap<&str, &Tensor> = vars.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    // In the order of PyTorch's parameter names.
+    let grad_norms: Vec<f64> = parameter_names
         .iter()
-        .map(|(_, p)| {
-            let g = p.grad();
+        .map(|n| {
+            let g = by_name[n.as_str()].grad();
             if g.defined() {
                 sq_norm(&g)
             } else {
@@ -151,13 +160,8 @@ fn ddp_worker() {
             }
         })
         .collect();
-    results.push((
-        "grad_sq_norms".into(),
-        raw_f32(&Tensor::from_slice(&grad_norms).to_kind(Kind::Float)).unwrap(),
-    ));
     results.push(("grad_sq_norms_f64".into(), raw_f64(&grad_norms)));
     let selected = names(&manifest["selected"]);
-    let by_name: HashMap<&str, &Tensor> = vars.iter().map(|(n, t)| (n.as_str(), t)).collect();
     for n in &selected {
         results.push((
             format!("grad.{n}"),
@@ -173,7 +177,10 @@ fn ddp_worker() {
     for n in &selected {
         results.push((format!("param1.{n}"), raw_f32(by_name[n.as_str()]).unwrap()));
     }
-    let param_norms: Vec<f64> = vars.iter().map(|(_, p)| sq_norm(p)).collect();
+    let param_norms: Vec<f64> = parameter_names
+        .iter()
+        .map(|n| sq_norm(by_name[n.as_str()]))
+        .collect();
     results.push(("param1_sq_norms".into(), raw_f64(&param_norms)));
     for (n, p) in &vars {
         results.push((format!("all.{n}"), raw_f32(p).unwrap()));

@@ -156,18 +156,24 @@ impl GradientReducer {
             .filter(|(i, (_, p))| used[*i] && !p.grad().defined())
             .map(|(_, (_, p))| p)
             .collect();
-        if missing.is_empty() {
-            return;
-        }
-        // A backward pass of zero creates zero-filled gradients (tch has no way to assign one directly).
-        tch::with_grad(|| {
-            let total = missing.iter().map(|p| p.sum(Kind::Float)).fold(
-                Tensor::zeros([], (Kind::Float, missing[0].device())),
-                |a, b| a + b,
-            );
-            (total * 0.0).backward();
-        });
+        give_zero_gradients(&missing);
     }
+}
+
+/// Gives every tensor of `params` that has no gradient a zero-filled one (a backward pass of zero: tch has no way
+/// to assign a gradient directly). Tensors that have one keep it.
+pub fn give_zero_gradients(params: &[&Tensor]) {
+    let missing: Vec<&&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+    if missing.is_empty() {
+        return;
+    }
+    tch::with_grad(|| {
+        let total = missing.iter().map(|p| p.sum(Kind::Float)).fold(
+            Tensor::zeros([], (Kind::Float, missing[0].device())),
+            |a, b| a + b,
+        );
+        (total * 0.0).backward();
+    });
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 use anyhow::{ensure, Context, Result};
 use tch::Device;
 
-use super::{config_digest, sampler, ProcessGroup};
+use super::{sampler, ProcessGroup};
 use crate::config::{output_path, Config};
 use crate::model::Vista3d;
 use crate::training::data::{LabelMap, LabelMappings};
@@ -38,10 +38,7 @@ pub fn evaluate_items(
     settings: &EvalSettings,
 ) -> Result<EvalReport> {
     ensure!(!items.is_empty(), "nothing to evaluate: the split is empty");
-    group.check_same(
-        "configuration (hash of every key but ckpt_dir, output_dir, device)",
-        &config_digest(cfg),
-    )?;
+    group.check_config(cfg)?;
     group.check_same(
         "network width (encoder_embed_dim of the checkpoint)",
         &net.config.embed_dim.to_string(),

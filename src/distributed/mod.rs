@@ -183,11 +183,9 @@ pub fn rank_device(env: &LaunchEnv, requested: Device) -> anyhow::Result<Device>
 /// them) and the device (`LOCAL_RANK` picks it).
 pub const PER_RANK_KEYS: [&str; 3] = ["ckpt_dir", "output_dir", "device"];
 
-/// A digest of the configuration every rank must share: SHA-256 of its JSON with sorted keys, without
-/// [`PER_RANK_KEYS`]. The first 16 hex digits.
-pub fn config_digest(cfg: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    fn canonical(v: &serde_json::Value, out: &mut String) {
+/// JSON text with object keys sorted, so equal values give equal text.
+fn canonical_json(v: &serde_json::Value) -> String {
+    fn write(v: &serde_json::Value, out: &mut String) {
         match v {
             serde_json::Value::Object(m) => {
                 let mut keys: Vec<&String> = m.keys().collect();
@@ -199,7 +197,7 @@ pub fn config_digest(cfg: &Config) -> String {
                     }
                     out.push_str(&serde_json::Value::String(k.clone()).to_string());
                     out.push(':');
-                    canonical(&m[k], out);
+                    write(&m[k], out);
                 }
                 out.push('}');
             }
@@ -209,21 +207,36 @@ pub fn config_digest(cfg: &Config) -> String {
                     if i > 0 {
                         out.push(',');
                     }
-                    canonical(x, out);
+                    write(x, out);
                 }
                 out.push(']');
             }
             other => out.push_str(&other.to_string()),
         }
     }
-    let mut value = cfg.value.clone();
-    if let Some(m) = value.as_object_mut() {
-        for k in PER_RANK_KEYS {
-            m.remove(k);
-        }
-    }
-    let mut text = String::new();
-    canonical(&value, &mut text);
+    let mut out = String::new();
+    write(v, &mut out);
+    out
+}
+
+/// The configuration every rank must share, key by key (canonical JSON values), without [`PER_RANK_KEYS`].
+fn shared_entries(cfg: &Config) -> std::collections::BTreeMap<String, String> {
+    cfg.value
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !PER_RANK_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), canonical_json(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A digest of the configuration every rank must share: SHA-256 of its JSON with sorted keys, without
+/// [`PER_RANK_KEYS`]. The first 16 hex digits.
+pub fn config_digest(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(&shared_entries(cfg)).unwrap_or_default();
     crate::fsutil::hex(&Sha256::digest(text.as_bytes()))[..16].to_string()
 }
 
@@ -516,6 +529,50 @@ impl ProcessGroup {
         self.broadcast(&mut t, 0)?;
         Vec::<u8>::try_from(t.to_device(Device::Cpu))
             .map_err(|e| DistError::Collective(format!("reading the broadcast bytes: {e}")))
+    }
+
+    /// Checks that every rank runs with the same configuration (every key but [`PER_RANK_KEYS`]); the error names
+    /// the keys that differ, with rank 0's and the other rank's values.
+    pub fn check_config(&self, cfg: &Config) -> Result<(), DistError> {
+        let digest = config_digest(cfg);
+        let digests = self.all_gather_bytes(digest.as_bytes())?;
+        if digests.iter().all(|d| d == &digests[0]) {
+            return Ok(());
+        }
+        let entries = serde_json::to_vec(&shared_entries(cfg)).unwrap_or_default();
+        let all = self.all_gather_bytes(&entries)?;
+        let parsed: Vec<std::collections::BTreeMap<String, String>> = all
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap_or_default())
+            .collect();
+        let short = |v: Option<&String>| match v {
+            None => "nothing".to_string(),
+            Some(v) if v.chars().count() > 60 => {
+                format!("{}...", v.chars().take(57).collect::<String>())
+            }
+            Some(v) => v.clone(),
+        };
+        let mut parts = Vec::new();
+        for (r, entries) in parsed.iter().enumerate().skip(1) {
+            let keys: std::collections::BTreeSet<&String> =
+                parsed[0].keys().chain(entries.keys()).collect();
+            for k in keys {
+                let (a, b) = (parsed[0].get(k), entries.get(k));
+                if a != b {
+                    parts.push(format!(
+                        "{} has {k}={} where rank 0 has {}",
+                        self.describe_rank(r),
+                        short(b),
+                        short(a)
+                    ));
+                }
+            }
+        }
+        Err(DistError::Mismatch(format!(
+            "the ranks disagree on the configuration (every key but {} must be equal): {}",
+            PER_RANK_KEYS.join(", "),
+            parts.join("; ")
+        )))
     }
 
     /// Checks that every rank has the same `value` of `what` (e.g. the configuration hash); the error lists the

@@ -34,7 +34,7 @@ use super::schedule::LrSchedule;
 use super::{cfg_f64, cfg_usize, cfg_usize3, cfg_value};
 use crate::checkpoint::{self, RawTensor};
 use crate::config::Config;
-use crate::distributed::ddp::{GradientReducer, LocalStep};
+use crate::distributed::ddp::{give_zero_gradients, GradientReducer, LocalStep};
 use crate::distributed::{self, sampler, ProcessGroup};
 use crate::inference::{sliding_window, NetworkPrompts, Stitched};
 use crate::model::{self, ForwardArgs, Vista3d, Vista3dConfig};
@@ -262,6 +262,11 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// `(global step, loss)` of every step.
     pub step_losses: Vec<(usize, f64)>,
+    /// Parameters that had a gradient when the state was saved. With `zero_grad(set_to_none=False)` a parameter
+    /// keeps a (zeroed) gradient once it had one, and AdamW steps every parameter with a gradient, even a zero
+    /// one; a resumed run gives these parameters zero gradients again so that it continues exactly.
+    #[serde(default)]
+    pub with_grad: Vec<String>,
 }
 
 /// What a training run did.
@@ -699,9 +704,6 @@ pub struct TrainOptions {
     pub progress: bool,
 }
 
-/// The configuration keys every rank must agree on, for [`ProcessGroup::check_same`].
-const CONFIG_CHECK: &str = "configuration (hash of every key but ckpt_dir, output_dir and device)";
-
 /// Runs the training described by `cfg` (train.json keys) in this process.
 pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
     train_with(cfg, options, None)
@@ -727,7 +729,7 @@ pub fn train_with(
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
     let main = rank == 0;
     if let Some(g) = group {
-        g.check_same(CONFIG_CHECK, &distributed::config_digest(cfg))?;
+        g.check_config(cfg)?;
     }
     let mappings = LabelMappings::from_config(cfg)?;
     let label_set = mappings.label_set();
@@ -771,6 +773,7 @@ pub fn train_with(
         stale_validations: 0,
         history: Vec::new(),
         step_losses: Vec::new(),
+        with_grad: Vec::new(),
     };
     if options.resume {
         // Rank 0 reads the checkpoint and sends it to the others: only rank 0 needs ckpt_dir.
@@ -794,6 +797,19 @@ pub fn train_with(
         };
         state = load_last(&bytes, &last_path, &vs, &mut opt)?;
         drop(bytes);
+        // The gradients the uninterrupted run would hold (older checkpoints: the parameters AdamW has a state for).
+        let with_grad: Vec<&Tensor> = trainable
+            .iter()
+            .filter(|(n, _)| {
+                if state.with_grad.is_empty() {
+                    opt.step_count(n) > 0.0
+                } else {
+                    state.with_grad.contains(n)
+                }
+            })
+            .map(|(_, t)| t)
+            .collect();
+        give_zero_gradients(&with_grad);
         ensure!(
             state.seed == settings.seed,
             "--resume: the checkpoint was trained with seed {}, the configuration says {}",
@@ -1061,6 +1077,11 @@ pub fn train_with(
         }
         state.epochs_done = epoch + 1;
         state.global_step = step;
+        state.with_grad = trainable
+            .iter()
+            .filter(|(_, t)| t.grad().defined())
+            .map(|(n, _)| n.clone())
+            .collect();
         state.scaler = scaler;
         state.step_losses.extend(new_losses);
         state.history.push(EpochRecord {
