@@ -488,4 +488,27 @@ fn ranks_with_different_configurations_refuse_to_start() {
         );
     }
     assert!(!dir.join("models/last.safetensors").exists());
+
+    // A rank that cannot set up its collectives (NCCL asked for on a CPU) ends the other with its error.
+    let port = free_port();
+    let mut ranks = [
+        spawn_rank(&dir, 0, port, &train_args(&cfg, &[])),
+        spawn_rank(
+            &dir,
+            1,
+            port,
+            &train_args(&cfg, &["--set", "dist_backend=\"nccl\""]),
+        ),
+    ];
+    for (r, c) in ranks.iter_mut().enumerate() {
+        let code = wait_until(c, Instant::now() + Duration::from_secs(120));
+        let log = rank_log(&dir, r);
+        assert_eq!(code, Some(1), "rank {r}:\n{log}");
+        // Rank 0 names rank 1; rank 1 says what it could not do.
+        let names_rank = r == 1 || log.contains("rank 1 (host");
+        assert!(
+            names_rank && log.contains("nccl needs CUDA devices"),
+            "rank {r}:\n{log}"
+        );
+    }
 }

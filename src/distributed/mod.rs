@@ -240,6 +240,50 @@ pub fn config_digest(cfg: &Config) -> String {
     crate::fsutil::hex(&Sha256::digest(text.as_bytes()))[..16].to_string()
 }
 
+/// The watchdog's tick for these settings.
+fn watchdog_interval(settings: &DistSettings) -> Duration {
+    watchdog::interval_for(settings.heartbeat_timeout)
+}
+
+/// Sets up the collectives of one rank.
+fn connect_backend(
+    kind: Backend,
+    env: &LaunchEnv,
+    settings: &DistSettings,
+    device: Device,
+    store: &Store,
+    host_name: &str,
+) -> Result<Box<dyn Collective>, DistError> {
+    Ok(match (kind, device) {
+        (Backend::Nccl, Device::Cuda(i)) => Box::new(nccl::NcclBackend::connect(
+            store,
+            env.rank,
+            env.world_size,
+            i,
+        )?),
+        (Backend::Nccl, other) => {
+            return Err(DistError::Launch(format!(
+                "dist_backend nccl needs CUDA devices, this rank runs on {other:?}"
+            )))
+        }
+        (Backend::Gloo, _) => {
+            let iface = std::env::var("GLOO_SOCKET_IFNAME")
+                .ok()
+                .filter(|s| !s.is_empty());
+            let host = gloo::local_address_towards(&env.master_addr, env.master_port)
+                .unwrap_or_else(|| host_name.to_string());
+            Box::new(gloo::GlooBackend::connect(
+                store,
+                env.rank,
+                env.world_size,
+                &host,
+                iface.as_deref(),
+                settings.timeout,
+            )?)
+        }
+    })
+}
+
 /// One process of a multi-process run.
 pub struct ProcessGroup {
     env: LaunchEnv,
@@ -304,39 +348,7 @@ impl ProcessGroup {
                 pid: pid.parse().unwrap_or(0),
             });
         }
-        let backend_kind = settings.backend.unwrap_or(if device.is_cuda() {
-            Backend::Nccl
-        } else {
-            Backend::Gloo
-        });
-        let backend: Box<dyn Collective> = match (backend_kind, device) {
-            (Backend::Nccl, Device::Cuda(i)) => Box::new(nccl::NcclBackend::connect(
-                &store,
-                env.rank,
-                env.world_size,
-                i,
-            )?),
-            (Backend::Nccl, other) => {
-                return Err(DistError::Launch(format!(
-                    "dist_backend nccl needs CUDA devices, this rank runs on {other:?}"
-                )))
-            }
-            (Backend::Gloo, _) => {
-                let iface = std::env::var("GLOO_SOCKET_IFNAME")
-                    .ok()
-                    .filter(|s| !s.is_empty());
-                let host = gloo::local_address_towards(&env.master_addr, env.master_port)
-                    .unwrap_or_else(|| me.host.clone());
-                Box::new(gloo::GlooBackend::connect(
-                    &store,
-                    env.rank,
-                    env.world_size,
-                    &host,
-                    iface.as_deref(),
-                    settings.timeout,
-                )?)
-            }
-        };
+        // The watchdog first: a rank that fails to set up its collectives then ends the others too.
         let watchdog_store = Store::connect(
             &env.master_addr,
             env.master_port,
@@ -345,7 +357,7 @@ impl ProcessGroup {
             settings.timeout,
             &prefix,
         )?;
-        let watchdog = Watchdog::start(
+        let mut watchdog = Watchdog::start(
             watchdog_store,
             WatchdogSettings {
                 rank: env.rank,
@@ -356,6 +368,25 @@ impl ProcessGroup {
             },
             peers.clone(),
         );
+        let backend_kind = settings.backend.unwrap_or(if device.is_cuda() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        });
+        let backend = match connect_backend(backend_kind, &env, &settings, device, &store, &me.host)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                let message = format!("{} failed: {e}", watchdog::describe(env.rank, &peers));
+                watchdog::post_failure(&store, env.rank, &message);
+                watchdog.stop();
+                if env.hosts_store() {
+                    // Let the others read the message before the store goes away.
+                    std::thread::sleep(watchdog_interval(&settings) * 3);
+                }
+                return Err(e);
+            }
+        };
         log::info!(
             "joined the process group: {}, {} on {device:?}",
             env.describe(),
@@ -620,11 +651,7 @@ impl ProcessGroup {
             }
         }
         if self.env.hosts_store() {
-            std::thread::sleep(
-                (self.settings.heartbeat_timeout / 5)
-                    .clamp(Duration::from_millis(50), Duration::from_secs(1))
-                    * 3,
-            );
+            std::thread::sleep(watchdog_interval(&self.settings) * 3);
         }
     }
 

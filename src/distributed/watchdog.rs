@@ -54,9 +54,9 @@ pub struct WatchdogSettings {
 }
 
 impl WatchdogSettings {
-    /// Time between ticks: a fifth of the timeout, between 50 ms and 1 s.
+    /// Time between ticks (see [`interval_for`]).
     pub fn interval(&self) -> Duration {
-        (self.heartbeat_timeout / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
+        interval_for(self.heartbeat_timeout)
     }
 
     /// The ranks whose heartbeats this rank watches: its ring neighbours.
@@ -68,6 +68,11 @@ impl WatchdogSettings {
         v.retain(|&r| r != self.rank);
         v
     }
+}
+
+/// Time between the watchdog's ticks for a heartbeat timeout: a fifth of it, between 50 ms and 1 s.
+pub fn interval_for(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 /// The running watchdog thread.
