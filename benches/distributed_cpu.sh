@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training steps per second with 1 and 2 processes on the CPU (gloo), and the share of the step spent in the
 # gradient all-reduce: the phantom demo (models/prep_phantoms.py: 4 training phantoms) at width WIDTH with
-# PATCH^3 patches, EPOCHS epochs without validation. One process uses all THREADS threads; two processes (started
-# by torchrun) use THREADS/2 each. The first epoch is a warm-up and is not counted.
+# PATCH^3 patches, EPOCHS epochs without validation. Runs: one process with THREADS threads, one process with
+# 1 thread, two processes (started by torchrun) with THREADS/2 threads each. The first epoch is a warm-up and is
+# not counted.
 #
 #   bash benches/distributed_cpu.sh [WIDTH=8] [PATCH=32] [EPOCHS=4] [THREADS=2]
 #
@@ -35,8 +36,8 @@ print(path)
 EOF
 }
 
-summary() { # summary NAME PROCESSES -> one table row
-    "$VISTA3D_PYTHON" - "$work/$1/logs/metrics.jsonl" "$2" "$width" "$patch" "$threads" <<'EOF'
+summary() { # summary NAME PROCESSES THREADS -> one table row
+    "$VISTA3D_PYTHON" - "$work/$1/logs/metrics.jsonl" "$2" "$width" "$patch" "$3" <<'EOF'
 import json, sys
 path, procs, width, patch, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 all_recs = [json.loads(l) for l in open(path)]
@@ -45,17 +46,20 @@ steps = recs[-1]["step"] - warm["step"]
 secs = sum(r["seconds"] for r in recs)
 ar = sum(r.get("allreduce_seconds") or 0.0 for r in recs)
 patches = steps * procs
-print(f"| {procs} x {threads // procs} thread(s) | {width} | {patch}^3 | {steps} | {secs:.1f} | {steps / secs:.3f} | "
+print(f"| {procs} x {threads} thread(s) | {width} | {patch}^3 | {steps} | {secs:.1f} | {steps / secs:.3f} | "
       f"{patches / secs:.3f} | {100 * ar / secs:.1f}% |")
 EOF
 }
 
 cfg1="$(config single)"
 "$bin" train --config "$cfg1" --threads "$threads" > "$work/single.log" 2>&1
+cfg0="$(config single1)"
+"$bin" train --config "$cfg0" --threads 1 > "$work/single1.log" 2>&1
 cfg2="$(config pair)"
 "$torchrun" --no-python --standalone --nproc_per_node=2 "$bin" train --config "$cfg2" \
     --threads "$((threads / 2 > 0 ? threads / 2 : 1))" > "$work/pair.log" 2>&1
 echo "| processes | width | patch | steps counted | seconds | optimizer steps/s | patches/s | all-reduce share |"
 echo "|---|---:|---|---:|---:|---:|---:|---:|"
-summary single 1
-summary pair 2
+summary single 1 "$threads"
+summary single1 1 1
+summary pair 2 "$((threads / 2 > 0 ? threads / 2 : 1))"

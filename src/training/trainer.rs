@@ -9,6 +9,10 @@
 //! after every epoch a resumable `last.safetensors` (weights, optimizer, loss scaler, history) replaces the
 //! previous one atomically, followed by `metrics.jsonl`, `metrics.csv` and `training_curves.png` in
 //! `output_dir`.
+//!
+//! Launched by torchrun or srun ([`crate::distributed`]), the same loop runs as one rank of a process group, as
+//! the bundle's `multi_gpu_train.json` (see [`train_with`]): after every backward pass the gradients are averaged
+//! across the ranks, the ranks agree on skipped steps and on Ctrl-C, and only rank 0 writes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
