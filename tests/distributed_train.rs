@@ -415,7 +415,7 @@ fn a_dead_rank_ends_the_other_with_an_error_naming_it() {
         let dir = work_dir(&format!("kill_rank{victim}"));
         let cfg = write_config(
             &dir,
-            json!({"epochs": 1000, "val_interval": 1000, "dist_heartbeat_timeout": 5}),
+            json!({"epochs": 1000, "val_interval": 1000, "dist_heartbeat_timeout": 8}),
         );
         let port = free_port();
         let args = train_args(&cfg, &[]);
