@@ -178,7 +178,8 @@ fn shim_bindgen_builder() -> Result<bindgen::Bindings, bindgen::BindgenError> {
 /// - `gloo_shim.cpp` (gloo's collectives), built as a shared object linked with Debian's `libgloo.so` when gloo's
 ///   headers are found (`GLOO_INCLUDE_DIR`, else `/usr/include`): `cfg(vista3d_gloo_shim)`, and
 ///   `VISTA3D_GLOO_SHIM_SO` names the object that the binary embeds and loads at run time with `RTLD_DEEPBIND`
-///   (libtorch_cpu exports an incompatible copy of gloo's symbols). `VISTA3D_NO_GLOO=1` skips it.
+///   (libtorch_cpu exports an incompatible copy of gloo's symbols). `VISTA3D_NO_GLOO=1` skips it;
+///   `VISTA3D_NO_C10D=1` skips both (to check the build without them).
 ///
 /// Either one missing only disables multi-process runs (with an error at run time), never the build.
 fn c10d_shims() {
@@ -190,7 +191,11 @@ fn c10d_shims() {
     println!("cargo:rerun-if-changed=shim/c10d/gloo_shim.h");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
     println!("cargo:rerun-if-env-changed=VISTA3D_NO_GLOO");
+    println!("cargo:rerun-if-env-changed=VISTA3D_NO_C10D");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    if std::env::var_os("VISTA3D_NO_C10D").is_some() {
+        return;
+    }
     if c10d_store_shim() {
         println!("cargo::rustc-cfg=vista3d_c10d_store");
     }
