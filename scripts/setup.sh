@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
+# Optional: gloo for multi-process training on CPUs (GPUs use NCCL from the torch wheel).
+bash scripts/install_gloo.sh || echo "[setup] no gloo: multi-process runs on CPUs will be unavailable" >&2
 cargo build --release
 bash scripts/fetch_data.sh > /dev/null
 bin=target/release/vista3d

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh test
+# gloo (Debian's libgloo-dev) for the multi-process tests: built into vista3d's CPU process group.
+bash scripts/install_gloo.sh
 export VISTA3D_DATA="${VISTA3D_DATA:-$PWD/target/data}"
 bash scripts/fetch_data.sh > /dev/null
 # DICOM oracles from Debian: dcm2niix (the reference geometry) and dicom3tools' dciodvfy (SEG validation).
@@ -50,5 +52,7 @@ generate training tests/fixtures/make_training_fixtures.py -- \
 generate dicom tests/fixtures/make_dicom_cases.py -- \
     "$VISTA3D_PYTHON" tests/fixtures/make_dicom_cases.py --ct-small "$VISTA3D_DATA/pydicom/CT_small.dcm" \
     --example "$VISTA3D_DATA/totalsegmentator/example_ct_dicom" --out "$fixtures/dicom"
+generate ddp tests/fixtures/make_ddp_fixtures.py -- \
+    "$VISTA3D_PYTHON" tests/fixtures/make_ddp_fixtures.py --out "$fixtures/ddp"
 
 cargo test --release --no-fail-fast "$@"

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod engines;
 pub mod fsutil;
 pub mod inference;

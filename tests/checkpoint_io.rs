@@ -911,6 +911,7 @@ mod network {
             stale_validations: 0,
             history: Vec::new(),
             step_losses: vec![(1, 0.5)],
+            with_grad: Vec::new(),
         };
         save_last(path, &vs, &opt, &state).expect("save_last");
         (state_dict(&vs).expect("state dict"), trainable.len())

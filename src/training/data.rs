@@ -490,6 +490,9 @@ impl Shared {
 pub struct TrainLoader {
     shared: Arc<Shared>,
     seed: u64,
+    /// This process's rank and the number of ranks (DistributedSampler); `(0, 1)` alone.
+    rank: usize,
+    world: usize,
 }
 
 impl TrainLoader {
@@ -543,12 +546,24 @@ impl TrainLoader {
                 mappings: mappings.clone(),
             }),
             seed,
+            rank: 0,
+            world: 1,
         })
     }
 
-    /// Patches per epoch (`items * num_patches_per_image`).
+    /// The loader of rank `rank` of `world`: each epoch's shuffled list is padded to a multiple of `world` and rank
+    /// `r` takes positions `r, r + world, ...` (`DistributedSampler(even_divisible=True, shuffle=True)` with
+    /// `set_epoch`), so every rank runs the same number of steps and together they cover every item.
+    pub fn sharded(mut self, rank: usize, world: usize) -> TrainLoader {
+        self.world = world.max(1);
+        self.rank = rank.min(self.world - 1);
+        self
+    }
+
+    /// Patches per epoch on this rank (`items * num_patches_per_image` alone; `ceil(items / world)` items per rank).
     pub fn len(&self) -> usize {
-        self.shared.items.len() * self.shared.settings.patches_per_image
+        crate::distributed::sampler::shard_len(self.shared.items.len(), self.rank, self.world, true)
+            * self.shared.settings.patches_per_image
     }
 
     /// `true` when there is nothing to train on (never, once constructed).
@@ -566,14 +581,20 @@ impl TrainLoader {
         &self.shared.settings
     }
 
-    /// The item order and per-item seeds of an epoch (a seeded shuffle, as `DataLoader(shuffle=True)`).
+    /// This rank's item order and per-item seeds of an epoch: a seeded shuffle of all items (as
+    /// `DataLoader(shuffle=True)`, the same on every rank), padded to a multiple of the world size, one seed per
+    /// padded position (a repeated item gets other random crops), and this rank's share of it.
     pub fn epoch_plan(&self, epoch: usize) -> Vec<(usize, u64)> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let mut order: Vec<usize> = (0..self.shared.items.len()).collect();
         rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
-        order.into_iter().map(|i| (i, rng.gen::<u64>())).collect()
+        let plan: Vec<(usize, u64)> = crate::distributed::sampler::padded(&order, self.world, true)
+            .into_iter()
+            .map(|i| (i, rng.gen::<u64>()))
+            .collect();
+        crate::distributed::sampler::shard(&plan, self.rank, self.world, false)
     }
 
     /// The patches of one epoch `[1, P, P, P]`, in a seeded shuffled order, produced ahead by worker threads.

@@ -133,6 +133,112 @@ fn u8_tensor(a: &Array3<u8>) -> Result<Tensor> {
     )
 }
 
+/// Where the prediction of `item` goes: `<output_dir>/<stem>/<stem>_<postfix>.nii.gz`.
+pub fn prediction_path(settings: &EvalSettings, item: &DataItem) -> PathBuf {
+    output_path(
+        &settings.output.dir,
+        Path::new(item.image.file_name().unwrap_or_default()),
+        &settings.output.postfix,
+    )
+}
+
+/// Evaluates one item with a segmenter built for [`EvalSettings::pipeline`]: writes its prediction and record
+/// and computes its Dice (when it has a label). `seq` is the sequential evaluation map of
+/// [`EvalSettings::label_set`] (`LabelMap::sequential(label_set, 1)`).
+pub fn evaluate_item(
+    segmenter: &Segmenter,
+    item: &DataItem,
+    mappings: &LabelMappings,
+    settings: &EvalSettings,
+    seq: &LabelMap,
+) -> Result<EvalItem> {
+    let input = read_image(&item.image, &Default::default())?;
+    let label = load_label_for(item, &input.volume)?;
+    let name = item.image.display().to_string();
+    let request = Request {
+        name: &name,
+        image: &input.volume,
+        prompts: Default::default(),
+        precision: None,
+    };
+    let seg = segmenter
+        .segment(&request)
+        .with_context(|| format!("segmenting {}", item.image.display()))?;
+    let out = prediction_path(settings, item);
+    let identity = request_identity(
+        segmenter,
+        file_identity(&item.image),
+        &request.prompts,
+        segmenter.config().precision,
+        settings.output.dtype,
+    );
+    let rec = build_record(segmenter, &seg, &input.volume, identity, &out, &seg.timings);
+    record::save(
+        &out,
+        &seg.labels,
+        &input.header,
+        settings.output.dtype,
+        &rec,
+    )?;
+    let dice = match &label {
+        None => None,
+        Some(l) => {
+            let gt = prepare_ground_truth(l, item, mappings, seq)
+                .with_context(|| format!("label of {}", item.image.display()))?;
+            let mut p = label_to_u8(&seg.labels, "prediction")?;
+            seq.apply(&mut p);
+            Some(per_class_dice_labels(
+                &u8_tensor(&p)?,
+                &u8_tensor(&gt)?,
+                settings.num_classes,
+            ))
+        }
+    };
+    Ok(EvalItem {
+        image: item.image.clone(),
+        prediction: out,
+        dice,
+    })
+}
+
+/// The Dice values of an item as the log shows them.
+pub fn dice_text(dice: &Option<Vec<f64>>) -> String {
+    match dice {
+        None => "no label".to_string(),
+        Some(d) => d
+            .iter()
+            .map(|v| format!("{v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// The report of evaluated items (in datalist order): per-image Dice of the labelled ones and their aggregate
+/// (nothing is written).
+pub fn build_report(items: Vec<EvalItem>) -> Result<EvalReport> {
+    let mut details = MetricDetails {
+        name: METRIC_NAME.into(),
+        images: Vec::new(),
+        values: Vec::new(),
+    };
+    for it in &items {
+        if let Some(d) = &it.dice {
+            details.images.push(it.image.display().to_string());
+            details.values.push(d.clone());
+        }
+    }
+    ensure!(
+        !details.values.is_empty(),
+        "no evaluated item has a label: nothing to compute Dice on"
+    );
+    let mean_dice = details.aggregate();
+    Ok(EvalReport {
+        items,
+        details,
+        mean_dice,
+    })
+}
+
 /// Evaluates `items` with a segmenter built for [`EvalSettings::pipeline`]: writes one prediction (and its
 /// record) per image and the MONAI metric reports.
 pub fn evaluate_items(
@@ -144,91 +250,23 @@ pub fn evaluate_items(
     ensure!(!items.is_empty(), "nothing to evaluate: the split is empty");
     let seq = LabelMap::sequential(&settings.label_set, 1)?;
     let mut out_items = Vec::new();
-    let mut details = MetricDetails {
-        name: METRIC_NAME.into(),
-        images: Vec::new(),
-        values: Vec::new(),
-    };
     for (i, item) in items.iter().enumerate() {
         let t = std::time::Instant::now();
-        let input = read_image(&item.image, &Default::default())?;
-        let label = load_label_for(item, &input.volume)?;
-        let name = item.image.display().to_string();
-        let request = Request {
-            name: &name,
-            image: &input.volume,
-            prompts: Default::default(),
-            precision: None,
-        };
-        let seg = segmenter.segment(&request)?;
-        let out = output_path(
-            &settings.output.dir,
-            Path::new(item.image.file_name().unwrap_or_default()),
-            &settings.output.postfix,
-        );
-        let identity = request_identity(
-            segmenter,
-            file_identity(&item.image),
-            &request.prompts,
-            segmenter.config().precision,
-            settings.output.dtype,
-        );
-        let rec = build_record(segmenter, &seg, &input.volume, identity, &out, &seg.timings);
-        record::save(
-            &out,
-            &seg.labels,
-            &input.header,
-            settings.output.dtype,
-            &rec,
-        )?;
-        let pred = seg.labels;
-        let dice = match &label {
-            None => None,
-            Some(l) => {
-                let gt = prepare_ground_truth(l, item, mappings, &seq)
-                    .with_context(|| format!("label of {}", item.image.display()))?;
-                let mut p = label_to_u8(&pred, "prediction")?;
-                seq.apply(&mut p);
-                let d =
-                    per_class_dice_labels(&u8_tensor(&p)?, &u8_tensor(&gt)?, settings.num_classes);
-                details.images.push(item.image.display().to_string());
-                details.values.push(d.clone());
-                Some(d)
-            }
-        };
-        let dice_text = match &dice {
-            None => "no label".to_string(),
-            Some(d) => d
-                .iter()
-                .map(|v| format!("{v:.4}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let done = evaluate_item(segmenter, item, mappings, settings, &seq)?;
         log::info!(
-            "[{}/{}] {}: dice {dice_text} ({:.1} s) -> {}",
+            "[{}/{}] {}: dice {} ({:.1} s) -> {}",
             i + 1,
             items.len(),
             item.name(),
+            dice_text(&done.dice),
             t.elapsed().as_secs_f64(),
-            out.display()
+            done.prediction.display()
         );
-        out_items.push(EvalItem {
-            image: item.image.clone(),
-            prediction: out,
-            dice,
-        });
+        out_items.push(done);
     }
-    ensure!(
-        !details.values.is_empty(),
-        "no evaluated item has a label: nothing to compute Dice on"
-    );
-    write_metrics_reports(&settings.output.dir, &details)?;
-    let mean_dice = details.aggregate();
-    Ok(EvalReport {
-        items: out_items,
-        details,
-        mean_dice,
-    })
+    let report = build_report(out_items)?;
+    write_metrics_reports(&settings.output.dir, &report.details)?;
+    Ok(report)
 }
 
 /// `vista3d evaluate`: loads the datalist and the checkpoint (`checkpoint`, else `ckpt_path`), evaluates the
@@ -250,20 +288,35 @@ pub fn run_evaluate(cfg: &Config, checkpoint: Option<&Path>, testing: bool) -> R
         .or(cfg.path("ckpt_path")?)
         .context("no checkpoint: pass --checkpoint or set ckpt_path")?;
     let pipeline = settings.pipeline(cfg)?;
-    let segmenter = Segmenter::load(
-        inference,
-        &WeightsSource::Checkpoint(ckpt.clone()),
-        pipeline,
-    )?;
-    log::info!(
-        "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {}",
-        items.len(),
-        ckpt.display(),
-        settings.label_set,
-        crate::training::metrics::evaluated_classes(settings.num_classes).len(),
-        crate::segmenter::device_name(segmenter.model().device)
-    );
-    evaluate_items(&segmenter, &items, &mappings, &settings)
+    let mut inference = inference;
+    let device = crate::runtime::parse_device(&inference.device)?;
+    // Under torchrun / srun (mgpu_evaluate.json): each rank evaluates its share, rank 0 writes the reports.
+    let (group, device) = match crate::distributed::ProcessGroup::from_env(cfg, device)? {
+        Some((g, d)) => (Some(g), d),
+        None => (None, device),
+    };
+    inference.device = crate::segmenter::device_name(device);
+    crate::distributed::run_in_group(group, |group| {
+        let segmenter = Segmenter::load(
+            inference,
+            &WeightsSource::Checkpoint(ckpt.clone()),
+            pipeline,
+        )?;
+        log::info!(
+            "evaluating {} item(s) with {} (label set {:?}, {} Dice classes) on {}",
+            items.len(),
+            ckpt.display(),
+            settings.label_set,
+            crate::training::metrics::evaluated_classes(settings.num_classes).len(),
+            crate::segmenter::device_name(device)
+        );
+        match group {
+            None => evaluate_items(&segmenter, &items, &mappings, &settings),
+            Some(g) => crate::distributed::evaluate::evaluate_items(
+                g, cfg, &segmenter, &items, &mappings, &settings,
+            ),
+        }
+    })
 }
 
 /// The `vista3d evaluate` command: layered configs, `--set`s, then `--output-dir` / `--device`; prints the mean

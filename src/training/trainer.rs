@@ -9,6 +9,10 @@
 //! after every epoch a resumable `last.safetensors` (weights, optimizer, loss scaler, history) replaces the
 //! previous one atomically, followed by `metrics.jsonl`, `metrics.csv` and `training_curves.png` in
 //! `output_dir`.
+//!
+//! Launched by torchrun or srun ([`crate::distributed`]), the same loop runs as one rank of a process group, as
+//! the bundle's `multi_gpu_train.json` (see [`train_with`]): after every backward pass the gradients are averaged
+//! across the ranks, the ranks agree on skipped steps and on Ctrl-C, and only rank 0 writes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,11 +33,13 @@ use super::loss::{per_prompt_loss, DiceCeSettings};
 use super::metrics::{mean_reduction, per_class_dice};
 use super::optim::{raw_f32, AdamW, AdamWSettings};
 use super::plot::{write_plot, PlotData};
-use super::sampler::{sample_prompt_pairs, SamplerSettings};
+use super::sampler::{sample_prompt_pairs, PromptPairs, SamplerSettings};
 use super::schedule::LrSchedule;
 use super::{cfg_f64, cfg_usize, cfg_usize3, cfg_value};
 use crate::checkpoint::{self, RawTensor};
 use crate::config::Config;
+use crate::distributed::ddp::{give_zero_gradients, GradientReducer, LocalStep};
+use crate::distributed::{self, sampler, ProcessGroup};
 use crate::inference::{sliding_window, NetworkPrompts, Stitched};
 use crate::model::{self, ForwardArgs, Vista3d, Vista3dConfig};
 use crate::{fsutil, runtime};
@@ -219,8 +225,11 @@ pub struct EpochRecord {
     pub val_dice: Option<f64>,
     /// Wall-clock seconds of the epoch (training and validation).
     pub seconds: f64,
-    /// Steps skipped because the patch gave no prompt.
+    /// Steps skipped because the patch gave no prompt (in a process group: patches, summed over the ranks).
     pub skipped: usize,
+    /// Seconds spent averaging gradients across ranks (multi-process runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Dynamic loss scaling (PyTorch `GradScaler` defaults: 2^16, x2 every 2000 good steps, x0.5 on overflow).
@@ -257,6 +266,11 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// `(global step, loss)` of every step.
     pub step_losses: Vec<(usize, f64)>,
+    /// Parameters that had a gradient when the state was saved. With `zero_grad(set_to_none=False)` a parameter
+    /// keeps a (zeroed) gradient once it had one, and AdamW steps every parameter with a gradient, even a zero
+    /// one; a resumed run gives these parameters zero gradients again so that it continues exactly.
+    #[serde(default)]
+    pub with_grad: Vec<String>,
 }
 
 /// What a training run did.
@@ -348,10 +362,42 @@ fn build_model(settings: &TrainSettings, device: Device) -> Result<(nn::VarStore
     Ok((vs, net))
 }
 
-/// Restores weights, optimizer and state from [`LAST_CHECKPOINT`].
-fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainState> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+/// The tensors of a safetensors file held in memory.
+fn safetensors_from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, RawTensor)>> {
+    use checkpoint::DType;
+    use safetensors::Dtype;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let mut out = Vec::with_capacity(st.len());
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            Dtype::F32 => DType::F32,
+            Dtype::F64 => DType::F64,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::I64 => DType::I64,
+            Dtype::I32 => DType::I32,
+            Dtype::I16 => DType::I16,
+            Dtype::I8 => DType::I8,
+            Dtype::U8 => DType::U8,
+            Dtype::BOOL => DType::Bool,
+            other => anyhow::bail!(
+                "{}: tensor '{name}' has unsupported type {other:?}",
+                path.display()
+            ),
+        };
+        out.push((
+            name,
+            RawTensor::new(dtype, view.shape().to_vec(), view.data().to_vec())?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Restores weights, optimizer and state from the bytes of a [`LAST_CHECKPOINT`] (read from `path` by rank 0 and,
+/// in a multi-process run, sent to the others).
+fn load_last(bytes: &[u8], path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainState> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
     let state_json = meta
         .metadata()
@@ -365,12 +411,10 @@ fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainSta
         })?;
     let state: TrainState = serde_json::from_str(state_json)
         .with_context(|| format!("{}: unreadable training state", path.display()))?;
-    drop(bytes);
-    let sd = checkpoint::read_all_tensors(path)?;
+    let tensors = safetensors_from_bytes(bytes, path)?;
     let weights = checkpoint::StateDict {
-        format: sd.format,
-        tensors: sd
-            .tensors
+        format: checkpoint::CheckpointFormat::Safetensors,
+        tensors: tensors
             .iter()
             .filter_map(|(n, t)| {
                 n.strip_prefix(MODEL_PREFIX)
@@ -385,7 +429,7 @@ fn load_last(path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainSta
         )
     })?;
     let (_, trainable) = named_variables(vs);
-    opt.load_state(sd.iter(), &trainable)
+    opt.load_state(tensors.iter().map(|(n, t)| (n.as_str(), t)), &trainable)
         .with_context(|| format!("{}: optimizer state", path.display()))?;
     Ok(state)
 }
@@ -452,15 +496,15 @@ fn write_logs(dir: &Path, state: &TrainState, steps_per_epoch: usize) -> Result<
     write_plot(&dir.join("training_curves.png"), &plot)
 }
 
-/// Mean validation Dice: class prompts `label_set` through the sliding window, logits > 0, MONAI `MeanDice`
-/// without channel 0 against the `valid_remap`ped labels.
-pub fn validate(
+/// Validation Dice per sample (one row each: the Dice of every class but channel 0): class prompts `label_set`
+/// through the sliding window, logits > 0, against the `valid_remap`ped labels.
+pub fn validation_rows(
     net: &Vista3d,
     samples: &[Sample],
     label_set: &[i64],
     window: &crate::inference::WindowSettings,
     device: Device,
-) -> Result<f64> {
+) -> Result<Vec<Vec<f64>>> {
     let column = Tensor::from_slice(label_set).view([-1, 1]);
     let prompts = NetworkPrompts {
         class_vector: Some(column.shallow_clone()),
@@ -481,12 +525,64 @@ pub fn validate(
         log::debug!("validation {}: Dice {dice:?}", s.name);
         rows.push(dice);
     }
-    Ok(mean_reduction(&rows))
+    Ok(rows)
 }
 
-/// The per-epoch RNG of the prompt sampler (derived from the seed and the epoch, so a resumed run draws the same).
-fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+/// Mean validation Dice: [`validation_rows`] reduced as MONAI's `MeanDice` (NaN classes skipped per image, then
+/// the mean over images).
+pub fn validate(
+    net: &Vista3d,
+    samples: &[Sample],
+    label_set: &[i64],
+    window: &crate::inference::WindowSettings,
+    device: Device,
+) -> Result<f64> {
+    Ok(mean_reduction(&validation_rows(
+        net, samples, label_set, window, device,
+    )?))
+}
+
+/// Every rank's validation rows, in the order of the validation list (`indices[i]` is the list position of this
+/// rank's row `i`), so that the mean is computed exactly as a single process would.
+fn gather_validation_rows(
+    group: &ProcessGroup,
+    indices: &[usize],
+    rows: Vec<Vec<f64>>,
+    total: usize,
+) -> Result<Vec<Vec<f64>>> {
+    // IEEE bits: NaN (a class absent from an image) must survive, and every bit must be kept.
+    let mine: Vec<(usize, Vec<u64>)> = indices
+        .iter()
+        .zip(&rows)
+        .map(|(&i, r)| (i, r.iter().map(|v| v.to_bits()).collect()))
+        .collect();
+    let gathered = group.all_gather_bytes(&serde_json::to_vec(&mine)?)?;
+    let mut out: Vec<Option<Vec<f64>>> = vec![None; total];
+    for (rank, bytes) in gathered.iter().enumerate() {
+        let rows: Vec<(usize, Vec<u64>)> = serde_json::from_slice(bytes)
+            .with_context(|| format!("validation results of {}", group.describe_rank(rank)))?;
+        for (i, bits) in rows {
+            ensure!(
+                i < total && out[i].is_none(),
+                "{} sent validation image {i} twice or out of range",
+                group.describe_rank(rank)
+            );
+            out[i] = Some(bits.into_iter().map(f64::from_bits).collect());
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, r)| r.with_context(|| format!("no rank validated image {i}")))
+        .collect()
+}
+
+/// The per-epoch RNG of the prompt sampler, derived from the seed, the epoch and the rank (so a resumed run draws
+/// the same, and ranks draw differently; rank 0 draws as a single process does).
+fn epoch_rng(seed: u64, epoch: usize, rank: usize) -> ChaCha8Rng {
+    let rank_mix = (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ChaCha8Rng::seed_from_u64(
+        seed ^ rank_mix ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
 }
 
 /// Multiplies every gradient by `factor`; returns `false` when one is not finite.
@@ -506,6 +602,104 @@ fn unscale_gradients(params: &[(String, Tensor)], factor: f64) -> bool {
     })
 }
 
+/// One patch's forward and backward pass (the bundle trainer's `_iteration` up to `loss.backward()`): the network
+/// in training mode on the prompt pairs, per-prompt DiceCE, and, when the loss is finite, backward of the loss
+/// (times `amp_scale`, the loss scaler's scale, under autocast). Gradients accumulate into the parameters'
+/// `.grad`. Returns the loss.
+pub fn forward_backward(
+    net: &Vista3d,
+    image: &Tensor,
+    label: &Tensor,
+    pairs: &PromptPairs,
+    loss: &DiceCeSettings,
+    amp_scale: Option<f64>,
+) -> Result<f64> {
+    let device = image.device();
+    let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device));
+    let (label_prompt, points, point_labels) = (
+        dev(&pairs.label_prompt),
+        dev(&pairs.points),
+        dev(&pairs.point_labels),
+    );
+    let amp = amp_scale.is_some();
+    let loss = crate::runtime::torch_switches::autocast(amp, || -> Result<Tensor> {
+        let out = net.forward(
+            image,
+            &ForwardArgs {
+                point_coords: points.as_ref(),
+                point_labels: point_labels.as_ref(),
+                class_vector: label_prompt.as_ref(),
+                ..Default::default()
+            },
+        )?;
+        per_prompt_loss(&out, label, &pairs.classes, loss)
+    })?;
+    let value = loss.double_value(&[]);
+    if value.is_finite() {
+        match amp_scale {
+            Some(scale) => (&loss * scale).backward(),
+            None => loss.backward(),
+        }
+    }
+    Ok(value)
+}
+
+/// The optimizer step on the final (in a process group: averaged) gradients: AdamW, with amp after unscaling
+/// and skipped when a gradient overflowed (PyTorch's `GradScaler`). Returns `false` when skipped.
+fn optimizer_step(
+    trainable: &[(String, Tensor)],
+    opt: &mut AdamW,
+    scaler: &mut LossScaler,
+    amp: bool,
+) -> bool {
+    if !amp {
+        opt.step(trainable);
+        return true;
+    }
+    if unscale_gradients(trainable, 1.0 / scaler.scale) {
+        opt.step(trainable);
+        scaler.growth_tracker += 1;
+        if scaler.growth_tracker == 2000 {
+            scaler.scale *= 2.0;
+            scaler.growth_tracker = 0;
+        }
+        true
+    } else {
+        log::debug!(
+            "amp: gradient overflow, step skipped, scale {}",
+            scaler.scale * 0.5
+        );
+        scaler.scale *= 0.5;
+        scaler.growth_tracker = 0;
+        false
+    }
+}
+
+/// DDP's start: every rank takes rank 0's parameters.
+fn broadcast_parameters(group: &ProcessGroup, vars: &[(String, Tensor)]) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        for (name, t) in vars {
+            let mut t = t.shallow_clone();
+            group
+                .broadcast(&mut t, 0)
+                .with_context(|| format!("broadcasting parameter {name} from rank 0"))?;
+        }
+        Ok(())
+    })
+}
+
+/// SHA-256 of every parameter (names and float32 bytes), first 16 hex digits: equal on every rank while the
+/// ranks stay identical.
+fn parameter_digest(vars: &[(String, Tensor)]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, t) in vars {
+        h.update(name.as_bytes());
+        h.update(raw_f32(t)?.data);
+    }
+    Ok(fsutil::hex(&h.finalize())[..16].to_string())
+}
+
 /// Options of one `vista3d train` run besides the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
@@ -515,11 +709,33 @@ pub struct TrainOptions {
     pub progress: bool,
 }
 
-/// Runs the training described by `cfg` (train.json keys).
+/// Runs the training described by `cfg` (train.json keys) in this process.
 pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
+    train_with(cfg, options, None)
+}
+
+/// Runs the training described by `cfg`; with a process group, as one rank of the bundle's `multi_gpu_train.json`:
+/// the configuration and the network checked equal on all ranks, rank 0's parameters (or checkpoint, with
+/// `--resume`) on every rank, training items split by a DistributedSampler (even, shuffled with the epoch),
+/// gradients averaged after every step, validation items split unevenly and the Dice rows gathered, and
+/// checkpoints, logs, plot and progress bar on rank 0 only. The parameters are compared across ranks after every
+/// epoch.
+pub fn train_with(
+    cfg: &Config,
+    options: &TrainOptions,
+    group: Option<&ProcessGroup>,
+) -> Result<TrainOutcome> {
     let settings = TrainSettings::from_config(cfg)?;
-    let device = runtime::parse_device(&settings.device)?;
+    let device = match group {
+        Some(g) => g.device(),
+        None => runtime::parse_device(&settings.device)?,
+    };
     let amp = settings.amp && device.is_cuda();
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let main = rank == 0;
+    if let Some(g) = group {
+        g.check_config(cfg)?;
+    }
     let mappings = LabelMappings::from_config(cfg)?;
     let label_set = mappings.label_set();
     let datalist = load_datalist(cfg)?;
@@ -527,19 +743,29 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         !datalist.training.is_empty(),
         "the datalist has no training items (all are in the validation fold?)"
     );
-    std::fs::create_dir_all(&settings.ckpt_dir)
-        .with_context(|| format!("cannot create ckpt_dir {}", settings.ckpt_dir.display()))?;
-    std::fs::create_dir_all(&settings.output_dir)
-        .with_context(|| format!("cannot create output_dir {}", settings.output_dir.display()))?;
+    if main {
+        std::fs::create_dir_all(&settings.ckpt_dir)
+            .with_context(|| format!("cannot create ckpt_dir {}", settings.ckpt_dir.display()))?;
+        std::fs::create_dir_all(&settings.output_dir).with_context(|| {
+            format!("cannot create output_dir {}", settings.output_dir.display())
+        })?;
+    }
     let last_path = settings.ckpt_dir.join(LAST_CHECKPOINT);
     let best_path = settings.ckpt_dir.join(&settings.key_metric_filename);
 
     let (vs, net) = build_model(&settings, device)?;
-    let (_, trainable) = named_variables(&vs);
+    let (all_vars, trainable) = named_variables(&vs);
     ensure!(
         !trainable.is_empty(),
         "the network has no trainable parameter"
     );
+    if let Some(g) = group {
+        let count: i64 = all_vars.iter().map(|(_, t)| t.numel() as i64).sum();
+        g.check_same(
+            "network",
+            &format!("width {} ({count} parameters)", net.config.embed_dim),
+        )?;
+    }
     let mut opt = AdamW::new(settings.optimizer);
     let mut state = TrainState {
         epochs_done: 0,
@@ -552,15 +778,43 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         stale_validations: 0,
         history: Vec::new(),
         step_losses: Vec::new(),
+        with_grad: Vec::new(),
     };
     if options.resume {
-        ensure!(
-            last_path.is_file(),
-            "--resume: no {} in ckpt_dir {} (nothing to resume)",
-            LAST_CHECKPOINT,
-            settings.ckpt_dir.display()
-        );
-        state = load_last(&last_path, &vs, &mut opt)?;
+        // Rank 0 reads the checkpoint and sends it to the others: only rank 0 needs ckpt_dir.
+        let bytes = if main {
+            ensure!(
+                last_path.is_file(),
+                "--resume: no {} in ckpt_dir {} (nothing to resume)",
+                LAST_CHECKPOINT,
+                settings.ckpt_dir.display()
+            );
+            Some(
+                std::fs::read(&last_path)
+                    .with_context(|| format!("cannot read {}", last_path.display()))?,
+            )
+        } else {
+            None
+        };
+        let bytes = match group {
+            Some(g) => g.broadcast_blob(bytes)?,
+            None => bytes.unwrap_or_default(),
+        };
+        state = load_last(&bytes, &last_path, &vs, &mut opt)?;
+        drop(bytes);
+        // The gradients the uninterrupted run would hold (older checkpoints: the parameters AdamW has a state for).
+        let with_grad: Vec<&Tensor> = trainable
+            .iter()
+            .filter(|(n, _)| {
+                if state.with_grad.is_empty() {
+                    opt.step_count(n) > 0.0
+                } else {
+                    state.with_grad.contains(n)
+                }
+            })
+            .map(|(_, t)| t)
+            .collect();
+        give_zero_gradients(&with_grad);
         ensure!(
             state.seed == settings.seed,
             "--resume: the checkpoint was trained with seed {}, the configuration says {}",
@@ -587,41 +841,65 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
                 interrupted: false,
             });
         }
-    } else if last_path.exists() {
+    } else if main && last_path.exists() {
         log::warn!(
             "{} exists and will be replaced (use --resume to continue it)",
             last_path.display()
         );
     }
+    if let Some(g) = group {
+        broadcast_parameters(g, &all_vars)?;
+    }
 
     log::info!(
-        "{} training / {} validation images, label_set {label_set:?}, device {device:?}{}",
+        "{} training / {} validation images, label_set {label_set:?}, device {}{}{}",
         datalist.training.len(),
         datalist.validation.len(),
-        if amp { ", amp" } else { "" }
+        crate::segmenter::device_name(device),
+        if amp { ", amp" } else { "" },
+        group.map_or(String::new(), |g| format!(
+            ", rank {rank} of {world} ({})",
+            g.backend().map_or("?", |b| b.name())
+        ))
     );
-    let mut loader = TrainLoader::new(cfg, &datalist.training, &mappings, settings.seed)?;
+    let mut loader =
+        TrainLoader::new(cfg, &datalist.training, &mappings, settings.seed)?.sharded(rank, world);
+    // Validation: rank r validates images r, r + world, ... (DistributedSampler(even_divisible=False)).
+    let all_val: Vec<usize> = (0..datalist.validation.len()).collect();
+    let val_indices = sampler::shard(&all_val, rank, world, false);
+    let val_items: Vec<_> = val_indices
+        .iter()
+        .map(|&i| datalist.validation[i].clone())
+        .collect();
     let val_samples = if datalist.validation.is_empty() {
         log::warn!("no validation items: no validation Dice and no best checkpoint");
         Vec::new()
+    } else if val_items.is_empty() {
+        Vec::new()
     } else {
-        validation_samples(cfg, &datalist.validation, &mappings)?
+        validation_samples(cfg, &val_items, &mappings)?
     };
     let mut window = cfg.window_settings()?;
     window.patch_size = settings.patch_size_valid;
     window.use_point_window = false;
     let steps_per_epoch = loader.len();
+    let reducer = group.map(|g| GradientReducer::new(&trainable, g.settings().bucket_cap_mb));
 
     let run_validation = |net: &Vista3d| -> Result<Option<f64>> {
-        if val_samples.is_empty() {
+        if datalist.validation.is_empty() {
             return Ok(None);
         }
         let t = Instant::now();
-        let d = tch::no_grad(|| {
+        let rows = tch::no_grad(|| {
             crate::runtime::torch_switches::autocast(amp, || {
-                validate(net, &val_samples, &label_set, &window, device)
+                validation_rows(net, &val_samples, &label_set, &window, device)
             })
         })?;
+        let rows = match group {
+            Some(g) => gather_validation_rows(g, &val_indices, rows, datalist.validation.len())?,
+            None => rows,
+        };
+        let d = mean_reduction(&rows);
         log::info!(
             "validation mean Dice {d:.4} ({:.1} s)",
             t.elapsed().as_secs_f64()
@@ -629,10 +907,14 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         Ok(Some(d))
     };
     let save_best = |vs: &nn::VarStore| -> Result<()> {
-        Ok(checkpoint::write_torch_state_dict(
-            &best_path,
-            &state_dict(vs)?,
-        )?)
+        if main {
+            Ok(checkpoint::write_torch_state_dict(
+                &best_path,
+                &state_dict(vs)?,
+            )?)
+        } else {
+            Ok(())
+        }
     };
 
     install_interrupt_handler();
@@ -654,8 +936,11 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             val_dice: dice,
             seconds: t.elapsed().as_secs_f64(),
             skipped: 0,
+            allreduce_seconds: None,
         });
-        write_logs(&settings.output_dir, &state, steps_per_epoch)?;
+        if main {
+            write_logs(&settings.output_dir, &state, steps_per_epoch)?;
+        }
     }
 
     let mut interrupted = false;
@@ -663,88 +948,91 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
         let epoch = state.epochs_done; // 0-based
         let t_epoch = Instant::now();
         opt.lr = settings.schedule.lr(epoch);
-        let mut rng = epoch_rng(settings.seed, epoch);
+        let mut rng = epoch_rng(settings.seed, epoch, rank);
         let bar = progress_bar(
-            options.progress,
+            options.progress && main,
             steps_per_epoch,
             epoch + 1,
             settings.epochs,
         );
         let (mut loss_sum, mut n_steps, mut skipped) = (0.0, 0usize, 0usize);
+        let mut allreduce_seconds = 0.0;
         let mut new_losses = Vec::new();
         let mut scaler = state.scaler.clone();
         let mut step = state.global_step;
         for sample in loader.epoch(epoch) {
-            if STOP_REQUESTED.load(Ordering::SeqCst) {
+            // Alone, stop at once; in a group, the ranks agree on stopping through the step's all-reduce.
+            if group.is_none() && STOP_REQUESTED.load(Ordering::SeqCst) {
                 interrupted = true;
                 break;
             }
             let sample = sample?;
-            let Some(pairs) =
-                sample_prompt_pairs(&sample.label, &label_set, &settings.sampler, &mut rng)?
-            else {
-                log::debug!("step skipped: no prompt in patch {}", sample.name);
-                skipped += 1;
-                bar.inc(1);
-                continue;
-            };
-            let image = sample.image.unsqueeze(0).to_device(device);
-            let label = sample.label.unsqueeze(0).to_device(device);
-            let dev = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device));
-            let (label_prompt, points, point_labels) = (
-                dev(&pairs.label_prompt),
-                dev(&pairs.points),
-                dev(&pairs.point_labels),
-            );
             for (_, p) in &trainable {
                 p.shallow_clone().zero_grad();
             }
-            let loss = crate::runtime::torch_switches::autocast(amp, || -> Result<Tensor> {
-                let out = net.forward(
-                    &image,
-                    &ForwardArgs {
-                        point_coords: points.as_ref(),
-                        point_labels: point_labels.as_ref(),
-                        class_vector: label_prompt.as_ref(),
-                        ..Default::default()
-                    },
-                )?;
-                per_prompt_loss(&out, &label, &pairs.classes, &settings.loss)
-            })?;
-            let value = loss.double_value(&[]);
-            ensure!(
-                value.is_finite(),
-                "the training loss is {value} at epoch {} step {} (TerminateOnNan); lower learning_rate",
-                epoch + 1,
-                step + 1
-            );
-            if amp {
-                (&loss * scaler.scale).backward();
-                if unscale_gradients(&trainable, 1.0 / scaler.scale) {
-                    opt.step(&trainable);
-                    scaler.growth_tracker += 1;
-                    if scaler.growth_tracker == 2000 {
-                        scaler.scale *= 2.0;
-                        scaler.growth_tracker = 0;
-                    }
-                } else {
-                    log::debug!(
-                        "amp: gradient overflow, step skipped, scale {}",
-                        scaler.scale * 0.5
-                    );
-                    scaler.scale *= 0.5;
-                    scaler.growth_tracker = 0;
+            let local_loss = match sample_prompt_pairs(
+                &sample.label,
+                &label_set,
+                &settings.sampler,
+                &mut rng,
+            )? {
+                None => {
+                    log::debug!("step skipped: no prompt in patch {}", sample.name);
+                    None
                 }
-            } else {
-                loss.backward();
-                opt.step(&trainable);
+                Some(pairs) => {
+                    let image = sample.image.unsqueeze(0).to_device(device);
+                    let label = sample.label.unsqueeze(0).to_device(device);
+                    let value = forward_backward(
+                        &net,
+                        &image,
+                        &label,
+                        &pairs,
+                        &settings.loss,
+                        amp.then_some(scaler.scale),
+                    )?;
+                    ensure!(
+                        value.is_finite(),
+                        "the training loss is {value} at epoch {} step {} (TerminateOnNan); lower learning_rate",
+                        epoch + 1,
+                        step + 1
+                    );
+                    Some(value)
+                }
+            };
+            let (loss_value, stop_now) = match (group, &reducer) {
+                (Some(g), Some(r)) => {
+                    let global = r.reduce(
+                        g,
+                        LocalStep {
+                            loss: local_loss,
+                            stop: STOP_REQUESTED.load(Ordering::SeqCst),
+                        },
+                    )?;
+                    allreduce_seconds += global.seconds;
+                    skipped += world - global.contributors;
+                    (global.mean_loss, global.stop)
+                }
+                _ => {
+                    if local_loss.is_none() {
+                        skipped += 1;
+                    }
+                    (local_loss, false)
+                }
+            };
+            if let Some(value) = loss_value {
+                optimizer_step(&trainable, &mut opt, &mut scaler, amp);
+                step += 1;
+                n_steps += 1;
+                loss_sum += value;
+                new_losses.push((step, value));
+                bar.set_message(format!("loss {value:.4}"));
             }
-            step += 1;
-            n_steps += 1;
-            loss_sum += value;
-            new_losses.push((step, value));
-            bar.set_message(format!("loss {value:.4}"));
             bar.inc(1);
+            if stop_now {
+                interrupted = true;
+                break;
+            }
         }
         bar.finish_and_clear();
         if interrupted {
@@ -772,7 +1060,9 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
                 state.best_metric = Some(d);
                 state.best_epoch = Some(epoch + 1);
                 save_best(&vs)?;
-                log::info!("new best Dice {d:.4}: saved {}", best_path.display());
+                if main {
+                    log::info!("new best Dice {d:.4}: saved {}", best_path.display());
+                }
             }
             state.stale_validations = if significant {
                 0
@@ -783,8 +1073,24 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
                 stop_early = state.stale_validations >= patience;
             }
         }
+        if let Some(g) = group {
+            let digest = parameter_digest(&all_vars)?;
+            g.check_same(&format!("parameters after epoch {}", epoch + 1), &digest)?;
+            if main {
+                log::info!(
+                    "epoch {}: parameters identical on all {world} ranks (digest {digest}); all-reduce {:.2} s",
+                    epoch + 1,
+                    allreduce_seconds
+                );
+            }
+        }
         state.epochs_done = epoch + 1;
         state.global_step = step;
+        state.with_grad = trainable
+            .iter()
+            .filter(|(_, t)| t.grad().defined())
+            .map(|(n, _)| n.clone())
+            .collect();
         state.scaler = scaler;
         state.step_losses.extend(new_losses);
         state.history.push(EpochRecord {
@@ -795,17 +1101,20 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             val_dice: dice,
             seconds: t_epoch.elapsed().as_secs_f64(),
             skipped,
+            allreduce_seconds: group.map(|_| allreduce_seconds),
         });
-        save_last(&last_path, &vs, &opt, &state)?;
-        write_logs(&settings.output_dir, &state, steps_per_epoch)?;
-        log::info!(
-            "epoch {}/{}: loss {mean_loss:.4}, lr {:.3e}{}, {:.1} s",
-            epoch + 1,
-            settings.epochs,
-            opt.lr,
-            dice.map_or(String::new(), |d| format!(", val Dice {d:.4}")),
-            t_epoch.elapsed().as_secs_f64()
-        );
+        if main {
+            save_last(&last_path, &vs, &opt, &state)?;
+            write_logs(&settings.output_dir, &state, steps_per_epoch)?;
+            log::info!(
+                "epoch {}/{}: loss {mean_loss:.4}, lr {:.3e}{}, {:.1} s",
+                epoch + 1,
+                settings.epochs,
+                opt.lr,
+                dice.map_or(String::new(), |d| format!(", val Dice {d:.4}")),
+                t_epoch.elapsed().as_secs_f64()
+            );
+        }
         if stop_early {
             log::info!(
                 "early stop: no Dice gain above {} for {} validations",
@@ -815,7 +1124,7 @@ pub fn train(cfg: &Config, options: &TrainOptions) -> Result<TrainOutcome> {
             break;
         }
     }
-    if interrupted {
+    if interrupted && main {
         log::warn!(
             "interrupted during epoch {}: {} holds epoch {}; continue with --resume",
             state.epochs_done + 1,
@@ -846,7 +1155,8 @@ fn progress_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> Progr
     bar
 }
 
-/// `vista3d train`: loads the layered configuration, trains, and prints where the results are.
+/// `vista3d train`: loads the layered configuration, trains (as one rank of a process group when launched by
+/// torchrun or srun), and prints where the results are (rank 0).
 pub fn run_cli(
     configs: &[PathBuf],
     sets: &[String],
@@ -862,24 +1172,29 @@ pub fn run_cli(
         ensure!(n > 0, "--threads must be positive, got {n}");
         tch::set_num_threads(n);
     }
+    let requested = runtime::parse_device(&cfg.string("device")?.unwrap_or_else(|| "auto".into()))?;
+    let group = ProcessGroup::from_env(&cfg, requested)?.map(|(g, _)| g);
+    let main = group.as_ref().is_none_or(|g| g.is_main());
     let options = TrainOptions {
         resume,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: main && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let out = train(&cfg, &options)?;
+    let out = distributed::run_in_group(group, |g| train_with(&cfg, &options, g))?;
     let s = &out.state;
-    println!(
-        "trained {} epochs ({} steps){}; best validation Dice {} (epoch {})",
-        s.epochs_done,
-        s.global_step,
-        if out.interrupted { ", interrupted" } else { "" },
-        fmt_opt(s.best_metric),
-        s.best_epoch.map_or(String::new(), |e| e.to_string())
-    );
-    if let Some(b) = &out.best_checkpoint {
-        println!("best model: {}", b.display());
+    if main {
+        println!(
+            "trained {} epochs ({} steps){}; best validation Dice {} (epoch {})",
+            s.epochs_done,
+            s.global_step,
+            if out.interrupted { ", interrupted" } else { "" },
+            fmt_opt(s.best_metric),
+            s.best_epoch.map_or(String::new(), |e| e.to_string())
+        );
+        if let Some(b) = &out.best_checkpoint {
+            println!("best model: {}", b.display());
+        }
+        println!("resumable checkpoint: {}", out.last_checkpoint.display());
     }
-    println!("resumable checkpoint: {}", out.last_checkpoint.display());
     if out.interrupted {
         anyhow::bail!("training interrupted; continue with --resume");
     }
