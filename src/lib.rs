@@ -16,6 +16,7 @@ pub mod numerics;
 pub mod prompts;
 pub mod runtime;
 pub mod segmenter;
+pub mod serve;
 pub mod suggest;
 pub mod training;
 pub mod transforms;
