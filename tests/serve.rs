@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use reqwest::blocking::{multipart, Client};
@@ -226,7 +227,18 @@ impl Drop for Server {
     }
 }
 
+/// A client that gives up after `ms` milliseconds (and closes its connection).
+fn client_with_timeout(ms: u64) -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::builder()
+        .timeout(Duration::from_millis(ms))
+        .build()
+        .unwrap()
+}
+
 fn client() -> Client {
+    // The crate builds reqwest with rustls but no default crypto provider: install ring's (as the server does).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::builder()
         .timeout(Duration::from_secs(600))
         .build()
@@ -347,9 +359,12 @@ fn served_label_maps_equal_vista3d_infer() {
     // The image in the body gives the same bytes: octet-stream with ?request=, and multipart.
     let ct_bytes = std::fs::read(ct()).unwrap();
     let request = serde_json::to_string(&json!({"prompts": cases()[0].prompts})).unwrap();
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("format", "nifti")
+        .append_pair("request", &request)
+        .finish();
     let r = c
-        .post(s.url("/v1/vista3d/inference"))
-        .query(&[("format", "nifti"), ("request", request.as_str())])
+        .post(s.url(&format!("/v1/vista3d/inference?{query}")))
         .header("content-type", "application/octet-stream")
         .body(ct_bytes.clone())
         .send()
@@ -897,95 +912,96 @@ fn the_token_protects_everything_but_health() {
 
 /// A tiny loopback HTTP server for the URL tests: `/ok/ct.nii.gz` and `/secret/ct.nii.gz` serve the CT,
 /// `/ok/in` redirects to `/ok/ct.nii.gz`, `/ok/out` to `/secret/ct.nii.gz`; anything else is 404. Stops when
-/// `stop` is set (bounded by a deadline in any case).
-fn file_server(
-    ct_bytes: Vec<u8>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> (u16, impl FnOnce(&std::thread::Scope<'_, '_>) + '_) {
+/// `stop` is set, and after 300 s in any case.
+fn file_server(ct_bytes: Vec<u8>, stop: Arc<AtomicBool>) -> (u16, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let run = move |scope: &std::thread::Scope<'_, '_>| {
-        scope.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                        break;
-                    }
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("");
-                let (head, body): (String, &[u8]) = match path {
-                    "/ok/ct.nii.gz" | "/secret/ct.nii.gz" => (
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", ct_bytes.len()),
-                        &ct_bytes,
-                    ),
-                    "/ok/in" => ("HTTP/1.1 302 Found\r\nLocation: /ok/ct.nii.gz\r\nContent-Length: 0\r\n".into(), b""),
-                    "/ok/out" => (
-                        "HTTP/1.1 302 Found\r\nLocation: /secret/ct.nii.gz\r\nContent-Length: 0\r\n".into(),
-                        b"",
-                    ),
-                    _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(), b""),
-                };
-                let _ = conn.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
-                let _ = conn.write_all(body);
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
             }
-        });
-    };
-    (port, run)
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (head, body): (String, &[u8]) = match path {
+                "/ok/ct.nii.gz" | "/secret/ct.nii.gz" => (
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", ct_bytes.len()),
+                    &ct_bytes,
+                ),
+                "/ok/in" => (
+                    "HTTP/1.1 302 Found\r\nLocation: /ok/ct.nii.gz\r\nContent-Length: 0\r\n".into(),
+                    b"",
+                ),
+                "/ok/out" => (
+                    "HTTP/1.1 302 Found\r\nLocation: /secret/ct.nii.gz\r\nContent-Length: 0\r\n"
+                        .into(),
+                    b"",
+                ),
+                _ => (
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(),
+                    b"",
+                ),
+            };
+            let _ = conn.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
+            let _ = conn.write_all(body);
+        }
+    });
+    (port, handle)
 }
 
 #[test]
 fn urls_only_under_allowed_prefixes_and_redirects_checked() {
     let _serial = serial();
     let expected = expected();
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (port, run) = file_server(std::fs::read(ct()).unwrap(), &stop);
-    std::thread::scope(|scope| {
-        run(scope);
-        let prefix = format!("http://127.0.0.1:{port}/ok/");
-        let s = Server::start("urls", &["--allow-url-prefix", &prefix]);
-        let c = client();
-        let ask = |path: &str| {
-            post_json(
-                &c,
-                &s,
-                "?format=nifti",
-                &json!({"image": format!("http://127.0.0.1:{port}{path}"), "prompts": cases()[0].prompts}),
-            )
-        };
-        let r = ask("/ok/ct.nii.gz");
-        assert_eq!(r.status(), 200);
-        assert!(r.bytes().unwrap().as_ref() == expected["class"].as_slice());
-        let r = ask("/ok/in");
-        assert_eq!(r.status(), 200, "a redirect inside the prefix is followed");
-        assert_eq!(
-            ask("/ok/out").status(),
-            403,
-            "a redirect out of the prefix is refused"
-        );
-        assert_eq!(ask("/secret/ct.nii.gz").status(), 403);
-        assert_eq!(ask("/ok/../secret/ct.nii.gz").status(), 403);
-        assert_eq!(ask("/ok/missing.nii.gz").status(), 502);
-        // No paths on this server: it has no --allow-dir.
-        assert_eq!(
-            post_json(&c, &s, "", &path_request(&json!({}))).status(),
-            403
-        );
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (port, files) = file_server(std::fs::read(ct()).unwrap(), stop.clone());
+    let prefix = format!("http://127.0.0.1:{port}/ok/");
+    let s = Server::start("urls", &["--allow-url-prefix", &prefix]);
+    let c = client();
+    let ask = |path: &str| {
+        post_json(
+            &c,
+            &s,
+            "?format=nifti",
+            &json!({"image": format!("http://127.0.0.1:{port}{path}"), "prompts": cases()[0].prompts}),
+        )
+    };
+    let r = ask("/ok/ct.nii.gz");
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().unwrap().as_ref() == expected["class"].as_slice());
+    let r = ask("/ok/in");
+    assert_eq!(r.status(), 200, "a redirect inside the prefix is followed");
+    assert_eq!(
+        ask("/ok/out").status(),
+        403,
+        "a redirect out of the prefix is refused"
+    );
+    assert_eq!(ask("/secret/ct.nii.gz").status(), 403);
+    assert_eq!(ask("/ok/../secret/ct.nii.gz").status(), 403);
+    assert_eq!(ask("/ok/missing.nii.gz").status(), 502);
+    // No paths on this server: it has no --allow-dir.
+    assert_eq!(
+        post_json(&c, &s, "", &path_request(&json!({}))).status(),
+        403
+    );
+    stop.store(true, Ordering::SeqCst);
+    files.join().unwrap();
 }
 
 #[test]
@@ -1012,10 +1028,7 @@ fn a_client_that_leaves_frees_its_place() {
             assert!(Instant::now() < deadline, "A never started");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let impatient = Client::builder()
-            .timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let impatient = client_with_timeout(500);
         let b = impatient
             .post(s.url("/v1/vista3d/inference"))
             .json(&everything)
@@ -1037,10 +1050,7 @@ fn a_client_that_leaves_frees_its_place() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // A running request whose client leaves stops at its next window and frees the request thread.
-    let impatient = Client::builder()
-        .timeout(Duration::from_millis(800))
-        .build()
-        .unwrap();
+    let impatient = client_with_timeout(800);
     assert!(impatient
         .post(s.url("/v1/vista3d/inference"))
         .json(&everything)
