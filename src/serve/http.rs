@@ -23,7 +23,9 @@ use super::api::{InferenceBody, Query};
 use super::error::ServeError;
 use super::jobs::{ImageInput, Job, RequestDir, Slot};
 use super::metrics::Metrics;
-use super::source::{download, stem_of, stream_to_file, too_large, ImageRef, SourcePolicy};
+use super::source::{
+    download, stem_of, stream_to_file, too_large, ImageRef, SourcePolicy, DRAIN_BYTES,
+};
 use crate::config::InferenceConfig;
 use crate::prompts::LabelTable;
 
@@ -460,7 +462,7 @@ async fn receive(
             if body.image.is_some() {
                 return Err(image_twice());
             }
-            if declared.is_some_and(|n| n > state.max_upload) {
+            if declared.is_some_and(|n| n > state.max_upload + DRAIN_BYTES) {
                 return Err(too_large("the upload", state.max_upload));
             }
             let path = dir.join("upload");
@@ -483,7 +485,7 @@ async fn receive(
         }
         "multipart/form-data" => {
             upload_only("send the request as the multipart 'request' part")?;
-            if declared.is_some_and(|n| n > state.max_upload + JSON_LIMIT as u64) {
+            if declared.is_some_and(|n| n > state.max_upload + DRAIN_BYTES) {
                 return Err(too_large("the upload", state.max_upload));
             }
             let mut multipart = Multipart::from_request(req, &())

@@ -189,8 +189,9 @@ impl Worker {
         self.metrics.memory_reserved.set(self.budget.used() as i64);
         job.slot.finish();
         if let Err(e) = &result {
-            if !job.slot.is_cancelled() {
-                log::warn!("request {} ({}): {e}", job.id, job.name);
+            // Client errors are logged once by the handler; failures of the server here, with the request.
+            if !job.slot.is_cancelled() && e.status().is_server_error() {
+                log::error!("request {} ({}): {e}", job.id, job.name);
             }
         }
         let _ = job.reply.send(result);

@@ -293,6 +293,7 @@ where
                 chunk.map_err(|e| ServeError::BadRequest(format!("reading {what}: {e}")))?;
             total += chunk.len() as u64;
             if total > limit {
+                drain(&mut stream).await;
                 return Err(too_large(what, limit));
             }
             hasher.update(&chunk);
@@ -316,6 +317,25 @@ where
         let _ = tokio::fs::remove_file(path).await;
     }
     result
+}
+
+/// How much of an over-limit body is read and dropped before the 413 goes out.
+pub const DRAIN_BYTES: u64 = 64 << 20;
+
+/// Reads and drops the rest of an over-limit body (up to [`DRAIN_BYTES`] or 5 s), so that the client, still
+/// sending, gets to read the 413 instead of a reset connection (a lingering close, as nginx does).
+async fn drain<S, E>(stream: &mut std::pin::Pin<&mut S>)
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut drained = 0u64;
+    while drained < DRAIN_BYTES {
+        match tokio::time::timeout_at(until, stream.next()).await {
+            Ok(Some(Ok(chunk))) => drained += chunk.len() as u64,
+            _ => break,
+        }
+    }
 }
 
 /// The 413 of an upload or download over the limit.
