@@ -18,6 +18,7 @@ pub mod preview;
 pub mod prompts;
 pub mod runtime;
 pub mod segmenter;
+pub mod serve;
 pub mod suggest;
 pub mod training;
 pub mod transforms;

@@ -5,6 +5,7 @@ mod common;
 mod engines;
 mod infer;
 mod model;
+mod serve;
 mod training;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,9 @@ enum Command {
     Datalist(training::DatalistArgs),
     /// Evaluate a checkpoint as the bundle's evaluate.json: predictions and Dice reports (MONAI MetricsSaver files).
     Evaluate(training::EvaluateArgs),
+    /// HTTP inference server with NVIDIA's VISTA-3D NIM API: one resident model, requests queued and their
+    /// windows batched on the device; health, info and Prometheus metrics endpoints.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -81,5 +85,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportOnnx(a) => engines::export_onnx(a),
         Command::Datalist(a) => training::datalist(a),
         Command::Evaluate(a) => training::evaluate(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }

@@ -247,6 +247,16 @@ pub struct InferenceConfig {
     /// cuDNN autotuning on CUDA (`torch.backends.cudnn.benchmark`); the first windows of each shape are slower.
     #[serde(default = "default_true")]
     pub cudnn_benchmark: bool,
+    /// `vista3d serve`: the most windows of concurrent requests gathered into one network call (same method and
+    /// class prompts only). 1 (the default) runs every window alone, so a served label map equals `vista3d
+    /// infer`'s bit for bit whatever the load; larger values trade that for throughput (batched convolutions
+    /// round differently: see README, "Server").
+    #[serde(default = "default_serve_max_batch_windows")]
+    pub serve_max_batch_windows: usize,
+    /// `vista3d serve`: how long (milliseconds) the device waits for windows of other requests to fill a batch
+    /// once one window is waiting (only when `serve_max_batch_windows` > 1).
+    #[serde(default = "default_serve_batch_wait_ms")]
+    pub serve_batch_wait_ms: u64,
     /// `vista3d batch`: folder of images (`batch_inference.json`).
     #[serde(default)]
     pub input_dir: Option<PathBuf>,
@@ -257,6 +267,14 @@ pub struct InferenceConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_serve_max_batch_windows() -> usize {
+    1
+}
+
+fn default_serve_batch_wait_ms() -> u64 {
+    5
 }
 
 impl InferenceConfig {
@@ -286,6 +304,18 @@ impl InferenceConfig {
         }
         if self.sw_batch_size == 0 {
             return bad("sw_batch_size must be at least 1".into());
+        }
+        if self.serve_max_batch_windows == 0 {
+            return bad(
+                "serve_max_batch_windows must be at least 1 (1: no batching across requests)"
+                    .into(),
+            );
+        }
+        if self.serve_batch_wait_ms > 10_000 {
+            return bad(format!(
+                "serve_batch_wait_ms must be at most 10000, got {}",
+                self.serve_batch_wait_ms
+            ));
         }
         if self.max_prompt_size == 0 {
             return bad("max_prompt_size must be at least 1".into());

@@ -237,7 +237,10 @@ impl Segmenter {
     }
 
     /// After a panic, engines that were in use are in an unknown state: open them again next time.
-    fn forget_engines_on_panic<T>(&self, r: Result<T, SegmentError>) -> Result<T, SegmentError> {
+    pub(crate) fn forget_engines_on_panic<T>(
+        &self,
+        r: Result<T, SegmentError>,
+    ) -> Result<T, SegmentError> {
         if matches!(r, Err(SegmentError::Panic { .. })) {
             if let Ok(mut e) = self.engines.try_borrow_mut() {
                 e.clear();

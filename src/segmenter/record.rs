@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use super::{device_name, Segmentation, Segmenter};
+use crate::config::InferenceConfig;
 use crate::io::{write_nifti, NiftiHeader, OutputDtype};
 use crate::prompts::RequestPrompts;
 
@@ -31,6 +32,30 @@ pub fn file_identity(path: &Path) -> Value {
     })
 }
 
+/// What records say about the resident model: the weights' description and checksum and the device. Cheap to
+/// clone, so request threads that do not own the [`Segmenter`] (the server's) can write records too.
+#[derive(Debug, Clone)]
+pub struct ModelFacts {
+    /// [`super::Model::describe`].
+    pub weights: Value,
+    /// SHA-256 of the checkpoint file (`None` for random weights).
+    pub sha256: Option<String>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+}
+
+impl ModelFacts {
+    /// The facts of `segmenter`'s model.
+    pub fn of(segmenter: &Segmenter) -> Self {
+        let model = segmenter.model();
+        Self {
+            weights: model.describe(),
+            sha256: model.identity().map(|id| id.sha256.clone()),
+            device: device_name(model.device),
+        }
+    }
+}
+
 /// What a request is, for deciding whether an existing output answers it: input identity, prompts as given,
 /// weights, requested method and every setting that changes the label map.
 pub fn request_identity(
@@ -40,11 +65,29 @@ pub fn request_identity(
     method: crate::engines::Method,
     output_dtype: OutputDtype,
 ) -> Value {
-    let c = segmenter.config();
+    request_identity_for(
+        segmenter.config(),
+        &ModelFacts::of(segmenter),
+        input,
+        prompts,
+        method,
+        output_dtype,
+    )
+}
+
+/// [`request_identity`] from the settings and the model's facts.
+pub fn request_identity_for(
+    c: &InferenceConfig,
+    model: &ModelFacts,
+    input: Value,
+    prompts: &RequestPrompts,
+    method: crate::engines::Method,
+    output_dtype: OutputDtype,
+) -> Value {
     let w = c.window();
-    let weights = match segmenter.model().identity() {
-        Some(id) => json!({"sha256": id.sha256}),
-        None => segmenter.model().describe(),
+    let weights = match &model.sha256 {
+        Some(sha256) => json!({"sha256": sha256}),
+        None => model.weights.clone(),
     };
     json!({
         "input": input,
@@ -78,7 +121,28 @@ pub fn build_record(
     output: &Path,
     seconds: &[(&str, f64)],
 ) -> Value {
-    let w = segmenter.config().window();
+    build_record_for(
+        segmenter.config(),
+        &ModelFacts::of(segmenter),
+        seg,
+        image,
+        identity,
+        output,
+        seconds,
+    )
+}
+
+/// [`build_record`] from the settings and the model's facts.
+pub fn build_record_for(
+    config: &InferenceConfig,
+    model: &ModelFacts,
+    seg: &Segmentation,
+    image: &crate::volume::Volume,
+    identity: Value,
+    output: &Path,
+    seconds: &[(&str, f64)],
+) -> Value {
+    let w = config.window();
     let mut timings = Map::new();
     for (k, v) in seconds {
         timings.insert((*k).to_string(), json!(v));
@@ -97,8 +161,8 @@ pub fn build_record(
         "label_prompt": seg.prompts.label_prompt,
         "points": seg.prompts.points,
         "point_labels": seg.prompts.point_labels,
-        "weights": segmenter.model().describe(),
-        "device": device_name(segmenter.model().device),
+        "weights": model.weights,
+        "device": model.device,
         "precision": seg.method,
         "patch_size": w.patch_size,
         "overlap": w.overlap,

@@ -60,9 +60,20 @@ pub(crate) fn is_dicom_input(path: &Path) -> bool {
     }
 }
 
+/// A `.zip` by name, or a file that starts with a zip's local file header (an upload spooled without a name).
 fn is_zip(path: &Path) -> bool {
-    path.extension()
+    if path
+        .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+    {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+        && magic == *b"PK\x03\x04"
 }
 
 fn claims_dicom(name: &str) -> bool {
