@@ -770,9 +770,9 @@ fn malformed_requests_get_4xx_while_a_good_one_succeeds() {
             ),
             ("text/plain", raw("text/plain", b"hello".to_vec()), 415),
             (
-                "dicom-seg",
+                "dicom-seg of a NIfTI image",
                 json_req("?format=dicom-seg", good_body.clone()),
-                400,
+                422,
             ),
             ("preview", json_req("?preview=true", good_body.clone()), 400),
             (
@@ -1131,4 +1131,136 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
         client().get(s.url("/v1/health/live")).send().is_err(),
         "no longer listening"
     );
+}
+
+/// The DICOM series of TotalSegmentator's example CT (JPEG 2000), fetched by scripts/fetch_data.sh.
+fn series_dir() -> PathBuf {
+    data("totalsegmentator/example_ct.nii.gz")
+        .parent()
+        .unwrap()
+        .join("example_ct_dicom")
+}
+
+/// A zip of the files of `dir` (flat).
+fn zip_of(dir: &Path) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for p in names {
+        z.start_file(
+            format!("series/{}", p.file_name().unwrap().to_string_lossy()),
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        z.write_all(&std::fs::read(&p).unwrap()).unwrap();
+    }
+    z.finish().unwrap().into_inner()
+}
+
+#[test]
+fn dicom_series_in_dicom_seg_out() {
+    let _serial = serial();
+    let series = series_dir();
+    let work = tmp("dicom");
+    // What `vista3d infer` writes for the series ("everything": some class is always found).
+    let out = work.join("cli");
+    let mut args = vec![
+        "infer",
+        "--image",
+        series.to_str().unwrap(),
+        "--output-format",
+        "both",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend(FAST);
+    let o = Command::new(env!("CARGO_BIN_EXE_vista3d"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli_nii = std::fs::read(out.join("example_ct_dicom/example_ct_dicom_trans.nii.gz")).unwrap();
+    let cli_seg = std::fs::read(out.join("example_ct_dicom/example_ct_dicom_trans.dcm")).unwrap();
+
+    let s = Server::start(
+        "dicom",
+        &[
+            "--allow-dir",
+            series.parent().unwrap().to_str().unwrap(),
+            "--allow-dir",
+            work.to_str().unwrap(),
+            "--max-upload-mb",
+            "64",
+        ],
+    );
+    let c = client();
+    let by_path = json!({"image": series.to_str().unwrap()});
+    let is_seg = |b: &[u8]| {
+        b.len() > 132
+            && &b[128..132] == b"DICM"
+            && b.windows(28).any(|w| w == b"1.2.840.10008.5.1.4.1.1.66.4")
+    };
+
+    // A series folder by path: the label map equals the CLI's, the SEG is a Segmentation object.
+    let r = post_json(&c, &s, "?format=nifti", &by_path);
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    assert!(r.bytes().unwrap().as_ref() == cli_nii.as_slice());
+    let r = post_json(&c, &s, "?format=dicom-seg", &by_path);
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+    assert_eq!(r.headers()["content-type"], "application/dicom");
+    let seg = r.bytes().unwrap();
+    assert!(is_seg(&seg), "not a DICOM SEG ({} bytes)", seg.len());
+    // Same segments and frames as the CLI's SEG; only UIDs and dates differ, so the sizes agree closely.
+    let (a, b) = (seg.len() as f64, cli_seg.len() as f64);
+    assert!((a - b).abs() / b < 0.01, "served SEG {a} bytes, CLI SEG {b}");
+
+    // The series uploaded as a zip: the same label map and a SEG.
+    let body = zip_of(&series);
+    for (format, check_seg) in [("nifti", false), ("dicom-seg", true)] {
+        let r = c
+            .post(s.url(&format!("/v1/vista3d/inference?format={format}")))
+            .header("content-type", "application/octet-stream")
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{format}: {}", r.text().unwrap());
+        let bytes = r.bytes().unwrap();
+        if check_seg {
+            assert!(is_seg(&bytes));
+        } else {
+            assert!(bytes.as_ref() == cli_nii.as_slice(), "uploaded series");
+        }
+    }
+
+    // A zip that holds no series: 422 naming the problem; the server goes on.
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    z.start_file("notes.txt", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    z.write_all(b"no images here").unwrap();
+    let r = c
+        .post(s.url("/v1/vista3d/inference?format=dicom-seg"))
+        .header("content-type", "application/octet-stream")
+        .body(z.finish().unwrap().into_inner())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().unwrap();
+    assert!(e["error"].as_str().unwrap().contains("DICOM"), "{e}");
+
+    // A symbolic link inside a series folder that leaves the allowed folder: 403.
+    let linked = work.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink("/etc", linked.join("escape")).unwrap();
+    let r = post_json(
+        &c,
+        &s,
+        "?format=dicom-seg",
+        &json!({"image": linked.to_str().unwrap()}),
+    );
+    assert_eq!(r.status(), 403, "{}", r.text().unwrap());
+    let r = post_json(&c, &s, "?format=nifti", &by_path);
+    assert_eq!(r.status(), 200);
 }

@@ -28,7 +28,8 @@ use serde_json::{json, Value};
 
 use crate::config::{ListItem, Origin, OutputFormat};
 use crate::engines::Method;
-use crate::io::dicom::{self, DicomOptions, SegOptions};
+use crate::io::dicom::{self, DicomOptions};
+pub use crate::segmenter::record::seg_path;
 use crate::io::{read_image, read_nifti, OutputDtype};
 use crate::prompts::RequestPrompts;
 use crate::segmenter::record::{self, build_record, file_identity, request_identity};
@@ -350,11 +351,6 @@ pub struct OutputSpec {
     pub format: OutputFormat,
 }
 
-/// The DICOM SEG beside a label map: `x_trans.nii.gz` -> `x_trans.dcm`.
-pub fn seg_path(output: &Path) -> PathBuf {
-    output.with_extension("").with_extension("dcm")
-}
-
 /// The extras `spec` asks for that are missing beside `out`.
 fn missing_extras(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
     spec.format.wants_seg()
@@ -427,8 +423,7 @@ fn dicom_options(segmenter: &Segmenter, item: &BatchItem) -> DicomOptions {
     o
 }
 
-/// Writes the DICOM SEG of `labels` beside `out` and notes it in the record; a label map without any class
-/// (a SEG needs at least one segment) is noted as skipped.
+/// Writes the DICOM SEG of `labels` beside `out` and notes it in the record (see [`record::write_seg_beside`]).
 fn write_extra_seg(
     segmenter: &Segmenter,
     out: &Path,
@@ -436,24 +431,9 @@ fn write_extra_seg(
     series: &dicom::SeriesInfo,
     rec: &mut Value,
 ) -> Result<(), SegmentError> {
-    let found = labels.iter().any(|&v| v > 0.0 && v != 255.0);
-    if !found {
-        log::warn!("{}: nothing found, no DICOM SEG written", out.display());
-        rec["outputs"]["dicom_seg_skipped"] =
-            json!("no class found: a SEG needs at least one segment");
-        return Ok(());
-    }
-    let path = seg_path(out);
-    dicom::write_seg(
-        &path,
-        labels,
-        series,
-        segmenter.label_table(),
-        &SegOptions::default(),
-    )
-    .map_err(|e| SegmentError::Failed(e.into()))?;
-    rec["outputs"]["dicom_seg"] = json!(path.display().to_string());
-    Ok(())
+    record::write_seg_beside(out, labels, series, segmenter.label_table(), rec)
+        .map(|_| ())
+        .map_err(SegmentError::Failed)
 }
 
 /// Makes the extras an up-to-date output lacks from its label map, without the network (e.g. a DICOM SEG asked for

@@ -349,7 +349,7 @@ impl Segmenter {
 
     /// The class table requests are resolved against.
     pub fn label_table(&self) -> &LabelTable {
-        &self.path.table
+        self.path.label_table()
     }
 }
 
@@ -387,6 +387,11 @@ impl RequestPath {
     /// The settings every request starts from.
     pub fn config(&self) -> &InferenceConfig {
         &self.config
+    }
+
+    /// The class table requests are resolved against.
+    pub fn label_table(&self) -> &LabelTable {
+        &self.table
     }
 
     /// Segments one image with the windows running on `backend`; a panic fails this request only.

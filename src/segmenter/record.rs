@@ -201,3 +201,36 @@ pub fn read_record(output: &Path) -> Option<Value> {
     let text = std::fs::read_to_string(record_path(output)).ok()?;
     serde_json::from_str(&text).ok()
 }
+
+/// The DICOM SEG beside a label map: `x_trans.nii.gz` -> `x_trans.dcm`.
+pub fn seg_path(label_map: &Path) -> std::path::PathBuf {
+    label_map.with_extension("").with_extension("dcm")
+}
+
+/// Writes the DICOM SEG of `labels` (on the grid of `series`) beside the label map `out` ([`seg_path`]) and notes
+/// it in the record (`outputs.dicom_seg`). A label map without any class is noted as skipped
+/// (`outputs.dicom_seg_skipped`: a SEG needs at least one segment) and gives `Ok(None)`.
+pub fn write_seg_beside(
+    out: &Path,
+    labels: &ndarray::Array3<f32>,
+    series: &crate::io::dicom::SeriesInfo,
+    classes: &crate::prompts::LabelTable,
+    rec: &mut Value,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if !labels.iter().any(|&v| v > 0.0 && v != 255.0) {
+        log::warn!("{}: nothing found, no DICOM SEG written", out.display());
+        rec["outputs"]["dicom_seg_skipped"] =
+            json!("no class found: a SEG needs at least one segment");
+        return Ok(None);
+    }
+    let path = seg_path(out);
+    crate::io::dicom::write_seg(
+        &path,
+        labels,
+        series,
+        classes,
+        &crate::io::dicom::SegOptions::default(),
+    )?;
+    rec["outputs"]["dicom_seg"] = json!(path.display().to_string());
+    Ok(Some(path))
+}

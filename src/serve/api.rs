@@ -9,9 +9,10 @@
 //! NIM's `local_working_dir` (results come back in the response body; the server never writes where a client
 //! says).
 //!
-//! Query: `format=zip|nifti|dicom-seg` (zip: the label map and the JSON record; nifti: the bare `.nii.gz`;
-//! dicom-seg is not supported yet), `preview=true|false` (not supported yet), and for `application/octet-stream`
-//! uploads `request=<the JSON body without image>`.
+//! Query: `format=zip|nifti|dicom-seg` (zip: the label map and the JSON record, plus the DICOM SEG when the image
+//! is a DICOM series and `output_format` asks for one; nifti: the bare `.nii.gz`; dicom-seg: the bare DICOM
+//! Segmentation object of a DICOM series), `preview=true|false` (not supported yet), and for
+//! `application/octet-stream` uploads `request=<the JSON body without image>`.
 
 use std::collections::BTreeMap;
 
@@ -62,6 +63,8 @@ pub enum Format {
     Zip,
     /// The bare label map (`.nii.gz`).
     Nifti,
+    /// The bare DICOM SEG (DICOM series only).
+    DicomSeg,
 }
 
 /// The query parameters of an inference request.
@@ -85,10 +88,7 @@ impl Query {
                     q.format = match v.to_ascii_lowercase().as_str() {
                         "zip" => Format::Zip,
                         "nifti" | "nii.gz" | "nii" => Format::Nifti,
-                        "dicom-seg" | "dicom_seg" => return Err(ServeError::BadRequest(
-                            "format=dicom-seg is not supported yet: use format=zip or format=nifti"
-                                .into(),
-                        )),
+                        "dicom-seg" | "dicom_seg" | "seg" => Format::DicomSeg,
                         other => {
                             return Err(ServeError::BadRequest(format!(
                                 "unknown format '{other}': use zip (default), nifti or dicom-seg"
@@ -304,10 +304,14 @@ mod tests {
         };
         assert_eq!(q(&[]).unwrap().format, Format::Zip);
         assert_eq!(q(&[("format", "nifti")]).unwrap().format, Format::Nifti);
-        assert!(q(&[("format", "dicom-seg")])
+        assert_eq!(
+            q(&[("format", "dicom-seg")]).unwrap().format,
+            Format::DicomSeg
+        );
+        assert!(q(&[("format", "png")])
             .unwrap_err()
             .to_string()
-            .contains("not supported yet"));
+            .contains("unknown format 'png'"));
         assert!(q(&[("preview", "true")]).is_err());
         assert!(q(&[("preview", "false")]).is_ok());
         assert!(q(&[("fromat", "zip")]).is_err());

@@ -220,28 +220,29 @@ impl Worker {
             .map_err(|e| ServeError::Unprocessable(format!("{e:#}")))?
             .label_prompt
             .map_or(1, |l| l.len());
-        let reservation = match peek_nifti(&read_path) {
-            Some((dims, spacing)) => {
-                let needed = estimate_request_bytes(dims, spacing, config, classes);
-                match self.budget.reserve(needed, &|| job.slot.is_cancelled()) {
-                    Ok(r) => Some(r),
-                    Err(ReserveError::Cancelled) => return Err(Self::cancelled_error(job)),
-                    Err(ReserveError::TooLarge { needed, total }) => {
-                        return Err(ServeError::TooLarge(format!(
-                            "image {} ({} x {} x {} voxels, {classes} classes) needs about {} by the server's \
-                             estimate, more than its whole memory budget of {}: ask the operator to raise \
-                             --memory-budget, or ask for fewer classes",
-                            job.name,
-                            dims[0],
-                            dims[1],
-                            dims[2],
-                            gib(needed),
-                            gib(total)
-                        )))
-                    }
+        let reserve = |dims: [usize; 3], spacing: [f64; 3]| {
+            let needed = estimate_request_bytes(dims, spacing, config, classes);
+            match self.budget.reserve(needed, &|| job.slot.is_cancelled()) {
+                Ok(r) => Ok(Some(r)),
+                Err(ReserveError::Cancelled) => Err(Self::cancelled_error(job)),
+                Err(ReserveError::TooLarge { needed, total }) => {
+                    Err(ServeError::TooLarge(format!(
+                        "image {} ({} x {} x {} voxels, {classes} classes) needs about {} by the server's \
+                         estimate, more than its whole memory budget of {}: ask the operator to raise \
+                         --memory-budget, or ask for fewer classes",
+                        job.name,
+                        dims[0],
+                        dims[1],
+                        dims[2],
+                        gib(needed),
+                        gib(total)
+                    )))
                 }
             }
-            // Not a readable NIfTI header: the full read below says why.
+        };
+        let mut reservation = match peek_nifti(&read_path) {
+            Some((dims, spacing)) => reserve(dims, spacing)?,
+            // Not a readable NIfTI header (a DICOM series, or a file the full read refuses): after the read.
             None => None,
         };
         self.metrics.memory_reserved.set(self.budget.used() as i64);
@@ -250,6 +251,24 @@ impl Worker {
             ServeError::Unprocessable(message)
         })?;
         drop(opened);
+        if reservation.is_none() {
+            reservation = reserve(input.volume.dims(), input.volume.spacing())?;
+            self.metrics.memory_reserved.set(self.budget.used() as i64);
+        }
+        // A SEG is made on the grid of the series it segments: refuse before the network runs.
+        let wants_seg = match job.format {
+            Format::DicomSeg => true,
+            Format::Zip => config.output_format.wants_seg(),
+            Format::Nifti => false,
+        };
+        if wants_seg && input.dicom.is_none() {
+            return Err(ServeError::Unprocessable(format!(
+                "{} is not a DICOM series: a DICOM SEG (format=dicom-seg, or output_format {:?}) segments a \
+                 DICOM series; send one (a folder under an allowed directory, or a zip of it) or ask for \
+                 format=zip or format=nifti",
+                job.name, config.output_format
+            )));
+        }
         let t_read = t.elapsed().as_secs_f64();
         self.metrics
             .stage_seconds
@@ -320,6 +339,23 @@ impl Worker {
         });
         rec["seconds"]["total_before_write"] = json!(t.elapsed().as_secs_f64());
         drop(reservation);
+        let seg_file = match (&input.dicom, wants_seg) {
+            (Some(series), true) => {
+                record::write_seg_beside(
+                    &label_path,
+                    &seg.labels,
+                    series,
+                    self.path.label_table(),
+                    &mut rec,
+                )
+                .map_err(|e| ServeError::Internal(format!("{e:#}")))?
+            }
+            _ => None,
+        };
+        if let Some(p) = &seg_file {
+            // The record names files as the client receives them.
+            rec["outputs"]["dicom_seg"] = json!(p.file_name().map(|n| n.to_string_lossy()));
+        }
         let record_path = record::save(&label_path, &seg.labels, &input.header, dtype, &rec)
             .map_err(|e| ServeError::Internal(format!("{e:#}")))?;
         let out = match job.format {
@@ -329,10 +365,27 @@ impl Worker {
                 content_type: "application/gzip",
                 method: seg.method,
             },
+            Format::DicomSeg => {
+                let file = seg_file.ok_or_else(|| {
+                    ServeError::Unprocessable(format!(
+                        "nothing was found in {} for the requested classes, and a DICOM SEG needs at least \
+                         one segment: ask for format=zip or format=nifti to receive the empty label map",
+                        job.name
+                    ))
+                })?;
+                JobOutput {
+                    filename: format!("{}_{}.dcm", job.stem, config.output_postfix),
+                    file,
+                    content_type: "application/dicom",
+                    method: seg.method,
+                }
+            }
             Format::Zip => {
                 let zip_name = format!("{}_{}.zip", job.stem, config.output_postfix);
                 let zip_path = job.dir.path.join(&zip_name);
-                write_zip(&zip_path, &[&label_path, &record_path])
+                let mut files = vec![label_path.as_path(), record_path.as_path()];
+                files.extend(seg_file.as_deref());
+                write_zip(&zip_path, &files)
                     .map_err(|e| ServeError::Internal(format!("{e:#}")))?;
                 JobOutput {
                     file: zip_path,

@@ -181,9 +181,37 @@ impl SourcePolicy {
         let meta = file.metadata().map_err(|e| {
             ServeError::Unprocessable(format!("cannot open the image {shown}: {e}"))
         })?;
+        if meta.is_dir() {
+            // A DICOM series folder: everything in it must stay inside the allowed folder too.
+            let root = self
+                .dirs
+                .iter()
+                .map(|(_, real)| real)
+                .find(|real| real_path.starts_with(real))
+                .cloned()
+                .unwrap_or_else(|| real_path.clone());
+            check_tree_inside(&real_path, &root, 0).map_err(|e| match e {
+                TreeError::Escapes(p) => ServeError::Forbidden(format!(
+                    "image {shown}: {} resolves outside the allowed folders (symbolic links may not leave \
+                     --allow-dir)",
+                    p.display()
+                )),
+                TreeError::Io(p, e) => {
+                    ServeError::Unprocessable(format!("image {shown}: cannot read {}: {e}", p.display()))
+                }
+                TreeError::TooDeep => ServeError::Unprocessable(format!(
+                    "image {shown}: folders nested more than {MAX_DEPTH} deep"
+                )),
+            })?;
+            return Ok(OpenedImage {
+                _file: file,
+                read_path: real_path.clone(),
+                real_path,
+            });
+        }
         if !meta.is_file() {
             return Err(ServeError::Unprocessable(format!(
-                "image {shown} is not a file"
+                "image {shown} is neither a file nor a folder"
             )));
         }
         Ok(OpenedImage {
@@ -244,6 +272,35 @@ fn lexical(p: &Path) -> PathBuf {
 }
 
 /// A path that reads the opened file and its real location.
+/// How deep a DICOM folder given by path may nest.
+const MAX_DEPTH: usize = 32;
+
+enum TreeError {
+    Escapes(PathBuf),
+    Io(PathBuf, std::io::Error),
+    TooDeep,
+}
+
+/// Checks that every entry under `dir` (links followed) resolves inside `root`.
+fn check_tree_inside(dir: &Path, root: &Path, depth: usize) -> Result<(), TreeError> {
+    if depth > MAX_DEPTH {
+        return Err(TreeError::TooDeep);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| TreeError::Io(dir.to_path_buf(), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| TreeError::Io(dir.to_path_buf(), e))?;
+        let path = entry.path();
+        let real = std::fs::canonicalize(&path).map_err(|e| TreeError::Io(path.clone(), e))?;
+        if !real.starts_with(root) {
+            return Err(TreeError::Escapes(path));
+        }
+        if real.is_dir() {
+            check_tree_inside(&real, root, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
 fn real_path_of(file: &File, path: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     #[cfg(target_os = "linux")]
     {
