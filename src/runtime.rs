@@ -249,17 +249,20 @@ pub mod torch_switches {
         fn libtorch_and_onnxruntime_are_found_without_environment() {
             let dir = crate::runtime::libtorch_dir().expect("libtorch is loaded");
             assert!(dir.join("libtorch_cpu.so").is_file(), "{}", dir.display());
-            // The test environment has onnxruntime in the same Python environment as torch.
-            let saved = std::env::var_os("ORT_DYLIB_PATH");
-            let found = crate::runtime::onnxruntime_candidates();
-            let from_env = saved.map(std::path::PathBuf::from);
-            let first_not_env = found.iter().find(|p| Some(*p) != from_env.as_ref());
+            // The test environment has onnxruntime in the same Python environment as torch: found without
+            // ORT_DYLIB_PATH, and ORT_DYLIB_PATH (when set) comes first.
+            let beside = crate::runtime::onnxruntime_beside_libtorch();
             assert!(
-                first_not_env.is_some_and(
+                beside.first().is_some_and(
                     |p| p.is_file() && p.to_string_lossy().contains("libonnxruntime.so")
                 ),
-                "{found:?}"
+                "{beside:?}"
             );
+            let all = crate::runtime::onnxruntime_candidates();
+            if let Some(env) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+                assert_eq!(all.first(), Some(&std::path::PathBuf::from(env)));
+            }
+            assert!(beside.iter().all(|p| all.contains(p)), "{all:?}");
         }
 
         #[test]

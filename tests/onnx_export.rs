@@ -335,29 +335,29 @@ fn broken_exports_are_clear_errors() {
 
 #[test]
 fn cli_without_onnx_runtime_fails_clearly() {
-    for ort in [Some("/nonexistent/libonnxruntime.so.1.31.1"), None] {
-        let out = tmp("no_ort");
-        let o = vista3d_cli(
-            &[
-                "export-onnx",
-                "--random-width",
-                "8",
-                "--out",
-                out.to_str().unwrap(),
-                "--verify",
-            ],
-            &[("ORT_DYLIB_PATH", ort)],
-        );
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains("error: ONNX Runtime not found"), "{err}");
-        assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        assert!(
-            !out.exists(),
-            "nothing may be written when ONNX Runtime is missing"
-        );
-    }
+    // An explicit ORT_DYLIB_PATH is honoured or refused, never replaced by the library found beside libtorch.
+    let ort = Some("/nonexistent/libonnxruntime.so.1.31.1");
+    let out = tmp("no_ort");
+    let o = vista3d_cli(
+        &[
+            "export-onnx",
+            "--random-width",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+            "--verify",
+        ],
+        &[("ORT_DYLIB_PATH", ort)],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: ONNX Runtime not found"), "{err}");
+    assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !out.exists(),
+        "nothing may be written when ONNX Runtime is missing"
+    );
     // Not a shared library at all.
     let dir = tmp("fake_ort");
     std::fs::create_dir_all(&dir).unwrap();

@@ -1182,7 +1182,8 @@ fn dicom_series_in_dicom_seg_out() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cli_nii = std::fs::read(out.join("example_ct_dicom/example_ct_dicom_trans.nii.gz")).unwrap();
+    let cli_nii =
+        std::fs::read(out.join("example_ct_dicom/example_ct_dicom_trans.nii.gz")).unwrap();
     let cli_seg = std::fs::read(out.join("example_ct_dicom/example_ct_dicom_trans.dcm")).unwrap();
 
     let s = Server::start(
@@ -1215,7 +1216,10 @@ fn dicom_series_in_dicom_seg_out() {
     assert!(is_seg(&seg), "not a DICOM SEG ({} bytes)", seg.len());
     // Same segments and frames as the CLI's SEG; only UIDs and dates differ, so the sizes agree closely.
     let (a, b) = (seg.len() as f64, cli_seg.len() as f64);
-    assert!((a - b).abs() / b < 0.01, "served SEG {a} bytes, CLI SEG {b}");
+    assert!(
+        (a - b).abs() / b < 0.01,
+        "served SEG {a} bytes, CLI SEG {b}"
+    );
 
     // The series uploaded as a zip: the same label map and a SEG.
     let body = zip_of(&series);

@@ -29,9 +29,9 @@ use serde_json::{json, Value};
 use crate::config::{ListItem, Origin, OutputFormat};
 use crate::engines::Method;
 use crate::io::dicom::{self, DicomOptions};
-pub use crate::segmenter::record::seg_path;
 use crate::io::{read_image, read_nifti, OutputDtype};
 use crate::prompts::RequestPrompts;
+pub use crate::segmenter::record::seg_path;
 use crate::segmenter::record::{self, build_record, file_identity, request_identity};
 use crate::segmenter::{Request, SegmentError, Segmenter};
 
@@ -132,38 +132,72 @@ pub fn discover(input: &BatchInput, prompts: &RequestPrompts) -> Result<Vec<Batc
     Ok(items)
 }
 
-/// One item per DICOM series under `dir`: the series is read from the folder of its first file, and its output is
-/// named by that folder (relative to `dir`) and its SeriesInstanceUID.
+/// One item per DICOM series under `dir`: each top-most folder holding files is scanned (with its subfolders), and
+/// an item is read from that folder and named by it (relative to `dir`) and its SeriesInstanceUID.
 fn dicom_items(dir: &Path, prompts: &RequestPrompts) -> Result<Vec<BatchItem>> {
     ensure!(
         dir.is_dir(),
         "--input-dir {} is not a folder",
         dir.display()
     );
-    let series = dicom::scan_series(dir)?;
+    // Each top-most folder that holds files is scanned on its own, so copies of one series in two folders (or
+    // anonymised series without a SeriesInstanceUID) stay two items.
+    let mut folders = Vec::new();
+    folders_with_files(dir, &mut folders)?;
+    let mut items = Vec::new();
+    for folder in folders {
+        let relative_folder = folder
+            .strip_prefix(dir)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        let series = match dicom::scan_series(&folder) {
+            Ok(s) => s,
+            Err(e) => {
+                // An item of its own, so that the run reports it as failed (with the reader's message).
+                log::warn!("{}: {e}", folder.display());
+                items.push(BatchItem::new(
+                    folder.clone(),
+                    relative_folder,
+                    prompts.clone(),
+                ));
+                continue;
+            }
+        };
+        for s in series {
+            let relative = relative_folder.join(&s.series_instance_uid);
+            log::info!("DICOM series {s} in {}", folder.display());
+            items.push(BatchItem {
+                series_uid: Some(s.series_instance_uid),
+                ..BatchItem::new(folder.clone(), relative, prompts.clone())
+            });
+        }
+    }
     ensure!(
-        !series.is_empty(),
+        !items.is_empty(),
         "no DICOM series in {} or its subfolders",
         dir.display()
     );
-    Ok(series
-        .into_iter()
-        .map(|s| {
-            let folder = Path::new(&s.first_file)
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| dir.to_path_buf());
-            let relative = folder
-                .strip_prefix(dir)
-                .unwrap_or(Path::new(""))
-                .join(&s.series_instance_uid);
-            log::info!("DICOM series {s} in {}", folder.display());
-            BatchItem {
-                series_uid: Some(s.series_instance_uid),
-                ..BatchItem::new(folder, relative, prompts.clone())
-            }
-        })
-        .collect())
+    Ok(items)
+}
+
+/// The top-most folders under `dir` (itself included) that directly hold a file (hidden entries ignored), in
+/// name order; a folder's subfolders belong to its scan.
+fn folders_with_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    if entries.iter().any(|p| p.is_file()) {
+        out.push(dir.to_path_buf());
+        return Ok(());
+    }
+    for p in entries.iter().filter(|p| p.is_dir()) {
+        folders_with_files(p, out)?;
+    }
+    Ok(())
 }
 
 fn list_files(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {

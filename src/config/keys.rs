@@ -22,6 +22,11 @@ pub const TRAINING_KEYS: &[(&str, Option<&[&str]>)] = &[
     ("early_stop_min_delta", Some(&[])),
     ("fold", Some(&[])),
     ("seed", Some(&[])),
+    // Multi-process runs (configs/multi_gpu_train.json, configs/mgpu_evaluate.json; src/distributed).
+    ("dist_backend", Some(&[])),
+    ("dist_timeout", Some(&[])),
+    ("dist_heartbeat_timeout", Some(&[])),
+    ("bucket_cap_mb", Some(&[])),
     ("epochs", Some(&[])),
     ("val_interval", Some(&[])),
     ("val_at_start", Some(&[])),

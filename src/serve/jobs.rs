@@ -340,16 +340,14 @@ impl Worker {
         rec["seconds"]["total_before_write"] = json!(t.elapsed().as_secs_f64());
         drop(reservation);
         let seg_file = match (&input.dicom, wants_seg) {
-            (Some(series), true) => {
-                record::write_seg_beside(
-                    &label_path,
-                    &seg.labels,
-                    series,
-                    self.path.label_table(),
-                    &mut rec,
-                )
-                .map_err(|e| ServeError::Internal(format!("{e:#}")))?
-            }
+            (Some(series), true) => record::write_seg_beside(
+                &label_path,
+                &seg.labels,
+                series,
+                self.path.label_table(),
+                &mut rec,
+            )
+            .map_err(|e| ServeError::Internal(format!("{e:#}")))?,
             _ => None,
         };
         if let Some(p) = &seg_file {
@@ -385,8 +383,7 @@ impl Worker {
                 let zip_path = job.dir.path.join(&zip_name);
                 let mut files = vec![label_path.as_path(), record_path.as_path()];
                 files.extend(seg_file.as_deref());
-                write_zip(&zip_path, &files)
-                    .map_err(|e| ServeError::Internal(format!("{e:#}")))?;
+                write_zip(&zip_path, &files).map_err(|e| ServeError::Internal(format!("{e:#}")))?;
                 JobOutput {
                     file: zip_path,
                     filename: zip_name,
