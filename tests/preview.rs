@@ -649,3 +649,103 @@ fn contact_sheet_shows_each_case_and_marks_failures() {
         Err(PreviewError::TooManyItems { .. })
     ));
 }
+
+/// `vista3d` with `args` plus the demo weights and small windows.
+fn vista3d_fast(args: &[&str]) -> std::process::Output {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--demo-weights",
+        "--set",
+        "resample_spacing=[3,3,3]",
+        "--set",
+        "patch_size=[32,32,32]",
+        "--threads",
+        "2",
+    ]);
+    std::process::Command::new(env!("CARGO_BIN_EXE_vista3d"))
+        .args(&all)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn infer_and_batch_write_the_preview_beside_the_label_map() {
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preview_cli");
+    let _ = std::fs::remove_dir_all(&work);
+    let ct_path = common::data("totalsegmentator/example_ct_sm.nii.gz");
+
+    // infer --preview: the PNG is exactly the renderer's picture of the written label map over the CT.
+    let out = work.join("infer");
+    let o = vista3d_fast(&[
+        "infer",
+        "--image",
+        ct_path.to_str().unwrap(),
+        "--label-prompt",
+        "spleen,liver",
+        "--preview",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = out.join("example_ct_sm");
+    let png = dir.join("example_ct_sm_trans.png");
+    let written = preview::read_png(&png).unwrap();
+    let labels = read_nifti(&dir.join("example_ct_sm_trans.nii.gz"))
+        .unwrap()
+        .volume
+        .data;
+    let ct = read_nifti(&ct_path).unwrap().volume;
+    let opts = PreviewOptions {
+        title: Some("example_ct_sm_trans".into()),
+        ..Default::default()
+    };
+    let expected = preview::render(&ct, &labels, &[], &LabelTable::bundle(), &opts).unwrap();
+    assert_eq!(written.dimensions(), expected.image.dimensions());
+    assert!(
+        written == expected.image,
+        "the PNG differs from the rendered preview"
+    );
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("example_ct_sm_trans.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rec["outputs"]["preview"], png.display().to_string());
+
+    // batch: a finished run asked again with --preview gets its previews from the label maps, without the network.
+    let input = work.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(&ct_path, input.join("a.nii.gz")).unwrap();
+    let out = work.join("batch");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "batch",
+            "--input-dir",
+            input.to_str().unwrap(),
+            "--label-prompt",
+            "spleen",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = vista3d_fast(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let t = run(&[]);
+    assert!(t.contains("1 segmented"), "{t}");
+    let nii = out.join("a/a_trans.nii.gz");
+    let png = out.join("a/a_trans.png");
+    assert!(!png.exists());
+    let before = std::fs::read(&nii).unwrap();
+    let t = run(&["--preview"]);
+    assert!(t.contains("missing extras written"), "{t}");
+    assert!(t.contains("0 segmented"), "{t}");
+    assert!(png.is_file());
+    assert_eq!(std::fs::read(&nii).unwrap(), before);
+    let t = run(&["--preview"]);
+    assert!(t.contains("up to date (same request), skipped"), "{t}");
+}

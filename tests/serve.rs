@@ -356,6 +356,13 @@ fn served_label_maps_equal_vista3d_infer() {
     assert!(record["server"]["windows"].as_u64().unwrap() > 0);
     assert_eq!(record["server"]["windows_batched_with_other_requests"], 0);
 
+    // ?preview=true: the zip also holds the QC preview PNG.
+    let r = post_json(&c, &s, "?preview=true", &path_request(&cases()[0].prompts));
+    assert_eq!(r.status(), 200);
+    let entries = unzip(&r.bytes().unwrap());
+    assert_eq!(entries["example_ct_sm_trans.nii.gz"], expected["class"]);
+    assert_eq!(&entries["example_ct_sm_trans.png"][1..4], b"PNG");
+
     // The image in the body gives the same bytes: octet-stream with ?request=, and multipart.
     let ct_bytes = std::fs::read(ct()).unwrap();
     let request = serde_json::to_string(&json!({"prompts": cases()[0].prompts})).unwrap();
@@ -774,7 +781,11 @@ fn malformed_requests_get_4xx_while_a_good_one_succeeds() {
                 json_req("?format=dicom-seg", good_body.clone()),
                 422,
             ),
-            ("preview", json_req("?preview=true", good_body.clone()), 400),
+            (
+                "preview without a zip",
+                json_req("?preview=true&format=nifti", good_body.clone()),
+                400,
+            ),
             (
                 "unknown query parameter",
                 json_req("?fromat=zip", good_body.clone()),

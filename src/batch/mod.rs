@@ -383,13 +383,23 @@ pub struct OutputSpec {
     pub dtype: OutputDtype,
     /// Extras beside the NIfTI label map (a DICOM SEG).
     pub format: OutputFormat,
+    /// Write a QC preview PNG beside the label map (`--preview`).
+    pub preview: bool,
 }
 
 /// The extras `spec` asks for that are missing beside `out`.
 fn missing_extras(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
+    missing_seg(out, spec, record) || missing_preview(out, spec, record)
+}
+
+fn missing_seg(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
     spec.format.wants_seg()
         && !seg_path(out).is_file()
         && record["outputs"]["dicom_seg_skipped"].is_null()
+}
+
+fn missing_preview(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
+    spec.preview && !preview_path(out).is_file() && record["outputs"]["preview_error"].is_null()
 }
 
 /// What happened to one item.
@@ -444,6 +454,16 @@ pub fn run_item(
     if let (true, Some(series)) = (spec.format.wants_seg(), &input.dicom) {
         write_extra_seg(segmenter, out, &seg.labels, series, &mut rec)?;
     }
+    if spec.preview {
+        write_preview_beside(
+            out,
+            &input.volume,
+            &seg.labels,
+            &item.prompts,
+            segmenter.label_table(),
+            &mut rec,
+        );
+    }
     record::save_record(out, &rec).map_err(SegmentError::Failed)?;
     Ok((seg.method.fallbacks.len(), t0.elapsed().as_secs_f64()))
 }
@@ -481,17 +501,67 @@ fn complete_extras(
 ) -> Result<(), SegmentError> {
     let input = read_image(&item.image, &dicom_options(segmenter, item))
         .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
-    let Some(series) = &input.dicom else {
-        return Err(SegmentError::InvalidRequest(format!(
-            "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {} is not a DICOM series",
-            spec.format,
-            item.image.display()
-        )));
-    };
     let labels = read_nifti(out).map_err(SegmentError::Failed)?.volume.data;
-    write_extra_seg(segmenter, out, &labels, series, &mut rec)?;
+    if missing_seg(out, spec, &rec) {
+        let Some(series) = &input.dicom else {
+            return Err(SegmentError::InvalidRequest(format!(
+                "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {} is not a DICOM series",
+                spec.format,
+                item.image.display()
+            )));
+        };
+        write_extra_seg(segmenter, out, &labels, series, &mut rec)?;
+    }
+    if missing_preview(out, spec, &rec) {
+        write_preview_beside(
+            out,
+            &input.volume,
+            &labels,
+            &item.prompts,
+            segmenter.label_table(),
+            &mut rec,
+        );
+    }
     record::save_record(out, &rec).map_err(SegmentError::Failed)?;
     Ok(())
+}
+
+/// The QC preview beside a label map: `x_trans.nii.gz` -> `x_trans.png`.
+pub fn preview_path(output: &Path) -> PathBuf {
+    output.with_extension("").with_extension("png")
+}
+
+/// Writes the QC preview of `labels` over `ct` beside the label map `out` ([`preview_path`]; point prompts as
+/// markers) and notes it in the record (`outputs.preview`). A preview that cannot be made does not fail the
+/// segmentation: the reason is logged and recorded (`outputs.preview_error`).
+pub fn write_preview_beside(
+    out: &Path,
+    ct: &crate::volume::Volume,
+    labels: &ndarray::Array3<f32>,
+    prompts: &RequestPrompts,
+    table: &crate::prompts::LabelTable,
+    rec: &mut Value,
+) -> Option<PathBuf> {
+    let path = preview_path(out);
+    let opts = crate::preview::PreviewOptions {
+        title: out
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".nii.gz").to_string()),
+        point_labels: prompts.point_labels.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let points = prompts.points.clone().unwrap_or_default();
+    match crate::preview::write_png(&path, ct, labels, &points, table, &opts) {
+        Ok(_) => {
+            rec["outputs"]["preview"] = json!(path.display().to_string());
+            Some(path)
+        }
+        Err(e) => {
+            log::warn!("{}: no preview: {e}", out.display());
+            rec["outputs"]["preview_error"] = json!(e.to_string());
+            None
+        }
+    }
 }
 
 /// Counts of a finished batch.

@@ -17,6 +17,10 @@ pub struct InferArgs {
     /// Input image: a NIfTI file (.nii, .nii.gz) or a DICOM series (a folder searched recursively, or a .zip).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Also write a QC preview PNG beside the label map (`<stem>_trans.png`: CT with coloured class overlays in
+    /// three planes, legend, point markers).
+    #[arg(long)]
+    preview: bool,
     #[command(flatten)]
     request: RequestArgs,
     #[command(flatten)]
@@ -48,6 +52,10 @@ pub struct BatchArgs {
     /// Recompute images whose output already answers the same request.
     #[arg(long)]
     overwrite: bool,
+    /// Also write a QC preview PNG beside the label map (`<stem>_trans.png`: CT with coloured class overlays in
+    /// three planes, legend, point markers).
+    #[arg(long)]
+    preview: bool,
     #[command(flatten)]
     request: RequestArgs,
     #[command(flatten)]
@@ -90,12 +98,13 @@ pub struct BenchArgs {
 }
 
 /// Where and how label maps (and their extras) are written.
-fn output_spec(config: &vista3d::config::InferenceConfig) -> OutputSpec {
+fn output_spec(config: &vista3d::config::InferenceConfig, preview: bool) -> OutputSpec {
     OutputSpec {
         dir: config.output_dir.clone(),
         postfix: config.output_postfix.clone(),
         dtype: config.output_dtype,
         format: config.output_format,
+        preview,
     }
 }
 
@@ -126,7 +135,7 @@ pub fn infer(args: InferArgs) -> Result<()> {
     resolve_prompts(&prompts, &config)?;
     batch::check_writable(&config.output_dir)?;
     let weights = args.common.weights(&config)?;
-    let output = output_spec(&config);
+    let output = output_spec(&config, args.preview);
     let mut segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
     segmenter.set_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     insist_on_method(&segmenter)?;
@@ -167,7 +176,7 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         (None, None) => anyhow::bail!("no input: pass --input-dir DIR or --input-list FILE"),
     };
     let items = batch::discover(&input, &prompts)?;
-    let output = output_spec(&config);
+    let output = output_spec(&config, args.preview);
     // Refuse colliding outputs and an unwritable folder before loading anything.
     batch::check_collisions(&items, &output.dir, &output.postfix)?;
     batch::check_writable(&output.dir)?;

@@ -11,7 +11,8 @@
 //!
 //! Query: `format=zip|nifti|dicom-seg` (zip: the label map and the JSON record, plus the DICOM SEG when the image
 //! is a DICOM series and `output_format` asks for one; nifti: the bare `.nii.gz`; dicom-seg: the bare DICOM
-//! Segmentation object of a DICOM series), `preview=true|false` (not supported yet), and for
+//! Segmentation object of a DICOM series), `preview=true|false` (true: the zip also holds the
+//! QC preview PNG of the result, as `vista3d infer --preview` writes it), and for
 //! `application/octet-stream` uploads `request=<the JSON body without image>`.
 
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub enum Format {
 #[derive(Debug, Clone)]
 pub struct Query {
     pub format: Format,
+    /// Add a QC preview PNG to the zip (`preview=true`; zip only).
+    pub preview: bool,
     /// The request of an `application/octet-stream` upload.
     pub request: Option<String>,
 }
@@ -80,6 +83,7 @@ impl Query {
     pub fn parse(params: &[(String, String)]) -> Result<Self, ServeError> {
         let mut q = Query {
             format: Format::Zip,
+            preview: false,
             request: None,
         };
         for (k, v) in params {
@@ -97,12 +101,8 @@ impl Query {
                     }
                 }
                 "preview" => match v.to_ascii_lowercase().as_str() {
-                    "false" | "0" | "no" => {}
-                    "true" | "1" | "yes" => {
-                        return Err(ServeError::BadRequest(
-                            "preview=true is not supported yet".into(),
-                        ))
-                    }
+                    "false" | "0" | "no" => q.preview = false,
+                    "true" | "1" | "yes" => q.preview = true,
                     other => {
                         return Err(ServeError::BadRequest(format!(
                             "preview must be true or false, got '{other}'"
@@ -116,6 +116,11 @@ impl Query {
                     )))
                 }
             }
+        }
+        if q.preview && q.format != Format::Zip {
+            return Err(ServeError::BadRequest(
+                "preview=true adds a PNG to the zip: use it with format=zip (the default)".into(),
+            ));
         }
         Ok(q)
     }
@@ -312,7 +317,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown format 'png'"));
-        assert!(q(&[("preview", "true")]).is_err());
+        assert!(q(&[("preview", "true")]).unwrap().preview);
+        assert!(q(&[("preview", "true"), ("format", "nifti")]).is_err());
+        assert!(q(&[("preview", "maybe")]).is_err());
         assert!(q(&[("preview", "false")]).is_ok());
         assert!(q(&[("fromat", "zip")]).is_err());
     }

@@ -320,6 +320,7 @@ async fn handle(
         input: received.input,
         request: parsed,
         format: query.format,
+        preview: query.preview,
         dir: dir.clone(),
         slot: slot.clone(),
         queued: Instant::now(),

@@ -117,6 +117,8 @@ pub struct Job {
     pub input: ImageInput,
     pub request: ParsedRequest,
     pub format: Format,
+    /// Add the QC preview to the zip.
+    pub preview: bool,
     pub dir: Arc<RequestDir>,
     pub slot: Arc<Slot>,
     pub queued: Instant,
@@ -354,6 +356,22 @@ impl Worker {
             // The record names files as the client receives them.
             rec["outputs"]["dicom_seg"] = json!(p.file_name().map(|n| n.to_string_lossy()));
         }
+        let preview_file = if job.preview {
+            let written = crate::batch::write_preview_beside(
+                &label_path,
+                &input.volume,
+                &seg.labels,
+                &job.request.prompts,
+                self.path.label_table(),
+                &mut rec,
+            );
+            if let Some(p) = &written {
+                rec["outputs"]["preview"] = json!(p.file_name().map(|n| n.to_string_lossy()));
+            }
+            written
+        } else {
+            None
+        };
         let record_path = record::save(&label_path, &seg.labels, &input.header, dtype, &rec)
             .map_err(|e| ServeError::Internal(format!("{e:#}")))?;
         let out = match job.format {
@@ -383,6 +401,7 @@ impl Worker {
                 let zip_path = job.dir.path.join(&zip_name);
                 let mut files = vec![label_path.as_path(), record_path.as_path()];
                 files.extend(seg_file.as_deref());
+                files.extend(preview_file.as_deref());
                 write_zip(&zip_path, &files).map_err(|e| ServeError::Internal(format!("{e:#}")))?;
                 JobOutput {
                     file: zip_path,

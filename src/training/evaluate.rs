@@ -63,6 +63,7 @@ impl EvalSettings {
                 postfix: inference.output_postfix.clone(),
                 dtype: inference.output_dtype,
                 format: crate::config::OutputFormat::Nifti,
+                preview: false,
             },
         })
     }
