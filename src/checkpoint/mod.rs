@@ -390,6 +390,31 @@ pub fn read_all_tensors(path: &Path) -> Result<StateDict, CheckpointError> {
     Ok(Checkpoint::open_every_tensor(path)?.into_state_dict())
 }
 
+/// The tensors of a safetensors file held in memory (`bytes`; `path` names it in errors), in file order (e.g. a
+/// training checkpoint that rank 0 read and sent to the other ranks).
+pub fn safetensors_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<(String, RawTensor)>, CheckpointError> {
+    let (stored, _) = safetensors_io::read(bytes).map_err(|e| e.in_file(path))?;
+    stored
+        .into_iter()
+        .map(|t| {
+            let data = match t.bytes {
+                StoredBytes::InFile(range) => bytes[range].to_vec(),
+                StoredBytes::Owned(v) => v,
+            };
+            let tensor = RawTensor::new(t.dtype, t.shape.clone(), data).map_err(|e| {
+                CheckpointError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: format!("tensor '{}': {e}", t.name),
+                }
+            })?;
+            Ok((t.name, tensor))
+        })
+        .collect()
+}
+
 /// Checks names are unique and data sizes match shapes.
 fn validate_for_write(tensors: &[(String, RawTensor)]) -> Result<(), String> {
     let mut seen = HashSet::new();

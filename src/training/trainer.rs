@@ -362,38 +362,6 @@ fn build_model(settings: &TrainSettings, device: Device) -> Result<(nn::VarStore
     Ok((vs, net))
 }
 
-/// The tensors of a safetensors file held in memory.
-fn safetensors_from_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, RawTensor)>> {
-    use checkpoint::DType;
-    use safetensors::Dtype;
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-    let mut out = Vec::with_capacity(st.len());
-    for (name, view) in st.tensors() {
-        let dtype = match view.dtype() {
-            Dtype::F32 => DType::F32,
-            Dtype::F64 => DType::F64,
-            Dtype::F16 => DType::F16,
-            Dtype::BF16 => DType::BF16,
-            Dtype::I64 => DType::I64,
-            Dtype::I32 => DType::I32,
-            Dtype::I16 => DType::I16,
-            Dtype::I8 => DType::I8,
-            Dtype::U8 => DType::U8,
-            Dtype::BOOL => DType::Bool,
-            other => anyhow::bail!(
-                "{}: tensor '{name}' has unsupported type {other:?}",
-                path.display()
-            ),
-        };
-        out.push((
-            name,
-            RawTensor::new(dtype, view.shape().to_vec(), view.data().to_vec())?,
-        ));
-    }
-    Ok(out)
-}
-
 /// Restores weights, optimizer and state from the bytes of a [`LAST_CHECKPOINT`] (read from `path` by rank 0 and,
 /// in a multi-process run, sent to the others).
 fn load_last(bytes: &[u8], path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> Result<TrainState> {
@@ -411,7 +379,7 @@ fn load_last(bytes: &[u8], path: &Path, vs: &nn::VarStore, opt: &mut AdamW) -> R
         })?;
     let state: TrainState = serde_json::from_str(state_json)
         .with_context(|| format!("{}: unreadable training state", path.display()))?;
-    let tensors = safetensors_from_bytes(bytes, path)?;
+    let tensors = checkpoint::safetensors_from_bytes(bytes, path)?;
     let weights = checkpoint::StateDict {
         format: checkpoint::CheckpointFormat::Safetensors,
         tensors: tensors
