@@ -2,46 +2,15 @@
 //! windows: outputs where the bundle puts them, the input geometry kept, and bad input rejected cleanly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use vista3d::io::read_nifti;
 
 mod common;
 use common::data;
+use common::{output_text as text, vista3d, FAST};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cli_infer")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Small and fast: 3 mm resampling, 32^3 windows, demo weights, 2 threads.
-const FAST: [&str; 7] = [
-    "--demo-weights",
-    "--set",
-    "resample_spacing=[3,3,3]",
-    "--set",
-    "patch_size=[32,32,32]",
-    "--threads",
-    "2",
-];
-
-fn vista3d(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vista3d"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::scratch("cli_infer", name)
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {

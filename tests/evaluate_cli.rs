@@ -5,36 +5,17 @@
 //! NaN, and the Dice recomputed here from the written files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use ndarray::Array3;
 use vista3d::io::{read_nifti, write_nifti, OutputDtype};
 
 mod common;
 use common::data;
+use common::{output_text as text, vista3d};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("evaluate_cli")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn vista3d(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vista3d"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::scratch("evaluate_cli", name)
 }
 
 fn python() -> PathBuf {

@@ -652,20 +652,8 @@ fn contact_sheet_shows_each_case_and_marks_failures() {
 
 /// `vista3d` with `args` plus the demo weights and small windows.
 fn vista3d_fast(args: &[&str]) -> std::process::Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend([
-        "--demo-weights",
-        "--set",
-        "resample_spacing=[3,3,3]",
-        "--set",
-        "patch_size=[32,32,32]",
-        "--threads",
-        "2",
-    ]);
-    std::process::Command::new(env!("CARGO_BIN_EXE_vista3d"))
-        .args(&all)
-        .output()
-        .unwrap()
+    let all: Vec<&str> = args.iter().chain(common::FAST.iter()).copied().collect();
+    common::vista3d(&all)
 }
 
 #[test]

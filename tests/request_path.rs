@@ -3,48 +3,16 @@
 //! configuration, `precision_fallback: deny`, and quiet broken pipes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use vista3d::io::read_nifti;
 
 mod common;
 use common::data;
+use common::{output_text as text, vista3d_with_env as vista3d, FAST};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("request_path")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Small and fast: 3 mm resampling, 32^3 windows, demo weights, 2 threads.
-const FAST: [&str; 7] = [
-    "--demo-weights",
-    "--set",
-    "resample_spacing=[3,3,3]",
-    "--set",
-    "patch_size=[32,32,32]",
-    "--threads",
-    "2",
-];
-
-fn vista3d(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vista3d"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::scratch("request_path", name)
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {

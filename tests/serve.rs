@@ -18,32 +18,17 @@ use vista3d::io::read_nifti;
 
 mod common;
 use common::data;
+use common::FAST;
+
+fn tmp(name: &str) -> PathBuf {
+    common::scratch("serve", name)
+}
 
 /// Servers of different tests would fight over the 2 CPUs: one test at a time.
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("serve")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Small and fast: 3 mm resampling, 32^3 windows, demo weights, 2 threads (the same for infer and serve).
-const FAST: [&str; 7] = [
-    "--demo-weights",
-    "--set",
-    "resample_spacing=[3,3,3]",
-    "--set",
-    "patch_size=[32,32,32]",
-    "--threads",
-    "2",
-];
 
 fn ct() -> PathBuf {
     data("totalsegmentator/example_ct_sm.nii.gz")

@@ -70,3 +70,48 @@ pub fn rel_error(actual: &Tensor, expected: &Tensor) -> Result<f64, String> {
     let scale = b.abs().masked_select(&valid).max().double_value(&[]);
     Ok(if scale > 0.0 { diff / scale } else { diff })
 }
+
+/// Small and fast inference for CLI tests: the demo weights, 3 mm resampling, 32^3 windows, 2 threads.
+pub const FAST: [&str; 7] = [
+    "--demo-weights",
+    "--set",
+    "resample_spacing=[3,3,3]",
+    "--set",
+    "patch_size=[32,32,32]",
+    "--threads",
+    "2",
+];
+
+/// An empty scratch folder `<CARGO_TARGET_TMPDIR>/<scope>/<name>` (removed first if it exists).
+pub fn scratch(scope: &str, name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(scope)
+        .join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the `vista3d` binary with `args` and extra environment variables.
+pub fn vista3d_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vista3d"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// Runs the `vista3d` binary with `args`.
+pub fn vista3d(args: &[&str]) -> std::process::Output {
+    vista3d_with_env(args, &[])
+}
+
+/// What a process printed: stdout then stderr.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
