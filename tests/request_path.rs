@@ -9,26 +9,10 @@ use vista3d::io::read_nifti;
 
 mod common;
 use common::data;
-use common::{output_text as text, vista3d_with_env as vista3d, FAST};
+use common::{files_under, output_text as text, vista3d_with_env as vista3d, FAST};
 
 fn tmp(name: &str) -> PathBuf {
     common::scratch("request_path", name)
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn record(path: &Path) -> serde_json::Value {
