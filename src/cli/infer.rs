@@ -230,7 +230,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             Some([dims[0], dims[1], dims[2]])
         }
     };
-    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    let mut segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+    // A bar of windows for each end-to-end run (minutes on a CPU).
+    segmenter.set_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let opts = BenchOptions {
         methods: args.methods.clone(),
         volume,
