@@ -16,12 +16,20 @@
 //!   label map without running the network again.
 //! - One failing item (unreadable file, bad prompts, a panic inside libtorch) is reported and the others go on;
 //!   the run exits non-zero at the end. Each process appends one JSON line per item to its own log in
-//!   `<output_dir>/.vista3d/`.
+//!   `<output_dir>/.vista3d/` ([`report`] merges them: `vista3d batch-report`).
+//! - Several processes (or machines) may run on one output folder: an item is claimed before it runs
+//!   ([`claims`]: O_EXCL file beside the output with a heartbeat; stale claims of killed workers are taken over),
+//!   and a process leaves only when every item of its shard is finished by someone. Static shards ([`shards`])
+//!   split the items by a stable hash of their relative path.
+
+pub mod claims;
+pub mod report;
+pub mod shards;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -34,6 +42,8 @@ use crate::prompts::RequestPrompts;
 pub use crate::segmenter::record::seg_path;
 use crate::segmenter::record::{self, build_record, file_identity, request_identity};
 use crate::segmenter::{Request, SegmentError, Segmenter};
+use claims::{try_claim, ClaimOutcome, Claimer};
+pub use shards::Shard;
 
 /// One image to segment.
 #[derive(Debug, Clone, PartialEq)]
@@ -405,14 +415,29 @@ fn missing_preview(out: &Path, spec: &OutputSpec, record: &Value) -> bool {
 /// What happened to one item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemStatus {
-    /// Segmented and written (with the fallbacks of its method, if any).
-    Done { fallbacks: usize, seconds: f64 },
+    /// Segmented and written.
+    Done(ItemRun),
     /// An up-to-date output answers the same request.
     Skipped,
     /// An up-to-date output got the extras it lacked (no network run).
     Completed,
     /// Failed with this error.
     Failed(String),
+}
+
+/// What running one item did: seconds per stage, the methods that ran, the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRun {
+    /// Fallbacks of its method (0: the requested method ran throughout).
+    pub fallbacks: usize,
+    /// Seconds from reading the input to the record written.
+    pub seconds: f64,
+    /// Seconds per stage (`read`, `preprocess`, `inference`, `postprocess`, `write`).
+    pub stages: Vec<(String, f64)>,
+    /// The method report (`requested`, `used`, `fallbacks`) as recorded.
+    pub method: Value,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
 }
 
 /// Segments one item and writes its label map, its extras (a DICOM SEG when asked) and its record. `replaced` is
@@ -424,7 +449,7 @@ pub fn run_item(
     spec: &OutputSpec,
     identity: Value,
     replaced: Option<Value>,
-) -> Result<(usize, f64), SegmentError> {
+) -> Result<ItemRun, SegmentError> {
     let t0 = Instant::now();
     let name = item.image.display().to_string();
     let input = read_image(&item.image, &dicom_options(segmenter, item))
@@ -448,7 +473,8 @@ pub fn run_item(
     if let Some(old) = replaced {
         rec["replaced"] = old;
     }
-    rec["seconds"]["total_before_write"] = json!(t0.elapsed().as_secs_f64());
+    let t_before_write = t0.elapsed().as_secs_f64();
+    rec["seconds"]["total_before_write"] = json!(t_before_write);
     crate::io::write_nifti(out, &seg.labels, &input.header, spec.dtype)
         .map_err(SegmentError::Failed)?;
     if let (true, Some(series)) = (spec.format.wants_seg(), &input.dicom) {
@@ -465,7 +491,16 @@ pub fn run_item(
         );
     }
     record::save_record(out, &rec).map_err(SegmentError::Failed)?;
-    Ok((seg.method.fallbacks.len(), t0.elapsed().as_secs_f64()))
+    let total = t0.elapsed().as_secs_f64();
+    let mut stages: Vec<(String, f64)> = seconds.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    stages.push(("write".into(), total - t_before_write));
+    Ok(ItemRun {
+        fallbacks: seg.method.fallbacks.len(),
+        seconds: total,
+        stages,
+        method: rec["precision"].clone(),
+        device: rec["device"].as_str().unwrap_or_default().to_string(),
+    })
 }
 
 /// How the DICOM series of `item` is read.
@@ -567,11 +602,16 @@ pub fn write_preview_beside(
 /// Counts of a finished batch.
 #[derive(Debug, Clone, Default)]
 pub struct BatchSummary {
+    /// Items of this process's shard.
     pub total: usize,
+    /// Items left to other shards.
+    pub other_shards: usize,
     pub done: usize,
     pub skipped: usize,
     /// Items that ran but needed a fallback of their method.
     pub fell_back: usize,
+    /// Stale claims of other workers taken over.
+    pub taken_over: usize,
     /// Failed items with their errors.
     pub failed: Vec<(PathBuf, String)>,
 }
@@ -579,28 +619,68 @@ pub struct BatchSummary {
 impl BatchSummary {
     /// One line for the terminal.
     pub fn line(&self) -> String {
-        format!(
+        let mut line = format!(
             "{} segmented ({} with a fallback), {} skipped (up to date), {} failed, of {}",
             self.done,
             self.fell_back,
             self.skipped,
             self.failed.len(),
             self.total
-        )
+        );
+        if self.other_shards > 0 {
+            line.push_str(&format!(" ({} in other shards)", self.other_shards));
+        }
+        if self.taken_over > 0 {
+            line.push_str(&format!("; {} stale claims taken over", self.taken_over));
+        }
+        line
     }
 }
+
+/// The default `--claim-timeout`: a claim without a heartbeat for this long is taken over.
+pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Options of a batch run.
 #[derive(Debug, Clone)]
 pub struct BatchOptions {
     pub output: OutputSpec,
-    /// Recompute items whose output answers the same request.
+    /// Recompute items whose output answers the same request (once per run: an output rewritten after this run
+    /// started, by any process, counts as recomputed).
     pub overwrite: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Only the items of this static shard.
+    pub shard: Option<Shard>,
+    /// A claim without a heartbeat for this long belongs to a dead worker and is taken over.
+    pub claim_timeout: Duration,
+    /// This worker's name inside the process (claims and logs).
+    pub worker: String,
 }
 
-/// Runs every item through `segmenter`; one failure never stops the others.
+impl BatchOptions {
+    /// Options with no shard, the default claim timeout and worker `0`.
+    pub fn new(output: OutputSpec, overwrite: bool, progress: bool) -> Self {
+        Self {
+            output,
+            overwrite,
+            progress,
+            shard: None,
+            claim_timeout: DEFAULT_CLAIM_TIMEOUT,
+            worker: "0".into(),
+        }
+    }
+}
+
+/// What [`attempt`] found for one item.
+enum Attempt {
+    Finished(ItemStatus),
+    /// Another live worker holds the item's claim: look again later.
+    Busy,
+}
+
+/// Runs every item (of the shard) through `segmenter`; one failure never stops the others. Items claimed by
+/// other live workers are looked at again until they are finished (by them, or by this process after their
+/// claim went stale).
 pub fn run(
     segmenter: &Segmenter,
     items: &[BatchItem],
@@ -608,6 +688,11 @@ pub fn run(
 ) -> Result<BatchSummary> {
     check_collisions(items, &opts.output.dir, &opts.output.postfix)?;
     check_writable(&opts.output.dir)?;
+    let discovered = items.len();
+    let items: Vec<&BatchItem> = items
+        .iter()
+        .filter(|i| opts.shard.is_none_or(|s| s.holds(&i.relative)))
+        .collect();
     let mut log = ItemLog::open(&opts.output.dir)?;
     let total = items.len();
     let bar = opts.progress.then(|| {
@@ -624,70 +709,150 @@ pub fn run(
         total,
         ..Default::default()
     };
-    for (i, item) in items.iter().enumerate() {
-        let out = output_path(&opts.output.dir, &item.relative, &opts.output.postfix);
-        let method = item.precision.unwrap_or(segmenter.config().precision);
-        let identity = request_identity(
-            segmenter,
-            input_identity(item),
-            &item.prompts,
-            method,
-            opts.output.dtype,
-        );
-        let previous = record::read_record(&out).filter(|_| out.is_file());
-        let up_to_date = previous
-            .as_ref()
-            .is_some_and(|r| r.get("request") == Some(&identity));
-        let status = if up_to_date && !opts.overwrite {
-            match previous {
-                Some(rec) if missing_extras(&out, &opts.output, &rec) => {
-                    match complete_extras(segmenter, item, &out, &opts.output, rec) {
-                        Ok(()) => ItemStatus::Completed,
-                        Err(e) => ItemStatus::Failed(e.to_string()),
+    if let Some(s) = opts.shard {
+        summary.other_shards = discovered - total;
+        log::info!("shard {s}: {total} items");
+    }
+    let ctx = RunContext {
+        segmenter,
+        opts,
+        claimer: Claimer::this_process(opts.worker.clone()),
+        started: SystemTime::now(),
+        device: record::ModelFacts::of(segmenter).device,
+    };
+    let poll = (opts.claim_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut pending: Vec<usize> = (0..total).collect();
+    let mut finished = 0;
+    while !pending.is_empty() {
+        let mut busy = Vec::new();
+        for &i in &pending {
+            let item = items[i];
+            let out = output_path(&opts.output.dir, &item.relative, &opts.output.postfix);
+            let status = match attempt(&ctx, item, &out, &mut log) {
+                Attempt::Busy => {
+                    busy.push(i);
+                    continue;
+                }
+                Attempt::Finished(s) => s,
+            };
+            finished += 1;
+            let prefix = format!("[{finished}/{total}] {}", item.image.display());
+            match &status {
+                ItemStatus::Skipped => {
+                    summary.skipped += 1;
+                    log::info!("{prefix}: up to date (same request), skipped");
+                }
+                ItemStatus::Completed => {
+                    summary.skipped += 1;
+                    log::info!("{prefix}: up to date; missing extras written from the label map");
+                }
+                ItemStatus::Done(run) => {
+                    summary.done += 1;
+                    if run.fallbacks > 0 {
+                        summary.fell_back += 1;
+                    }
+                    if bar.is_none() {
+                        log::info!("{prefix} -> {} ({:.1} s)", out.display(), run.seconds);
                     }
                 }
-                _ => ItemStatus::Skipped,
-            }
-        } else {
-            let replaced = previous.and_then(|r| r.get("request").cloned());
-            match run_item(segmenter, item, &out, &opts.output, identity, replaced) {
-                Ok((fallbacks, seconds)) => ItemStatus::Done { fallbacks, seconds },
-                Err(e) => ItemStatus::Failed(e.to_string()),
-            }
-        };
-        let prefix = format!("[{}/{total}] {}", i + 1, item.image.display());
-        match &status {
-            ItemStatus::Skipped => {
-                summary.skipped += 1;
-                log::info!("{prefix}: up to date (same request), skipped");
-            }
-            ItemStatus::Completed => {
-                summary.skipped += 1;
-                log::info!("{prefix}: up to date; missing extras written from the label map");
-            }
-            ItemStatus::Done { fallbacks, seconds } => {
-                summary.done += 1;
-                if *fallbacks > 0 {
-                    summary.fell_back += 1;
-                }
-                if bar.is_none() {
-                    log::info!("{prefix} -> {} ({seconds:.1} s)", out.display());
+                ItemStatus::Failed(e) => {
+                    log::error!("{prefix}: {e}");
+                    summary.failed.push((item.image.clone(), e.clone()));
                 }
             }
-            ItemStatus::Failed(e) => {
-                log::error!("{prefix}: {e}");
-                summary.failed.push((item.image.clone(), e.clone()));
+            log.append(item, &out, &status, &ctx);
+            if let Some(bar) = &bar {
+                bar.inc(1);
             }
         }
-        log.append(item, &out, &status);
-        if let Some(bar) = &bar {
-            bar.inc(1);
+        if !busy.is_empty() {
+            log::info!(
+                "{} items are being segmented by other workers; waiting for them (or for their claims to go stale)",
+                busy.len()
+            );
+            std::thread::sleep(poll);
         }
+        pending = busy;
     }
+    summary.taken_over = log.taken_over;
     if let Some(bar) = bar {
         bar.finish();
     }
     Ok(summary)
+}
+
+/// What every item of one run shares.
+struct RunContext<'a> {
+    segmenter: &'a Segmenter,
+    opts: &'a BatchOptions,
+    claimer: Claimer,
+    /// When this run started (an output written later counts as recomputed for `--overwrite`).
+    started: SystemTime,
+    device: String,
+}
+
+/// Whether the output `out` answers `identity` (for `--overwrite`: and was written during this run).
+fn answered(ctx: &RunContext, out: &Path, identity: &Value) -> (bool, Option<Value>) {
+    let previous = record::read_record(out).filter(|_| out.is_file());
+    let same = previous
+        .as_ref()
+        .is_some_and(|r| r.get("request") == Some(identity));
+    let fresh_enough = !ctx.opts.overwrite
+        || std::fs::metadata(record::record_path(out))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= ctx.started);
+    (same && fresh_enough, previous)
+}
+
+/// One look at one item: skip it, complete its extras, or claim and segment it.
+fn attempt(ctx: &RunContext, item: &BatchItem, out: &Path, log: &mut ItemLog) -> Attempt {
+    let segmenter = ctx.segmenter;
+    let method = item.precision.unwrap_or(segmenter.config().precision);
+    let identity = request_identity(
+        segmenter,
+        input_identity(item),
+        &item.prompts,
+        method,
+        ctx.opts.output.dtype,
+    );
+    let (up_to_date, previous) = answered(ctx, out, &identity);
+    if up_to_date
+        && !previous
+            .as_ref()
+            .is_some_and(|r| missing_extras(out, &ctx.opts.output, r))
+    {
+        return Attempt::Finished(ItemStatus::Skipped);
+    }
+    let guard = match try_claim(out, &ctx.claimer, ctx.opts.claim_timeout) {
+        Ok(ClaimOutcome::Claimed(g)) => g,
+        Ok(ClaimOutcome::Busy { .. }) => return Attempt::Busy,
+        Err(e) => return Attempt::Finished(ItemStatus::Failed(e.to_string())),
+    };
+    if guard.took_over.is_some() {
+        log.taken_over += 1;
+    }
+    // Another worker may have finished it between the first look and the claim.
+    let (up_to_date, previous) = answered(ctx, out, &identity);
+    let status = if up_to_date {
+        match previous {
+            Some(rec) if missing_extras(out, &ctx.opts.output, &rec) => {
+                match complete_extras(segmenter, item, out, &ctx.opts.output, rec) {
+                    Ok(()) => ItemStatus::Completed,
+                    Err(e) => ItemStatus::Failed(e.to_string()),
+                }
+            }
+            _ => ItemStatus::Skipped,
+        }
+    } else {
+        log.started(item, out, ctx, guard.took_over.as_deref());
+        let replaced = previous.and_then(|r| r.get("request").cloned());
+        match run_item(segmenter, item, out, &ctx.opts.output, identity, replaced) {
+            Ok(run) => ItemStatus::Done(run),
+            Err(e) => ItemStatus::Failed(e.to_string()),
+        }
+    };
+    drop(guard);
+    Attempt::Finished(status)
 }
 
 /// The identity of an item's input: its file (size, mtime), or for a DICOM series its folder, UID and the sizes
@@ -720,14 +885,18 @@ pub fn input_identity(item: &BatchItem) -> Value {
     })
 }
 
-/// This process's JSONL log of items in `<output_dir>/.vista3d/` (one file per process: no shared writes).
+/// This process's JSONL log of items in `<output_dir>/.vista3d/` (one file per process: no shared writes). Each
+/// line is one event of one item: `started` (claimed and running), then `done`, `failed`, `skipped` or
+/// `completed`; see [`report`] for the fields.
 struct ItemLog {
     file: Option<std::fs::File>,
+    /// Stale claims taken over by this process.
+    taken_over: usize,
 }
 
 impl ItemLog {
     fn open(output_dir: &Path) -> Result<Self> {
-        let dir = output_dir.join(".vista3d");
+        let dir = output_dir.join(report::LOG_DIR);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let host = hostname();
@@ -740,27 +909,62 @@ impl ItemLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot create the item log {}", path.display()))?;
-        Ok(Self { file: Some(file) })
+        Ok(Self {
+            file: Some(file),
+            taken_over: 0,
+        })
     }
 
-    fn append(&mut self, item: &BatchItem, out: &Path, status: &ItemStatus) {
-        let (status_name, error, seconds, fallbacks) = match status {
-            ItemStatus::Done { fallbacks, seconds } => ("done", None, Some(*seconds), *fallbacks),
-            ItemStatus::Skipped => ("skipped", None, None, 0),
-            ItemStatus::Completed => ("completed", None, None, 0),
-            ItemStatus::Failed(e) => ("failed", Some(e.as_str()), None, 0),
-        };
-        let line = json!({
-            "time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            "host": hostname(),
-            "pid": std::process::id(),
+    fn base(item: &BatchItem, out: &Path, ctx: &RunContext, status: &str) -> Value {
+        json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "host": ctx.claimer.host,
+            "pid": ctx.claimer.pid,
+            "worker": format!("{}:{}:{}", ctx.claimer.host, ctx.claimer.pid, ctx.claimer.worker),
+            "device": ctx.device,
             "input": item.image.display().to_string(),
+            "relative": item.relative.display().to_string(),
             "output": out.display().to_string(),
-            "status": status_name,
-            "error": error,
-            "seconds": seconds,
-            "fallbacks": fallbacks,
-        });
+            "status": status,
+        })
+    }
+
+    fn started(&mut self, item: &BatchItem, out: &Path, ctx: &RunContext, took_over: Option<&str>) {
+        let mut line = Self::base(item, out, ctx, "started");
+        if let Some(old) = took_over {
+            line["took_over"] = json!(old);
+        }
+        self.write(&line);
+    }
+
+    fn append(&mut self, item: &BatchItem, out: &Path, status: &ItemStatus, ctx: &RunContext) {
+        let name = match status {
+            ItemStatus::Done(_) => "done",
+            ItemStatus::Skipped => "skipped",
+            ItemStatus::Completed => "completed",
+            ItemStatus::Failed(_) => "failed",
+        };
+        let mut line = Self::base(item, out, ctx, name);
+        match status {
+            ItemStatus::Done(run) => {
+                line["seconds"] = json!(run.seconds);
+                line["stages"] = Value::Object(
+                    run.stages
+                        .iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
+                        .collect(),
+                );
+                line["method"] = run.method.clone();
+                line["fallbacks"] = json!(run.fallbacks);
+                line["device"] = json!(run.device);
+            }
+            ItemStatus::Failed(e) => line["error"] = json!(e),
+            ItemStatus::Skipped | ItemStatus::Completed => {}
+        }
+        self.write(&line);
+    }
+
+    fn write(&mut self, line: &Value) {
         if let Some(f) = &mut self.file {
             if let Err(e) = writeln!(f, "{line}") {
                 log::warn!("cannot append to the item log: {e}; logging stops");

@@ -1,9 +1,9 @@
-//! `vista3d infer`, `vista3d batch`, `vista3d bench`.
+//! `vista3d infer`, `vista3d bench` (`vista3d batch` is in [`super::batch`]).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use vista3d::batch::{self, BatchInput, BatchItem, BatchOptions, OutputSpec};
+use vista3d::batch::{self, BatchItem, OutputSpec};
 use vista3d::bench::{self, BenchOptions};
 use vista3d::engines::Method;
 use vista3d::segmenter::{resolve_prompts, Pipeline, Segmenter, WeightsSource};
@@ -17,41 +17,6 @@ pub struct InferArgs {
     /// Input image: a NIfTI file (.nii, .nii.gz) or a DICOM series (a folder searched recursively, or a .zip).
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Also write a QC preview PNG beside the label map (`<stem>_trans.png`: CT with coloured class overlays in
-    /// three planes, legend, point markers).
-    #[arg(long)]
-    preview: bool,
-    #[command(flatten)]
-    request: RequestArgs,
-    #[command(flatten)]
-    common: CommonArgs,
-}
-
-/// Options of `vista3d batch`.
-#[derive(clap::Args)]
-pub struct BatchArgs {
-    /// Folder of images.
-    #[arg(long, conflicts_with = "input_list")]
-    input_dir: Option<PathBuf>,
-    /// File name suffix of the images in --input-dir (default: input_suffix of the configuration, .nii.gz).
-    #[arg(long)]
-    input_suffix: Option<String>,
-    /// Also search the subfolders of --input-dir (outputs mirror the folder structure).
-    #[arg(long)]
-    recursive: bool,
-    /// Match --input-suffix ignoring case (CT.NII.GZ).
-    #[arg(long)]
-    ignore_case: bool,
-    /// Treat every DICOM series under --input-dir as one item (named by its folder and SeriesInstanceUID).
-    #[arg(long, conflicts_with_all = ["input_suffix", "ignore_case"])]
-    dicom: bool,
-    /// A text file with one image path per line, or a JSON list of paths or objects with "image" and their own
-    /// prompts and "precision".
-    #[arg(long)]
-    input_list: Option<PathBuf>,
-    /// Recompute images whose output already answers the same request.
-    #[arg(long)]
-    overwrite: bool,
     /// Also write a QC preview PNG beside the label map (`<stem>_trans.png`: CT with coloured class overlays in
     /// three planes, legend, point markers).
     #[arg(long)]
@@ -98,7 +63,7 @@ pub struct BenchArgs {
 }
 
 /// Where and how label maps (and their extras) are written.
-fn output_spec(config: &vista3d::config::InferenceConfig, preview: bool) -> OutputSpec {
+pub(super) fn output_spec(config: &vista3d::config::InferenceConfig, preview: bool) -> OutputSpec {
     OutputSpec {
         dir: config.output_dir.clone(),
         postfix: config.output_postfix.clone(),
@@ -109,7 +74,7 @@ fn output_spec(config: &vista3d::config::InferenceConfig, preview: bool) -> Outp
 }
 
 /// With `precision_fallback: deny`, refuses before any image is read when the configured method cannot run here.
-fn insist_on_method(segmenter: &Segmenter) -> Result<()> {
+pub(super) fn insist_on_method(segmenter: &Segmenter) -> Result<()> {
     let c = segmenter.config();
     if c.precision_fallback == vista3d::config::FallbackPolicy::Deny {
         let status = segmenter.method_status(c.precision);
@@ -149,57 +114,8 @@ pub fn infer(args: InferArgs) -> Result<()> {
         segmenter.config().precision,
         output.dtype,
     );
-    let (_, seconds) = batch::run_item(&segmenter, &item, &out, &output, identity, None)?;
-    out!("wrote {} ({seconds:.1} s)", out.display());
-    Ok(())
-}
-
-pub fn batch(args: BatchArgs) -> Result<()> {
-    let config = args.common.config()?.inference()?;
-    let prompts = args.request.apply(config.input_dict.prompts())?;
-    let input = match (
-        &args.input_list,
-        args.input_dir.clone().or(config.input_dir.clone()),
-    ) {
-        (Some(list), _) => BatchInput::List(list.clone()),
-        (None, Some(dir)) if args.dicom => BatchInput::DicomTree(dir),
-        (None, Some(dir)) => BatchInput::Dir {
-            dir,
-            suffix: args
-                .input_suffix
-                .clone()
-                .or(config.input_suffix.clone())
-                .unwrap_or_else(|| ".nii.gz".into()),
-            recursive: args.recursive,
-            ignore_case: args.ignore_case,
-        },
-        (None, None) => anyhow::bail!("no input: pass --input-dir DIR or --input-list FILE"),
-    };
-    let items = batch::discover(&input, &prompts)?;
-    let output = output_spec(&config, args.preview);
-    // Refuse colliding outputs and an unwritable folder before loading anything.
-    batch::check_collisions(&items, &output.dir, &output.postfix)?;
-    batch::check_writable(&output.dir)?;
-    let weights = args.common.weights(&config)?;
-    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
-    insist_on_method(&segmenter)?;
-    let opts = BatchOptions {
-        output,
-        overwrite: args.overwrite,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-    };
-    let summary = batch::run(&segmenter, &items, &opts)?;
-    out!("{}", summary.line());
-    if !summary.failed.is_empty() {
-        for (image, err) in &summary.failed {
-            eprintln!("failed: {}: {err}", image.display());
-        }
-        anyhow::bail!(
-            "{} of {} images failed",
-            summary.failed.len(),
-            summary.total
-        );
-    }
+    let run = batch::run_item(&segmenter, &item, &out, &output, identity, None)?;
+    out!("wrote {} ({:.1} s)", out.display(), run.seconds);
     Ok(())
 }
 

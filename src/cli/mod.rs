@@ -1,6 +1,7 @@
 //! The command line: one `clap::Args` struct per subcommand, turned into the library's request types.
 //! Command bodies live in the library; these modules only parse, build configurations and print.
 
+mod batch;
 mod common;
 mod engines;
 mod infer;
@@ -48,7 +49,10 @@ enum Command {
     Infer(infer::InferArgs),
     /// Segment every image of a folder or list (everything by default); skips images whose output answers the
     /// same request.
-    Batch(infer::BatchArgs),
+    Batch(batch::BatchArgs),
+    /// Summarise a batch output folder from the logs of every process that worked on it: done / failed /
+    /// pending items, throughput, slowest items, failures with their errors; exits non-zero when an item failed.
+    BatchReport(batch::BatchReportArgs),
     /// Time the network per method as the bundle's benchmark table: model computation (one window, random
     /// input) and end to end (a request on a random volume), with speedups.
     Bench(infer::BenchArgs),
@@ -76,7 +80,8 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Infer(a) => infer::infer(a),
-        Command::Batch(a) => infer::batch(a),
+        Command::Batch(a) => batch::batch(a),
+        Command::BatchReport(a) => batch::batch_report(a),
         Command::Bench(a) => infer::bench(a),
         Command::Info(a) => model::info(a),
         Command::BuildEngines(a) => engines::build_engines(a),
