@@ -16,12 +16,12 @@
 //! - [`availability`] says which methods this binary can run here, and why not (`vista3d info --engines`).
 
 pub mod availability;
-pub mod onnx_cache;
 mod choice;
 pub mod error;
 pub mod fingerprint;
 mod method;
 pub mod onnx;
+pub mod onnx_cache;
 pub mod ort_engine;
 pub mod runner;
 pub mod split;

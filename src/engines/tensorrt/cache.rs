@@ -359,8 +359,8 @@ impl RunKey {
         window: [i64; 3],
         max_prompt_size: i64,
     ) -> Result<Self, EngineError> {
-        let profile =
-            EngineProfile::new(part, window, 1, max_prompt_size).map_err(EngineError::unavailable)?;
+        let profile = EngineProfile::new(part, window, 1, max_prompt_size)
+            .map_err(EngineError::unavailable)?;
         Ok(Self {
             schema: KEY_SCHEMA,
             part,
@@ -721,8 +721,13 @@ pub fn select_engine(dir: &Path, want: &RunKey) -> Result<(EnginePaths, Sidecar)
         }
     }
     usable.sort_by(|(pa, a), (pb, b)| {
-        let built = |p: &EnginePaths| std::fs::metadata(&p.sidecar).and_then(|m| m.modified()).ok();
-        (a.key.profile.window_batch.max, built(pa)).cmp(&(b.key.profile.window_batch.max, built(pb)))
+        let built = |p: &EnginePaths| {
+            std::fs::metadata(&p.sidecar)
+                .and_then(|m| m.modified())
+                .ok()
+        };
+        (a.key.profile.window_batch.max, built(pa))
+            .cmp(&(b.key.profile.window_batch.max, built(pb)))
     });
     if let Some(found) = usable.pop() {
         return Ok(found);
@@ -916,7 +921,7 @@ mod tests {
         assert_eq!(base.short(), key(Part::ClassHead).short(), "deterministic");
         let variants: Vec<EngineKey> = vec![
             EngineKey {
-                schema: 2,
+                schema: KEY_SCHEMA - 1,
                 ..base.clone()
             },
             EngineKey {
@@ -969,7 +974,11 @@ mod tests {
         // the export knows (its file's sha256, embed_dim, which the fingerprint stands for) are not its business.
         let run = RunKey::of(&base);
         for i in [5, 7, 9, 10] {
-            assert!(run.differences(&variants[i]).is_empty(), "{:?}", variants[i]);
+            assert!(
+                run.differences(&variants[i]).is_empty(),
+                "{:?}",
+                variants[i]
+            );
         }
         // max_prompt_size is: a run opens the class-head engine built for its own (DECISIONS.md).
         assert_eq!(
@@ -1003,7 +1012,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(want, run);
-        assert!(RunKey::new(Part::ClassHead, Method::TrtFp16, &platform, "x", [128; 3], 0).is_err());
+        assert!(RunKey::new(
+            Part::ClassHead,
+            Method::TrtFp16,
+            &platform,
+            "x",
+            [128; 3],
+            0
+        )
+        .is_err());
     }
 
     #[test]
@@ -1080,7 +1097,14 @@ mod tests {
         assert!(err.contains("weights fingerprint"), "{err}");
         // So is an engine of the older graph layout (key schema 1: post mapping in the class head).
         let schema1 = tempfile::tempdir().unwrap();
-        store(schema1.path(), &EngineKey { schema: 1, ..old.clone() }, b"v1");
+        store(
+            schema1.path(),
+            &EngineKey {
+                schema: 1,
+                ..old.clone()
+            },
+            b"v1",
+        );
         let err = select_engine(schema1.path(), &RunKey::of(&old)).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Stale);
         assert!(err.to_string().contains("key schema: 1 -> 2"), "{err}");
@@ -1146,7 +1170,12 @@ mod tests {
         let four = store(dir.path(), &with_prompts(4), b"four");
         let sixteen = store(dir.path(), &with_prompts(16), b"sixteen");
         // Each request opens the engine of its own max_prompt_size, not the largest one.
-        assert_eq!(select_engine(dir.path(), &RunKey::of(&with_prompts(4))).unwrap().0, four);
+        assert_eq!(
+            select_engine(dir.path(), &RunKey::of(&with_prompts(4)))
+                .unwrap()
+                .0,
+            four
+        );
         let (paths, sidecar) = select_engine(dir.path(), &RunKey::of(&with_prompts(16))).unwrap();
         assert_eq!(paths, sixteen);
         assert_eq!(sidecar.key.profile.prompt_batch.unwrap().max, 16);
@@ -1161,7 +1190,9 @@ mod tests {
         // The encoder does not depend on it.
         let encoder = store(dir.path(), &key(Part::Encoder), b"enc");
         assert_eq!(
-            select_engine(dir.path(), &RunKey::of(&key(Part::Encoder))).unwrap().0,
+            select_engine(dir.path(), &RunKey::of(&key(Part::Encoder)))
+                .unwrap()
+                .0,
             encoder
         );
         // Building for 8 supersedes neither of the others (they serve other configurations); a rebuild for 4

@@ -365,8 +365,8 @@ impl PartRun for PartEngine {
         let device = &self.device;
         device.bind().map_err(EngineError::runtime)?;
         let cuda = Device::Cuda(device.ordinal());
-        let torch_stream = crate::runtime::current_cuda_stream(device.ordinal())
-            .map_err(EngineError::runtime)?;
+        let torch_stream =
+            crate::runtime::current_cuda_stream(device.ordinal()).map_err(EngineError::runtime)?;
         let names = self.part.input_names();
         let mut staged = Vec::with_capacity(inputs.len());
         for ((name, t), kind) in names.iter().zip(inputs).zip(&self.input_kinds) {
@@ -585,7 +585,13 @@ impl WindowEngine for TrtEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engines::EngineErrorKind;
+    use crate::engines::runner::WindowRunner;
+    use crate::engines::{split, EngineChoice, EngineErrorKind};
+    use crate::inference::WindowNetwork;
+    use crate::model::{ForwardArgs, Vista3d};
+    use crate::Vista3dConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tch::nn;
 
     /// A stand-in class head: logits[p, w] = class_id[p] * (w-th window's mean feature) + p-independent bias.
     fn fake_head(f: &Tensor, ids: &Tensor) -> Result<Tensor, EngineError> {
@@ -792,34 +798,157 @@ mod tests {
         assert!(!fp16.fp16_model);
         assert_eq!(fp16.entry, old.encoder);
         assert!(onnx_source(&old, dir, Part::Encoder, Method::Ort).is_err());
-        // The run key holds the entry's sha256 and, for the class head, max_prompt_size.
+        // The run key of a request needs no export: the weights fingerprint and, for the class head,
+        // max_prompt_size.
         let platform = Platform {
             tensorrt_version: "10.13.0".into(),
             compute_capability: "9.0".into(),
         };
-        let key = run_key(
+        let key = RunKey::new(
             Part::ClassHead,
             Method::TrtFp16,
             &platform,
-            &m,
-            "abc",
+            &m.weights_fingerprint,
             [64, 64, 64],
             6,
         )
         .unwrap();
-        assert_eq!(key.onnx_sha256, "abc");
-        assert_eq!(key.profile.prompt_batch.unwrap().max, 6);
+        assert_eq!(key.max_prompt_size, Some(6));
         assert_eq!(key.weights_fingerprint, m.weights_fingerprint);
-        let err = run_key(
+        let err = RunKey::new(
             Part::ClassHead,
             Method::TrtFp16,
             &platform,
-            &m,
-            "",
+            &m.weights_fingerprint,
             [64; 3],
             0,
         )
         .unwrap_err();
         assert!(err.to_string().contains("max_prompt_size"), "{err}");
+    }
+
+    /// A network of width 8 with the weights of seed 3 (the same weights at every call).
+    fn seeded_net() -> (nn::VarStore, Vista3d) {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap();
+        (vs, net)
+    }
+
+    /// Counts of what the stand-in parts computed.
+    #[derive(Default)]
+    struct Counts {
+        /// Windows that went through `image_post_mapping` (only the encoder part computes it).
+        post_mapped_windows: AtomicUsize,
+        encoder_calls: AtomicUsize,
+        class_head_calls: AtomicUsize,
+    }
+
+    /// A stand-in for a TensorRT part: the libtorch split ([`crate::engines::split`]) on its own copy of the
+    /// weights, within the profile limits a real engine has.
+    struct FakePart {
+        part: Part,
+        net: Vista3d,
+        _vs: nn::VarStore,
+        max_windows: usize,
+        max_prompts: usize,
+        counts: Arc<Counts>,
+    }
+
+    impl PartRun for FakePart {
+        fn run(&mut self, inputs: &[&Tensor]) -> Result<Tensor, EngineError> {
+            assert_eq!(inputs.len(), self.part.input_names().len());
+            let windows = inputs[0].size()[0] as usize;
+            assert!(windows <= self.max_windows, "{windows} windows");
+            tch::no_grad(|| match self.part {
+                Part::Encoder => {
+                    self.counts.encoder_calls.fetch_add(1, Ordering::SeqCst);
+                    self.counts
+                        .post_mapped_windows
+                        .fetch_add(windows, Ordering::SeqCst);
+                    split::encode(&self.net, inputs[0])
+                }
+                Part::ClassHead => {
+                    self.counts.class_head_calls.fetch_add(1, Ordering::SeqCst);
+                    assert!(inputs[1].size()[0] as usize <= self.max_prompts);
+                    Ok(split::classify(&self.net, inputs[0], inputs[1]))
+                }
+            })
+        }
+        fn max_windows(&self) -> usize {
+            self.max_windows
+        }
+    }
+
+    fn fake_engine(max_windows: usize, max_prompts: usize, counts: &Arc<Counts>) -> TrtEngine {
+        let part = |part| {
+            let (vs, net) = seeded_net();
+            Box::new(FakePart {
+                part,
+                net,
+                _vs: vs,
+                max_windows,
+                max_prompts,
+                counts: Arc::clone(counts),
+            }) as Box<dyn PartRun>
+        };
+        let embed_dim = seeded_net().1.config.embed_dim;
+        TrtEngine::from_parts(
+            Method::TrtFp16,
+            [32; 3],
+            embed_dim,
+            max_prompts,
+            part(Part::Encoder),
+            part(Part::ClassHead),
+            "fake TensorRT engine".into(),
+        )
+    }
+
+    #[test]
+    fn image_post_mapping_runs_once_per_window_whatever_the_prompt_count() {
+        let (_vs, net) = seeded_net();
+        let windows = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let everything = crate::prompts::everything_labels();
+        for (prompts, max_windows) in [(vec![3i64], 1), (vec![1, 3, 4, 6], 2), (everything, 1)] {
+            let ids = Tensor::from_slice(&prompts).view([-1, 1]);
+            let args = ForwardArgs {
+                class_vector: Some(&ids),
+                transpose: true,
+                ..Default::default()
+            };
+            let reference = tch::no_grad(|| net.forward(&windows, &args)).unwrap();
+            let counts = Arc::new(Counts::default());
+            let engine = fake_engine(max_windows, 4, &counts);
+            // Through the engine seam the sliding window uses (the runner), as a request would.
+            let runner = WindowRunner::new(
+                &net,
+                Device::Cpu,
+                Method::TrtFp16,
+                EngineChoice {
+                    engine: Some(Box::new(engine)),
+                    torch: Method::Fp32,
+                    fallbacks: Vec::new(),
+                },
+            );
+            let out = tch::no_grad(|| runner.forward_window(&windows, &args)).unwrap();
+            assert_eq!(runner.report().used, vec![Method::TrtFp16]);
+            // The split computes the network's class path (post mapping not repeated per prompt chunk)...
+            assert_eq!(out.size(), reference.size());
+            // (the same up to rounding: the stand-in runs one window per call where the network runs both at once)
+            let err = crate::numerics::relative_error(&out, &reference);
+            assert!(
+                err < 1e-5,
+                "{} prompts: relative error {err:e}",
+                prompts.len()
+            );
+            // ... with image_post_mapping computed once per window, however many prompt chunks there are.
+            let chunks = prompts.len().div_ceil(4);
+            assert_eq!(counts.post_mapped_windows.load(Ordering::SeqCst), 2);
+            assert_eq!(counts.encoder_calls.load(Ordering::SeqCst), 2 / max_windows);
+            assert_eq!(
+                counts.class_head_calls.load(Ordering::SeqCst),
+                chunks * (2 / max_windows)
+            );
+        }
     }
 }
