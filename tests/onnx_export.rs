@@ -630,3 +630,77 @@ fn image_post_mapping_is_in_the_encoder_graph_only() {
     let manifest = OnnxManifest::read(&dir).unwrap();
     assert_eq!(manifest.format_version, 2);
 }
+
+#[test]
+fn auto_on_a_cpu_exports_into_the_cache_on_first_use_and_runs_onnx_runtime() {
+    let ct = common::data("totalsegmentator/example_ct_sm.nii.gz");
+    let work = tmp("auto_first_use");
+    let cache = work.join("cache");
+    let run = |out: &str, precision: &str| {
+        let out = work.join(out);
+        let o = vista3d_cli(
+            &[
+                "infer",
+                "--image",
+                ct.to_str().unwrap(),
+                "--label-prompt",
+                "3,1",
+                "--precision",
+                precision,
+                "--demo-weights",
+                "--set",
+                "resample_spacing=[3,3,3]",
+                "--set",
+                "patch_size=[32,32,32]",
+                "--threads",
+                "2",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+            ],
+            // Found without the variable: beside libtorch, in the same Python environment.
+            &[("ORT_DYLIB_PATH", None), ("RUST_LOG", Some("info"))],
+        );
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{log}");
+        let rec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("example_ct_sm/example_ct_sm_trans.json")).unwrap(),
+        )
+        .unwrap();
+        (rec, log)
+    };
+    let (rec, log) = run("first", "auto");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(log.contains("exporting the weights to ONNX"), "{log}");
+    // The export is keyed by the weights fingerprint (demo weights: random width 16, seed 0).
+    let (vs, _) = random_net(16, 0);
+    let dir = cache.join(weights_fingerprint(&vs)).join("onnx");
+    let manifest = OnnxManifest::read(&dir).unwrap();
+    assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&vs));
+    // Later runs use it as it is; `ort` too.
+    let (rec, log) = run("second", "ort");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(!log.contains("exporting the weights to ONNX"), "{log}");
+    // An export of the older layout (manifest v1) in the cache is replaced, not used.
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+    old["format_version"] = 1.into();
+    std::fs::write(dir.join("manifest.json"), old.to_string()).unwrap();
+    let (rec, log) = run("third", "auto");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(log.contains("replacing the cached ONNX export"), "{log}");
+    assert_eq!(OnnxManifest::read(&dir).unwrap().format_version, 2);
+}
