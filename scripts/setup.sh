@@ -7,7 +7,19 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 # Optional: gloo for multi-process training on CPUs (GPUs use NCCL from the torch wheel).
 bash scripts/install_gloo.sh || echo "[setup] no gloo: multi-process runs on CPUs will be unavailable" >&2
+# TensorRT headers (checksum-checked, scripts/fetch_trt_headers.sh): the binary is built with the TensorRT shim,
+# so it uses TensorRT wherever libnvinfer.so.10/11 is installed (nothing links against it at build time).
+if [ -z "${TENSORRT_INCLUDE_DIR:-}" ]; then
+    if TENSORRT_INCLUDE_DIR="$(bash scripts/fetch_trt_headers.sh)"; then
+        export TENSORRT_INCLUDE_DIR
+    else
+        unset TENSORRT_INCLUDE_DIR
+        echo "[setup] TensorRT headers not fetched: building without the TensorRT shim (TensorRT unavailable)" >&2
+    fi
+fi
 cargo build --release
+# What this binary can run here (ONNX Runtime, TensorRT, CUDA) and why not.
+target/release/vista3d info --engines
 bash scripts/fetch_data.sh > /dev/null
 bin=target/release/vista3d
 # models/demo_phantoms/phantom_4_ct.nii.gz: held out from training (models/prep_phantoms.py, seed 4), 3 mm.

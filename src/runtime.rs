@@ -126,6 +126,52 @@ pub fn onnxruntime_beside_libtorch() -> Vec<std::path::PathBuf> {
     out
 }
 
+/// libtorch's current CUDA stream of GPU `ordinal` (`c10::cuda::getCurrentCUDAStream(ordinal).stream()`, a
+/// `cudaStream_t`; null is the legacy default stream), reached through its C++ symbols in `libc10_cuda.so`, so
+/// that other CUDA work (TensorRT) can be ordered with libtorch's without synchronising the device. An error when
+/// libtorch's CUDA backend is not loaded (no GPU, CPU-only libtorch) or the symbols are missing.
+pub fn current_cuda_stream(ordinal: usize) -> anyhow::Result<*mut std::ffi::c_void> {
+    /// `c10::cuda::CUDAStream` (a `c10::Stream`: `Device {int8 type, int8 index}`, `int64 id`): trivially
+    /// copyable and 16 bytes, so returned by value in registers (Itanium C++ ABI, x86-64 System V).
+    #[repr(C)]
+    struct CudaStreamRepr {
+        device_type: i8,
+        device_index: i8,
+        id: i64,
+    }
+    const GET: &str = "_ZN3c104cuda20getCurrentCUDAStreamEa";
+    const STREAM: &str = "_ZNK3c104cuda10CUDAStream6streamEv";
+    let index =
+        i8::try_from(ordinal).map_err(|_| anyhow::anyhow!("GPU ordinal {ordinal} out of range"))?;
+    let symbol = |name: &str| -> anyhow::Result<*mut std::ffi::c_void> {
+        let c_name = CString::new(name)?;
+        // SAFETY: dlsym on the global namespace with a valid C string; null is handled.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c_name.as_ptr()) };
+        anyhow::ensure!(
+            !p.is_null(),
+            "libtorch's CUDA stream API ({name}) is not loaded: no CUDA libtorch in this process"
+        );
+        Ok(p)
+    };
+    let (get, stream) = (symbol(GET)?, symbol(STREAM)?);
+    // SAFETY: the signatures of `CUDAStream c10::cuda::getCurrentCUDAStream(DeviceIndex)` (DeviceIndex = int8)
+    // and `cudaStream_t CUDAStream::stream() const` (`this` first), with the layout above.
+    unsafe {
+        let get: extern "C" fn(i8) -> CudaStreamRepr = std::mem::transmute(get);
+        let stream: extern "C" fn(*const CudaStreamRepr) -> *mut std::ffi::c_void =
+            std::mem::transmute(stream);
+        let current = get(index);
+        anyhow::ensure!(
+            current.device_index == index,
+            "libtorch returned a stream of device {} (type {}, id {}) for GPU {ordinal}",
+            current.device_index,
+            current.device_type,
+            current.id
+        );
+        Ok(stream(&current))
+    }
+}
+
 /// Parses a device name: `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU when there is one).
 pub fn parse_device(name: &str) -> anyhow::Result<Device> {
     init_cuda();

@@ -11,7 +11,7 @@ use vista3d::engines::fingerprint::weights_fingerprint;
 use vista3d::engines::onnx::proto::{ModelProto, NodeProto, DTYPE_FLOAT, DTYPE_FLOAT16};
 use vista3d::engines::onnx::{export_onnx, FloatType, OnnxManifest, WeightsSource};
 use vista3d::engines::ort_engine::OrtEngine;
-use vista3d::engines::{EngineErrorKind, Method, WindowEngine};
+use vista3d::engines::{split, EngineErrorKind, Method, WindowEngine};
 use vista3d::fsutil::sha256_file;
 use vista3d::{Vista3d, Vista3dConfig};
 
@@ -71,10 +71,10 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
     assert_eq!(engine.method(), Method::Ort);
     tch::manual_seed(11);
     let image = Tensor::randn([1, 1, 32, 48, 32], (Kind::Float, Device::Cpu));
-    let torch_features = tch::no_grad(|| net.image_encoder.forward(&image, false, true).1.unwrap());
+    let torch_features = tch::no_grad(|| split::encode(&net, &image).unwrap());
     let features = engine.encode(&image).unwrap();
     assert_eq!(features.kind(), Kind::Float);
-    check("encoder features", &features, &torch_features);
+    check("encoder (mapped) features", &features, &torch_features);
 
     let everything = vista3d::prompts::everything_labels();
     assert_eq!(everything.len(), 117);
@@ -82,7 +82,7 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
     let four = vec![1, 3, 6, 132];
     for ids in [&one, &four, &everything] {
         let ids = Tensor::from_slice(ids).view([-1, 1]);
-        let expected = tch::no_grad(|| net.class_head.forward(&torch_features, &ids));
+        let expected = tch::no_grad(|| split::classify(&net, &torch_features, &ids));
         let logits = engine.classify(&torch_features, &ids).unwrap();
         check(
             &format!("logits, {} prompts", ids.size()[0]),
@@ -94,7 +94,7 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
     // Batched windows (sw_batch_size 2): logits are [B, b, H, W, D].
     let batch = Tensor::randn([2, 16, 16, 32, 16], (Kind::Float, Device::Cpu));
     let ids = Tensor::from_slice(&four).view([-1, 1]);
-    let expected = tch::no_grad(|| net.class_head.forward(&batch, &ids));
+    let expected = tch::no_grad(|| split::classify(&net, &batch, &ids));
     assert_eq!(expected.size(), [4, 2, 16, 32, 16]);
     check(
         "logits, 2 windows x 4 prompts",
@@ -103,7 +103,7 @@ fn ort_matches_libtorch_for_encoder_and_class_head() {
     );
 
     let images = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
-    let expected = tch::no_grad(|| net.image_encoder.forward(&images, false, true).1.unwrap());
+    let expected = tch::no_grad(|| split::encode(&net, &images).unwrap());
     check(
         "encoder features, 2 windows",
         &engine.encode(&images).unwrap(),
@@ -430,12 +430,12 @@ fn fp16_export_on_ort_matches_libtorch_fp32_within_fp16_tolerance() {
     let mut engine = OrtEngine::load_models(&dir, &fp, 2, FloatType::F16).unwrap();
     tch::manual_seed(11);
     let image = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
-    let torch_features = tch::no_grad(|| net.image_encoder.forward(&image, false, true).1.unwrap());
+    let torch_features = tch::no_grad(|| split::encode(&net, &image).unwrap());
     let features = engine.encode(&image).unwrap();
     let feature_err = check_fp16("encoder features", &features, &torch_features);
     for ids in [vec![5i64], vec![1, 3, 6, 132]] {
         let ids = Tensor::from_slice(&ids).view([-1, 1]);
-        let expected = tch::no_grad(|| net.class_head.forward(&torch_features, &ids));
+        let expected = tch::no_grad(|| split::classify(&net, &torch_features, &ids));
         let logits = engine.classify(&torch_features, &ids).unwrap();
         check_fp16(
             &format!("logits, {} prompts", ids.size()[0]),
@@ -508,7 +508,7 @@ fn cast_target(node: &NodeProto) -> Option<i64> {
 #[test]
 fn fp16_export_computes_every_norm_in_fp32_and_keeps_a_float32_interface() {
     let (_, _, dir) = exported("fp16_graph_e8", 8, 2);
-    for (file, n_norms) in [("encoder_fp16.onnx", 34), ("class_head_fp16.onnx", 5)] {
+    for (file, n_norms) in [("encoder_fp16.onnx", 38), ("class_head_fp16.onnx", 1)] {
         let graph = graph_of(&dir.join(file));
         let producer = |name: &str| {
             graph
@@ -597,4 +597,110 @@ fn fp16_export_computes_every_norm_in_fp32_and_keeps_a_float32_interface() {
     // The float32 export has no casts at all.
     let graph = graph_of(&dir.join("encoder.onnx"));
     assert!(graph.node.iter().all(|n| n.op_type != "Cast"));
+}
+
+#[test]
+fn image_post_mapping_is_in_the_encoder_graph_only() {
+    // The split (engines::split): the class head's prompt-independent image_post_mapping runs once per window in
+    // the encoder; the class-head graph holds only the prompt-dependent part.
+    let (_, _, dir) = exported("split_e8", 8, 3);
+    for suffix in ["", "_fp16"] {
+        let params = |part: &str| -> Vec<String> {
+            graph_of(&dir.join(format!("{part}{suffix}.onnx")))
+                .initializer
+                .iter()
+                .map(|t| t.name.clone())
+                .collect()
+        };
+        let (encoder, class_head) = (params("encoder"), params("class_head"));
+        let mapping = |names: &[String]| {
+            names
+                .iter()
+                .filter(|n| n.contains("class_head.image_post_mapping."))
+                .count()
+        };
+        // Four convolutions (conv1, conv2 of two UnetResBlocks; their instance norms have no parameters).
+        assert_eq!(mapping(&encoder), 4, "{suffix}: {encoder:?}");
+        assert_eq!(mapping(&class_head), 0, "{suffix}: {class_head:?}");
+        assert!(
+            class_head.iter().any(|n| n.contains("class_embeddings")),
+            "{suffix}: {class_head:?}"
+        );
+    }
+    let manifest = OnnxManifest::read(&dir).unwrap();
+    assert_eq!(manifest.format_version, 2);
+}
+
+#[test]
+fn auto_on_a_cpu_exports_into_the_cache_on_first_use_and_runs_onnx_runtime() {
+    let ct = common::data("totalsegmentator/example_ct_sm.nii.gz");
+    let work = tmp("auto_first_use");
+    let cache = work.join("cache");
+    let run = |out: &str, precision: &str| {
+        let out = work.join(out);
+        let o = vista3d_cli(
+            &[
+                "infer",
+                "--image",
+                ct.to_str().unwrap(),
+                "--label-prompt",
+                "3,1",
+                "--precision",
+                precision,
+                "--demo-weights",
+                "--set",
+                "resample_spacing=[3,3,3]",
+                "--set",
+                "patch_size=[32,32,32]",
+                "--threads",
+                "2",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--output-dir",
+                out.to_str().unwrap(),
+            ],
+            // Found without the variable: beside libtorch, in the same Python environment.
+            &[("ORT_DYLIB_PATH", None), ("RUST_LOG", Some("info"))],
+        );
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{log}");
+        let rec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("example_ct_sm/example_ct_sm_trans.json")).unwrap(),
+        )
+        .unwrap();
+        (rec, log)
+    };
+    let (rec, log) = run("first", "auto");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(log.contains("exporting the weights to ONNX"), "{log}");
+    // The export is keyed by the weights fingerprint (demo weights: random width 16, seed 0).
+    let (vs, _) = random_net(16, 0);
+    let dir = cache.join(weights_fingerprint(&vs)).join("onnx");
+    let manifest = OnnxManifest::read(&dir).unwrap();
+    assert_eq!(manifest.weights_fingerprint, weights_fingerprint(&vs));
+    // Later runs use it as it is; `ort` too.
+    let (rec, log) = run("second", "ort");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(!log.contains("exporting the weights to ONNX"), "{log}");
+    // An export of the older layout (manifest v1) in the cache is replaced, not used.
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+    old["format_version"] = 1.into();
+    std::fs::write(dir.join("manifest.json"), old.to_string()).unwrap();
+    let (rec, log) = run("third", "auto");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["ort"]),
+        "{log}"
+    );
+    assert!(log.contains("replacing the cached ONNX export"), "{log}");
+    assert_eq!(OnnxManifest::read(&dir).unwrap().format_version, 2);
 }

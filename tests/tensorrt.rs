@@ -227,3 +227,45 @@ fn build_engines_refuses_a_damaged_export_before_loading_tensorrt() {
     assert!(err.contains("not a valid ONNX export manifest"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn info_engines_says_what_runs_here_and_why_not() {
+    if tensorrt_present() {
+        eprintln!("TensorRT is installed here: nothing to check");
+        return;
+    }
+    let o = vista3d(&["info", "--engines"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    // No GPU and no TensorRT library on this machine: both TensorRT methods say why; ONNX Runtime is found
+    // beside libtorch (the test environment installs it there) and `auto` on the CPU runs it.
+    for method in ["trt_fp16", "trt_tf32"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(method))
+            .unwrap_or_else(|| panic!("{method} missing: {out}"));
+        assert!(line.contains(" no "), "{line}");
+        assert!(line.contains("TensorRT unavailable"), "{line}");
+    }
+    let ort = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("ort "))
+        .unwrap();
+    assert!(
+        ort.contains(" yes ") && ort.contains("libonnxruntime"),
+        "{ort}"
+    );
+    assert!(out.contains("auto on the CPU: ort"), "{out}");
+    // JSON for scripts.
+    let o = vista3d(&["info", "--engines", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["auto_cpu"], "ort");
+    assert_eq!(json["tensorrt_shim_compiled"], trt::shim_compiled());
+    let methods = json["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 6);
+    // Without --engines a checkpoint is still required.
+    let o = vista3d(&["info"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--checkpoint"), "{}", stderr(&o));
+}

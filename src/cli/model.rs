@@ -12,8 +12,12 @@ use super::out;
 #[derive(clap::Args)]
 pub struct InfoArgs {
     /// The bundle's model.pt (torch.save of a state dict) or a .safetensors file.
+    #[arg(long, required_unless_present = "engines")]
+    checkpoint: Option<PathBuf>,
+    /// Say which methods (`--precision`) this binary can run on this machine, and why not (ONNX Runtime and
+    /// TensorRT libraries found, CUDA devices); needs no checkpoint.
     #[arg(long)]
-    checkpoint: PathBuf,
+    engines: bool,
     /// Load what matches and report the rest instead of failing on any mismatch.
     #[arg(long)]
     non_strict: bool,
@@ -56,7 +60,18 @@ fn thousands(n: i64) -> String {
 }
 
 pub fn info(args: InfoArgs) -> Result<()> {
-    let path = &args.checkpoint;
+    if args.engines {
+        let report =
+            vista3d::engines::availability::assess(&vista3d::engines::availability::probe());
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{report}");
+        }
+    }
+    let Some(path) = &args.checkpoint else {
+        return Ok(());
+    };
     let strict = !args.non_strict;
     let options = vista3d::LoadOptions::default()
         .allow_partial(!strict)

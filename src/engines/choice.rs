@@ -119,13 +119,14 @@ pub fn open_engine(
 
 /// The cheap check before an engine is tried: whether anything was exported (`ort`) or built (TensorRT) at
 /// all, so that a caller can refuse before hashing the weights for an [`EngineContext`]. Missing is
-/// [`EngineError::Unavailable`] naming the command that makes it; libtorch methods always pass.
+/// [`EngineError::Unavailable`] naming the command that makes it; libtorch methods always pass. TensorRT
+/// engines run from their sidecars alone: the ONNX export they were built from is not needed.
 pub fn artifacts_present(
     method: Method,
     onnx_dir: &Path,
     engines_dir: &Path,
 ) -> Result<(), EngineError> {
-    if method.uses_engine() {
+    if method == Method::Ort {
         let manifest = onnx_dir.join(MANIFEST_FILE);
         if !manifest.is_file() {
             return Err(EngineError::Unavailable(format!(
@@ -470,5 +471,8 @@ mod tests {
         assert!(err.to_string().contains("no TensorRT engines"), "{err}");
         std::fs::create_dir_all(&engines).unwrap();
         assert!(artifacts_present(Method::TrtFp16, &onnx, &engines).is_ok());
+        // Engines need no export beside them.
+        std::fs::remove_dir_all(&onnx).unwrap();
+        assert!(artifacts_present(Method::TrtTf32, &onnx, &engines).is_ok());
     }
 }

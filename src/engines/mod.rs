@@ -1,6 +1,8 @@
 //! Deployment engines for the class path of a window: the image encoder's automatic branch
 //! (`image_encoder.encoder` + `up_layers_auto`) and the class head. This is what every sliding window runs
 //! for class prompts, so it is what TensorRT and ONNX Runtime accelerate; point prompts always run in libtorch.
+//! Engines split it in two ([`split`]): an encoder part computed once per window (including the class head's
+//! prompt-independent `image_post_mapping`) and a class-head part computed per chunk of prompts.
 //!
 //! - [`Method`] names what a request asks for (`--precision`): the one method/precision vocabulary;
 //! - [`WindowEngine`] is what an engine implements ([`ort_engine::OrtEngine`], [`tensorrt::TrtEngine`]);
@@ -9,15 +11,20 @@
 //!   and after an engine failure;
 //! - [`EngineError`] says why an engine cannot run, by kind (unavailable, stale, corrupt, runtime);
 //! - [`onnx`] exports the class path to ONNX (the one `manifest.json` reader for every engine); [`fingerprint`]
-//!   identifies the weights exports and engines were made from.
+//!   identifies the weights exports and engines were made from; [`onnx_cache`] finds (or makes, on first use) the
+//!   export of the loaded weights in the cache directory;
+//! - [`availability`] says which methods this binary can run here, and why not (`vista3d info --engines`).
 
+pub mod availability;
 mod choice;
 pub mod error;
 pub mod fingerprint;
 mod method;
 pub mod onnx;
+pub mod onnx_cache;
 pub mod ort_engine;
 pub mod runner;
+pub mod split;
 mod tensor_bytes;
 pub mod tensorrt;
 
@@ -39,11 +46,12 @@ pub trait WindowEngine: Send {
     /// What runs ([`Method::TrtFp16`], [`Method::TrtTf32`] or [`Method::Ort`]).
     fn method(&self) -> Method;
 
-    /// Image windows `[b, 1, H, W, D]` (f32) -> automatic-branch features `[b, E, H, W, D]` (f32).
+    /// Image windows `[b, 1, H, W, D]` (f32) -> mapped features `[b, E, H, W, D]` (f32): the encoder, the
+    /// automatic decoder and the class head's `image_post_mapping` ([`split::encode`]), once per window.
     fn encode(&mut self, image: &Tensor) -> Result<Tensor, EngineError>;
 
-    /// Features `[b, E, H, W, D]` and global class ids `[B, 1]` (i64) -> logits `[B, b, H, W, D]` (f32), as
-    /// MONAI's `class_head` returns them.
+    /// Mapped features `[b, E, H, W, D]` (from [`WindowEngine::encode`]) and global class ids `[B, 1]` (i64) ->
+    /// logits `[B, b, H, W, D]` (f32), as MONAI's `class_head` returns them ([`split::classify`]).
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError>;
 }
 

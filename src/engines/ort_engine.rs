@@ -1,13 +1,20 @@
 //! ONNX Runtime engine ([`Method::Ort`]): runs the exported `encoder.onnx` and `class_head.onnx` on the CPU
-//! execution provider. ONNX Runtime is loaded at run time from `ORT_DYLIB_PATH` (the `load-dynamic` build
-//! of the `ort` crate), so the program builds and runs without it and reports it unavailable, with how to get
-//! it, when it is asked for and missing. Loading classifies every refusal as an [`EngineError`] kind.
+//! execution provider. ONNX Runtime is loaded at run time (the `load-dynamic` build of the `ort` crate) from the
+//! first of [`crate::runtime::onnxruntime_candidates`] that exists: `ORT_DYLIB_PATH`, then beside the libtorch
+//! the binary runs against (the same Python environment), then the install prefix; so the program builds and
+//! runs without it and reports it unavailable, with how to get it, when it is asked for and missing. Loading
+//! classifies every refusal as an [`EngineError`] kind.
+//!
+//! Sessions are tuned for the one-window-at-a-time workload ([`session_options`]): all graph optimisations,
+//! `threads` intra-op threads and one inter-op thread (sequential execution), the CPU memory arena and memory
+//! patterns (every window has the same shape, so buffers are planned once and reused).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
 use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use tch::{Device, Kind, Tensor};
 
@@ -21,14 +28,43 @@ use crate::numerics::relative_error;
 static ORT_ENV: Mutex<Option<Environment>> = Mutex::new(None);
 
 /// How to get ONNX Runtime, appended to "not found" errors.
-const ORT_HINT: &str = "set ORT_DYLIB_PATH to ONNX Runtime 1.31's libonnxruntime.so \
-    (`pip install onnxruntime==1.31.1`: <site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1; \
-    `. scripts/env.sh` exports it)";
+const ORT_HINT: &str = "install ONNX Runtime 1.31 into the Python environment of the libtorch vista3d runs \
+    against (`pip install onnxruntime==1.31.1`; scripts/setup.sh does), or set ORT_DYLIB_PATH to its \
+    libonnxruntime.so (<site-packages>/onnxruntime/capi/libonnxruntime.so.1.31.1)";
 
-/// Loads ONNX Runtime (once per process) from `ORT_DYLIB_PATH`, or else from the first library
-/// [`crate::runtime::onnxruntime_candidates`] finds (beside libtorch, the install prefix), and returns its
-/// environment. Errors, never panics, when nothing is found, the file is missing or is not a usable ONNX
-/// Runtime >= 1.31: all [`EngineError::Unavailable`].
+/// The ONNX Runtime library this process uses: the first of [`crate::runtime::onnxruntime_candidates`] that
+/// exists (`ORT_DYLIB_PATH` wins when set: a set variable naming a missing file is an error, not skipped).
+pub fn ort_library() -> Result<PathBuf, EngineError> {
+    let from_env = std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    if let Some(path) = from_env {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(EngineError::Unavailable(format!(
+                "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
+                path.display()
+            )))
+        };
+    }
+    let candidates = crate::runtime::onnxruntime_candidates();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            EngineError::Unavailable(format!(
+                "ONNX Runtime not found: ORT_DYLIB_PATH is not set and there is no libonnxruntime.so beside \
+                 libtorch ({}) or in the install prefix; {ORT_HINT}",
+                crate::runtime::libtorch_dir()
+                    .map_or_else(|| "libtorch's folder unknown".into(), |d| d.display().to_string())
+            ))
+        })
+}
+
+/// Loads ONNX Runtime ([`ort_library`], once per process) and returns its environment. Errors, never panics,
+/// when no library is found or it is not a usable ONNX Runtime >= 1.31: all [`EngineError::Unavailable`].
 pub fn ort_environment() -> Result<Environment, EngineError> {
     let mut env = ORT_ENV.lock().map_err(|_| {
         EngineError::Unavailable(
@@ -38,29 +74,7 @@ pub fn ort_environment() -> Result<Environment, EngineError> {
     if let Some(e) = env.as_ref() {
         return Ok(e.clone());
     }
-    let explicit = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty());
-    let path = match &explicit {
-        // An explicit path is honoured or refused, never silently replaced by another library.
-        Some(p) => {
-            let path = PathBuf::from(p);
-            if !path.is_file() {
-                return Err(EngineError::Unavailable(format!(
-                    "ONNX Runtime not found: ORT_DYLIB_PATH={} does not exist; {ORT_HINT}",
-                    path.display()
-                )));
-            }
-            path
-        }
-        None => crate::runtime::onnxruntime_candidates()
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                EngineError::Unavailable(format!(
-                    "ONNX Runtime not found: ORT_DYLIB_PATH is not set and no libonnxruntime.so is \
-                     beside libtorch or in the install prefix; {ORT_HINT}"
-                ))
-            })?,
-    };
+    let path = ort_library()?;
     let built = ort::init_from(&path)
         .map_err(|e| {
             EngineError::Unavailable(format!(
@@ -76,8 +90,28 @@ pub fn ort_environment() -> Result<Environment, EngineError> {
                 path.display()
             ))
         })?;
+    log::debug!("ONNX Runtime loaded from {}", path.display());
     *env = Some(built.clone());
     Ok(built)
+}
+
+/// The session options of every engine session: all graph optimisations (constant folding, node fusions, layout
+/// transformations), `threads` intra-op threads (0: ONNX Runtime's default, one per core) with one inter-op
+/// thread and sequential execution (the graphs are chains), the CPU memory arena and memory-pattern planning
+/// (windows all have the same shape, so activations are planned once and reused).
+fn session_options(
+    env: &Environment,
+    threads: usize,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .with_parallel_execution(false)?
+        .with_inter_threads(1)?
+        .with_memory_pattern(true)?;
+    if threads > 0 {
+        builder = builder.with_intra_threads(threads)?;
+    }
+    Ok(builder)
 }
 
 /// Checks an exported file against its manifest entry (present, same size, same sha256); every mismatch is
@@ -119,14 +153,7 @@ fn open_session(
     let what = |e: &dyn std::fmt::Display| {
         format!("cannot load {} into ONNX Runtime: {e}", path.display())
     };
-    let mut builder = Session::builder(env).map_err(|e| EngineError::Runtime(what(&e)))?;
-    if threads > 0 {
-        builder = builder
-            .with_intra_threads(threads)
-            .map_err(|e| EngineError::Runtime(what(&e)))?
-            .with_inter_threads(1)
-            .map_err(|e| EngineError::Runtime(what(&e)))?;
-    }
+    let mut builder = session_options(env, threads).map_err(|e| EngineError::Runtime(what(&e)))?;
     let session = builder
         .commit_from_file(&path)
         .map_err(|e| EngineError::Corrupt(what(&e)))?;
@@ -318,7 +345,7 @@ impl WindowEngine for OrtEngine {
 }
 
 /// Relative errors of ONNX Runtime against libtorch on one seeded random window `[1, 1, size^3]`: encoder
-/// features, and class-head logits for `class_ids`.
+/// (mapped) features, and class-head logits for `class_ids` (see [`super::split`]).
 pub fn compare_with_torch(
     net: &Vista3d,
     engine: &mut OrtEngine,
@@ -336,12 +363,11 @@ pub fn compare_with_torch(
         (Kind::Float, Device::Cpu),
     );
     let ids = Tensor::from_slice(class_ids).view([-1, 1]);
-    let (torch_features, torch_logits) = tch::no_grad(|| {
-        let (_, auto) = net.image_encoder.forward(&image, false, true);
-        let features = auto.expect("auto branch requested");
-        let logits = net.class_head.forward(&features, &ids);
-        (features, logits)
-    });
+    let (torch_features, torch_logits) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+        let features = super::split::encode(net, &image)?;
+        let logits = super::split::classify(net, &features, &ids);
+        Ok((features, logits))
+    })?;
     let features = engine.encode(&image)?;
     let logits = engine.classify(&torch_features, &ids)?;
     ensure!(

@@ -196,15 +196,16 @@ mod tests {
             if self.calls > self.fail_after {
                 return Err(EngineError::Runtime("simulated engine failure".into()));
             }
-            let (_, auto) = self.net.image_encoder.forward(image, false, true);
-            auto.ok_or_else(|| EngineError::Runtime("no features".into()))
+            crate::engines::split::encode(&self.net, image)
         }
         fn classify(
             &mut self,
             features: &Tensor,
             class_ids: &Tensor,
         ) -> Result<Tensor, EngineError> {
-            Ok(self.net.class_head.forward(features, class_ids))
+            Ok(crate::engines::split::classify(
+                &self.net, features, class_ids,
+            ))
         }
     }
 

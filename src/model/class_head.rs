@@ -50,8 +50,14 @@ impl ClassHead {
 
     /// Logits `[B, b, H, W, D]` for features `[b, C, H, W, D]` and `class_vector` `[B, 1]`.
     pub fn forward(&self, features: &Tensor, class_vector: &Tensor) -> Tensor {
-        let (b, c, h, w, d) = features.size5().expect("class head features must be 5-D");
-        let src = self.post_mapping(features);
+        self.logits(&self.post_mapping(features), class_vector)
+    }
+
+    /// The prompt-dependent part of [`ClassHead::forward`]: logits `[B, b, H, W, D]` from features already
+    /// through [`ClassHead::post_mapping`] (what engines split off: the post mapping runs once per window,
+    /// this once per prompt chunk).
+    pub fn logits(&self, src: &Tensor, class_vector: &Tensor) -> Tensor {
+        let (b, c, h, w, d) = src.size5().expect("class head features must be 5-D");
         let emb = self.class_embedding(class_vector);
         let masks = emb.squeeze().matmul(&src.view([b, c, h * w * d]));
         masks.view([b, -1, h, w, d]).transpose(0, 1)

@@ -327,7 +327,14 @@ impl Segmenter {
                 cache.display()
             ))
         };
-        let onnx_dir = onnx_dir.ok_or_else(|| missing("ONNX export", ""))?;
+        // `ort` (and `auto` on a CPU) exports the weights into the cache on first use (engines::onnx_cache);
+        // TensorRT engines run from their sidecars alone and need no export.
+        let onnx_dir = match (onnx_dir, m) {
+            (Some(d), _) if self.config().onnx_dir.is_some() => d,
+            (_, Method::Ort) => self.cached_onnx_export(&cache)?,
+            (d, _) if m.is_tensorrt() => d.unwrap_or_default(),
+            (d, _) => d.ok_or_else(|| missing("ONNX export", ""))?,
+        };
         let engines_dir = match (m.is_tensorrt(), engines_dir) {
             (true, None) => {
                 return Err(missing("TensorRT engines", " and `vista3d build-engines`"))
@@ -345,6 +352,30 @@ impl Segmenter {
             max_prompt_size: self.config().max_prompt_size,
             sw_batch_size: window.sw_batch_size,
         })
+    }
+
+    /// The ONNX export of the loaded weights in `cache`, exported now if there is none (once per weights;
+    /// `engines::onnx_cache`). Without ONNX Runtime nothing is exported (unavailable: `auto` moves on quietly).
+    fn cached_onnx_export(
+        &self,
+        cache: &std::path::Path,
+    ) -> Result<std::path::PathBuf, EngineError> {
+        engines::ort_engine::ort_environment()?;
+        let source = match (&self.model.source, self.model.identity()) {
+            (WeightsSource::Random { width, seed }, _) => {
+                engines::onnx::WeightsSource::random(*width, *seed)
+            }
+            (WeightsSource::Checkpoint(path), id) => engines::onnx::WeightsSource::Checkpoint {
+                path: path.display().to_string(),
+                sha256: id.map(|i| i.sha256.clone()).unwrap_or_default(),
+            },
+        };
+        engines::onnx_cache::ensure_export(
+            cache,
+            &self.model.weights_fingerprint(),
+            self.model.var_store(),
+            &source,
+        )
     }
 
     /// The class table requests are resolved against.

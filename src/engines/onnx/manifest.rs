@@ -12,8 +12,10 @@ use crate::engines::EngineError;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Value of [`OnnxManifest::format`].
 pub const MANIFEST_FORMAT: &str = "vista3d-onnx";
-/// Version of the manifest layout; bumped when a field changes meaning.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version of the manifest layout; bumped when a field changes meaning. v2: the encoder's `features` are the
+/// class head's mapped features (`image_post_mapping` moved from the class head into the encoder, so it runs once
+/// per window); a v1 export is stale.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// One tensor dimension: a fixed size or a symbolic (dynamic) name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,9 +119,11 @@ impl std::fmt::Display for FloatType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Part {
-    /// `image` `[b,1,H,W,D]` -> `features` `[b,E,H,W,D]`.
+    /// `image` `[b,1,H,W,D]` -> `features` `[b,E,H,W,D]`: encoder, automatic decoder and the class head's
+    /// `image_post_mapping` (everything computed once per window).
     Encoder,
-    /// `features` `[b,E,H,W,D]`, `class_ids` `[B,1]` -> `logits` `[B,b,H,W,D]`.
+    /// Mapped `features` `[b,E,H,W,D]`, `class_ids` `[B,1]` -> `logits` `[B,b,H,W,D]`: class embeddings, MLP and
+    /// the per-voxel product (the prompt-dependent part).
     ClassHead,
 }
 
@@ -189,9 +193,9 @@ pub struct OnnxManifest {
     /// Rows of the class-embedding table (valid class ids are `0..n_classes`).
     pub n_classes: i64,
     pub weights: WeightsSource,
-    /// `image [b,1,H,W,D]` -> `features [b,E,H,W,D]`.
+    /// `image [b,1,H,W,D]` -> mapped `features [b,E,H,W,D]` (see [`Part::Encoder`]).
     pub encoder: ModelEntry,
-    /// `features [b,E,H,W,D]`, `class_ids [B,1]` -> `logits [B,b,H,W,D]`.
+    /// Mapped `features [b,E,H,W,D]`, `class_ids [B,1]` -> `logits [B,b,H,W,D]` (see [`Part::ClassHead`]).
     pub class_head: ModelEntry,
     /// The encoder with float16 weights and compute (same interface); absent in older exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,11 +408,11 @@ mod tests {
             (
                 {
                     let mut v = good.clone();
-                    v["format_version"] = 2.into();
+                    v["format_version"] = 1.into();
                     v
                 },
                 EngineErrorKind::Stale,
-                "layout v2",
+                "layout v1",
             ),
         ] {
             write(&value);

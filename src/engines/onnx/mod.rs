@@ -1,5 +1,7 @@
 //! ONNX export of the class path, written in Rust: `encoder.onnx` (`image_encoder.encoder` +
-//! `up_layers_auto`), `class_head.onnx` and `manifest.json`, generated from the model's named parameters.
+//! `up_layers_auto` + the class head's `image_post_mapping`: everything computed once per window),
+//! `class_head.onnx` (the prompt-dependent rest of the class head) and `manifest.json`, generated from the
+//! model's named parameters.
 //!
 //! Every export also writes the float16 variants `encoder_fp16.onnx` and `class_head_fp16.onnx` (always, so
 //! any export can feed an FP16 TensorRT build: TensorRT 11 builds strongly typed networks only and takes the

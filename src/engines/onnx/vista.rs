@@ -1,5 +1,8 @@
-//! The VISTA3D class path as ONNX graphs, node for node what `src/model` computes on libtorch:
-//! `encoder.onnx` = `image_encoder.encoder` + `image_encoder.up_layers_auto`, `class_head.onnx` = `class_head`.
+//! The VISTA3D class path as ONNX graphs, node for node what `src/model` computes on libtorch, split where the
+//! prompts come in: `encoder.onnx` = `image_encoder.encoder` + `image_encoder.up_layers_auto` +
+//! `class_head.image_post_mapping` (everything computed once per window, whatever the prompts), `class_head.onnx`
+//! = the rest of `class_head` (class embeddings, MLP, and the per-voxel product with the mapped features: the only
+//! prompt-dependent part, run once per chunk of prompts).
 //!
 //! Only standard opset-17 operators (no `Gelu`: the exact GELU is written with `Erf`), so TensorRT 10/11 parses
 //! the graphs as they are.
@@ -166,8 +169,14 @@ fn seg_res_block(g: &mut GraphBuilder, x: &str, p: &str) -> Result<String> {
 }
 
 /// MONAI `UnetResBlock` (inside `UnetrBasicBlock`): conv -> IN -> LeakyReLU -> conv -> IN, plus the input,
-/// LeakyReLU.
-fn unet_res_block(g: &mut GraphBuilder, x: &str, p: &str, channels: i64) -> Result<String> {
+/// LeakyReLU; the last LeakyReLU writes the graph output `output` when given.
+fn unet_res_block(
+    g: &mut GraphBuilder,
+    x: &str,
+    p: &str,
+    channels: i64,
+    output: Option<&str>,
+) -> Result<String> {
     let leaky = || vec![attr_float("alpha", LEAKY_SLOPE)];
     let y = conv(g, x, &format!("{p}.layer.conv1.conv.weight"), None, 1, 1)?;
     let y = instance_norm_plain(g, &y, channels, p);
@@ -175,10 +184,14 @@ fn unet_res_block(g: &mut GraphBuilder, x: &str, p: &str, channels: i64) -> Resu
     let y = conv(g, &y, &format!("{p}.layer.conv2.conv.weight"), None, 1, 1)?;
     let y = instance_norm_plain(g, &y, channels, p);
     let y = g.op("Add", &[&y, x], vec![], p);
-    Ok(g.op("LeakyRelu", &[&y], leaky(), p))
+    Ok(match output {
+        Some(name) => g.op_output("LeakyRelu", &[&y], leaky(), p, name),
+        None => g.op("LeakyRelu", &[&y], leaky(), p),
+    })
 }
 
-/// The graph of `encoder.onnx`: `image` -> SegResEncoder -> `up_layers_auto` decoder -> `features`.
+/// The graph of `encoder.onnx`: `image` -> SegResEncoder -> `up_layers_auto` decoder -> the class head's
+/// `image_post_mapping` -> `features` (the mapped features the class head multiplies with its class embeddings).
 pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Result<GraphProto> {
     let mut g = g;
     let (inputs, outputs) = encoder_io(in_channels, embed_dim);
@@ -213,23 +226,31 @@ pub fn encoder_graph(g: GraphBuilder, in_channels: i64, embed_dim: i64) -> Resul
         x = g.op("Add", &[&up, &skips[n_up - 1 - i]], vec![], &p);
         x = seg_res_block(&mut g, &x, &format!("{p}.blocks.0"))?;
     }
-    // The 1x1x1 head with bias of the last level writes the graph output.
+    // The 1x1x1 head with bias of the last level: the automatic branch's features.
     let head = format!("{DECODER_AUTO}.{}.head", n_up - 1);
-    let w = g.weight(&format!("{head}.weight"))?;
-    let b = g.weight(&format!("{head}.bias"))?;
-    g.op_output(
-        "Conv",
-        &[&x, &w, &b],
-        vec![
-            attr_ints("kernel_shape", &[1; 3]),
-            attr_ints("strides", &[1; 3]),
-            attr_ints("pads", &[0; 6]),
-            attr_ints("dilations", &[1; 3]),
-            attr_int("group", 1),
-        ],
-        &head,
-        "features",
-    );
+    let x = conv(
+        &mut g,
+        &x,
+        &format!("{head}.weight"),
+        Some(&format!("{head}.bias")),
+        1,
+        0,
+    )?;
+    // The class head's image post mapping (prompt-independent); its last block writes the graph output.
+    let x = unet_res_block(
+        &mut g,
+        &x,
+        &format!("{CLASS_HEAD}.image_post_mapping.0"),
+        embed_dim,
+        None,
+    )?;
+    unet_res_block(
+        &mut g,
+        &x,
+        &format!("{CLASS_HEAD}.image_post_mapping.1"),
+        embed_dim,
+        Some("features"),
+    )?;
     g.finish("vista3d_encoder_auto", &inputs, &outputs)
 }
 
@@ -254,18 +275,13 @@ fn gelu(g: &mut GraphBuilder, x: &str, hint: &str) -> String {
     g.op("Mul", &[&y, &half], vec![], hint)
 }
 
-/// The graph of `class_head.onnx`: (`features`, `class_ids`) -> `logits` `[B, b, H, W, D]`, as
-/// `ClassHead::forward` (MONAI `ClassMappingClassify.forward`), including B = 1.
+/// The graph of `class_head.onnx`: (mapped `features`, `class_ids`) -> `logits` `[B, b, H, W, D]`, as
+/// `ClassHead::logits` (MONAI `ClassMappingClassify.forward` after its `image_post_mapping`), including B = 1.
 pub fn class_head_graph(g: GraphBuilder, embed_dim: i64) -> Result<GraphProto> {
     let mut g = g;
     let e = embed_dim;
     let (inputs, outputs) = class_head_io(e);
-    // Image features through the two post-mapping blocks.
-    let mut src = g.float_input("features");
-    for i in 0..2 {
-        let p = format!("{CLASS_HEAD}.image_post_mapping.{i}");
-        src = unet_res_block(&mut g, &src, &p, e)?;
-    }
+    let src = g.float_input("features");
     // Class embeddings [B, 1, E] -> Linear -> InstanceNorm1d (one channel) -> GELU -> Linear.
     let table = g.weight(&format!("{CLASS_HEAD}.class_embeddings.weight"))?;
     let emb = g.op(

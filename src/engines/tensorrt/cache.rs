@@ -18,9 +18,11 @@
 //! build). `short key` is the first 16 hex digits of the sha256 of the key's canonical JSON.
 //!
 //! Staleness: an engine whose key differs in any field, whose ONNX changed, or whose plan is missing, truncated
-//! or altered is out of date. `build-engines` rebuilds such engines; at run time ([`select_engine`]) one is an
-//! error of kind stale (built for something else) or corrupt (damaged), and the caller falls back to libtorch:
-//! it is never used.
+//! or altered is out of date for `build-engines`, which rebuilds it. At run time ([`select_engine`]) an engine is
+//! judged by its sidecar alone ([`RunKey`]: schema, part, precision, TensorRT version, GPU, window,
+//! `max_prompt_size` and the weights fingerprint; no ONNX file is read, so engines run where the export is
+//! absent); one built for something else is an error of kind stale, a damaged one corrupt, and the caller falls
+//! back to libtorch: it is never used.
 //!
 //! Profile choice (see [`EngineProfile::new`]): window batch 1..`sw_batch_size` with opt = `sw_batch_size`;
 //! class-head prompt batch 1..`max_prompt_size` with opt = `max_prompt_size`, because the prompts that cost the
@@ -42,8 +44,10 @@ pub use crate::engines::onnx::Part;
 use crate::engines::{EngineError, Method};
 use crate::fsutil::{hex, sha256_file};
 
-/// Version of the key and sidecar layout; bumping it makes every older engine stale.
-pub const KEY_SCHEMA: u32 = 1;
+/// Version of the key and sidecar layout, and of the exported graphs' interface; bumping it makes every older
+/// engine stale. 2: the encoder engine includes the class head's `image_post_mapping` (ONNX manifest v2), so the
+/// class-head engine is only the prompt-dependent part.
+pub const KEY_SCHEMA: u32 = 2;
 
 /// The TensorRT methods, in the order `build-engines` builds them.
 pub const TRT_METHODS: [Method; 2] = [Method::TrtFp16, Method::TrtTf32];
@@ -290,7 +294,7 @@ impl EngineKey {
 
     /// Human-readable differences from `other` ("field: other -> self"); empty when equal.
     pub fn differences(&self, other: &EngineKey) -> Vec<String> {
-        let mut out = self.identity_differences(other);
+        let mut out = RunKey::of(self).differences(other);
         if self.profile != other.profile {
             out.push(format!(
                 "profile: {} -> {}",
@@ -304,13 +308,88 @@ impl EngineKey {
                 other.builder_optimization_level, self.builder_optimization_level
             ));
         }
+        if self.embed_dim != other.embed_dim {
+            out.push(format!(
+                "embed_dim: {} -> {}",
+                other.embed_dim, self.embed_dim
+            ));
+        }
+        if self.onnx_sha256 != other.onnx_sha256 {
+            out.push(format!(
+                "ONNX sha256: {} -> {}",
+                other.onnx_sha256, self.onnx_sha256
+            ));
+        }
         out
     }
+}
 
-    /// Differences in the fields a run must match exactly: everything but the build choices (the window batch
-    /// range and the optimisation level, which a run reads from the engine's sidecar). The class head's largest
-    /// prompt batch is identity: it is the request's `max_prompt_size`, the profile the run uses.
-    pub fn identity_differences(&self, other: &EngineKey) -> Vec<String> {
+/// What a run needs of an engine: everything that decides whether it computes the right thing here, and nothing
+/// that needs the ONNX export, so engines are usable with their sidecar alone (the export may be deleted or live
+/// on another machine). The weights fingerprint stands for the weights (and so for `embed_dim`); the key schema
+/// for the exported graph's layout. The build choices (window batch range, optimisation level) are read from the
+/// sidecar; the class head's largest prompt batch is identity: it is the request's `max_prompt_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunKey {
+    pub schema: u32,
+    pub part: Part,
+    /// [`Method::TrtFp16`] or [`Method::TrtTf32`].
+    pub method: Method,
+    /// `major.minor.patch` of the loaded libnvinfer.
+    pub tensorrt_version: String,
+    /// `major.minor` of the GPU.
+    pub compute_capability: String,
+    /// The window (patch) size.
+    pub window: [i64; 3],
+    /// The class head's prompt batch (the request's `max_prompt_size`); `None` for the encoder.
+    pub max_prompt_size: Option<i64>,
+    /// [`crate::engines::fingerprint`] of the loaded weights.
+    pub weights_fingerprint: String,
+}
+
+impl RunKey {
+    /// What a request needs of the engine of `part` for the TensorRT `method` on `platform`, for the weights
+    /// `weights_fingerprint`, `window` and (class head) `max_prompt_size`. An impossible window or prompt size is
+    /// [`EngineError::Unavailable`] naming it.
+    pub fn new(
+        part: Part,
+        method: Method,
+        platform: &Platform,
+        weights_fingerprint: &str,
+        window: [i64; 3],
+        max_prompt_size: i64,
+    ) -> Result<Self, EngineError> {
+        let profile = EngineProfile::new(part, window, 1, max_prompt_size)
+            .map_err(EngineError::unavailable)?;
+        Ok(Self {
+            schema: KEY_SCHEMA,
+            part,
+            method,
+            tensorrt_version: platform.tensorrt_version.clone(),
+            compute_capability: platform.compute_capability.clone(),
+            window,
+            max_prompt_size: profile.prompt_batch.map(|p| p.max),
+            weights_fingerprint: weights_fingerprint.to_string(),
+        })
+    }
+
+    /// The run identity of a built engine's key.
+    pub fn of(key: &EngineKey) -> Self {
+        Self {
+            schema: key.schema,
+            part: key.part,
+            method: key.method,
+            tensorrt_version: key.tensorrt_version.clone(),
+            compute_capability: key.compute_capability.clone(),
+            window: key.profile.window,
+            max_prompt_size: key.profile.prompt_batch.map(|p| p.max),
+            weights_fingerprint: key.weights_fingerprint.clone(),
+        }
+    }
+
+    /// Why the engine built for `built` cannot serve this run ("field: built -> wanted"); empty when it can.
+    pub fn differences(&self, built: &EngineKey) -> Vec<String> {
+        let other = RunKey::of(built);
         let mut out = Vec::new();
         let mut field = |name: &str, old: String, new: String| {
             if old != new {
@@ -330,48 +409,32 @@ impl EngineKey {
         );
         field(
             "TensorRT version",
-            other.tensorrt_version.clone(),
+            other.tensorrt_version,
             self.tensorrt_version.clone(),
         );
         field(
             "GPU compute capability",
-            other.compute_capability.clone(),
+            other.compute_capability,
             self.compute_capability.clone(),
         );
         field(
             "window size",
-            format!("{:?}", other.profile.window),
-            format!("{:?}", self.profile.window),
+            format!("{:?}", other.window),
+            format!("{:?}", self.window),
         );
+        let prompts = |p: Option<i64>| p.map_or_else(|| "none".to_string(), |p| p.to_string());
         field(
             "max_prompt_size",
-            describe_prompt_max(&other.profile),
-            describe_prompt_max(&self.profile),
+            prompts(other.max_prompt_size),
+            prompts(self.max_prompt_size),
         );
         field(
             "weights fingerprint",
-            other.weights_fingerprint.clone(),
+            other.weights_fingerprint,
             self.weights_fingerprint.clone(),
-        );
-        field(
-            "embed_dim",
-            other.embed_dim.to_string(),
-            self.embed_dim.to_string(),
-        );
-        field(
-            "ONNX sha256",
-            other.onnx_sha256.clone(),
-            self.onnx_sha256.clone(),
         );
         out
     }
-}
-
-/// The largest prompt batch of a profile (`none` for the encoder's).
-fn describe_prompt_max(p: &EngineProfile) -> String {
-    p.prompt_batch
-        .map(|b| b.max.to_string())
-        .unwrap_or_else(|| "none".into())
 }
 
 /// `window 128x128x128, windows 1/1/1, prompts 1/4/4`.
@@ -618,15 +681,15 @@ pub fn candidates(dir: &Path, part: Part, method: Method) -> Vec<(PathBuf, Sidec
         .collect()
 }
 
-/// The engine a run uses: the sidecar of an up-to-date engine in `dir` whose identity fields (everything but
-/// the build choices, see [`EngineKey::identity_differences`]) equal `want`'s; the largest window batch wins
-/// when there are several. The error's kind tells the caller what to do:
+/// The engine a run uses: the sidecar of an intact engine in `dir` built for `want` (see [`RunKey`]: the sidecar
+/// alone decides, no ONNX file is read); the largest window batch wins when there are several, then the most
+/// recently built. The error's kind tells the caller what to do:
 /// [`Unavailable`](EngineError::Unavailable) when no engine of this part and method was built here,
 /// [`Corrupt`](EngineError::Corrupt) when a sidecar does not parse or the matching engine's plan is missing,
 /// truncated or does not match its sidecar, [`Stale`](EngineError::Stale) when every engine there was built for something else (other
 /// weights, TensorRT version, GPU, window size or `max_prompt_size`): the message names each difference and
 /// the `build-engines` command that makes the wanted one.
-pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidecar), EngineError> {
+pub fn select_engine(dir: &Path, want: &RunKey) -> Result<(EnginePaths, Sidecar), EngineError> {
     let rebuild = build_command(dir, want);
     let files = sidecar_files(dir, want.part, want.method);
     if files.is_empty() {
@@ -646,7 +709,7 @@ pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidec
                 continue;
             }
         };
-        let diff = want.identity_differences(&sidecar.key);
+        let diff = want.differences(&sidecar.key);
         if !diff.is_empty() {
             stale.push(format!("{} is stale ({})", path.display(), diff.join("; ")));
             continue;
@@ -657,7 +720,15 @@ pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidec
             Err(e) => corrupt.push(format!("{e:#}")),
         }
     }
-    usable.sort_by_key(|(_, s)| s.key.profile.window_batch.max);
+    usable.sort_by(|(pa, a), (pb, b)| {
+        let built = |p: &EnginePaths| {
+            std::fs::metadata(&p.sidecar)
+                .and_then(|m| m.modified())
+                .ok()
+        };
+        (a.key.profile.window_batch.max, built(pa))
+            .cmp(&(b.key.profile.window_batch.max, built(pb)))
+    });
     if let Some(found) = usable.pop() {
         return Ok(found);
     }
@@ -682,14 +753,14 @@ pub fn select_engine(dir: &Path, want: &EngineKey) -> Result<(EnginePaths, Sidec
 }
 
 /// The `build-engines` command that makes the engine `want` asks for in `dir`.
-fn build_command(dir: &Path, want: &EngineKey) -> String {
-    let [h, w, d] = want.profile.window;
+fn build_command(dir: &Path, want: &RunKey) -> String {
+    let [h, w, d] = want.window;
     let mut cmd = format!(
         "vista3d build-engines --onnx <export dir> --precision {} --patch {h},{w},{d}",
         precision_name(want.method)
     );
-    if let Some(p) = want.profile.prompt_batch {
-        cmd.push_str(&format!(" --max-prompt-size {}", p.max));
+    if let Some(p) = want.max_prompt_size {
+        cmd.push_str(&format!(" --max-prompt-size {p}"));
     }
     cmd.push_str(&format!(" --out {}", dir.display()));
     cmd
@@ -850,7 +921,7 @@ mod tests {
         assert_eq!(base.short(), key(Part::ClassHead).short(), "deterministic");
         let variants: Vec<EngineKey> = vec![
             EngineKey {
-                schema: 2,
+                schema: KEY_SCHEMA - 1,
                 ..base.clone()
             },
             EngineKey {
@@ -899,22 +970,57 @@ mod tests {
             assert!(seen.insert(v.short()), "{v:?} collides");
             assert!(!base.differences(v).is_empty(), "{v:?}");
         }
-        // Build choices (window batch, optimisation level) are not identity.
-        assert!(base.identity_differences(&variants[5]).is_empty());
-        assert!(base.identity_differences(&variants[7]).is_empty());
+        // A run judges by the sidecar alone: build choices (window batch, optimisation level) and what only
+        // the export knows (its file's sha256, embed_dim, which the fingerprint stands for) are not its business.
+        let run = RunKey::of(&base);
+        for i in [5, 7, 9, 10] {
+            assert!(
+                run.differences(&variants[i]).is_empty(),
+                "{:?}",
+                variants[i]
+            );
+        }
         // max_prompt_size is: a run opens the class-head engine built for its own (DECISIONS.md).
         assert_eq!(
-            base.identity_differences(&variants[4]),
+            run.differences(&variants[4]),
             vec!["max_prompt_size: 8 -> 4".to_string()]
         );
+        for i in [0, 1, 2, 3, 6, 8] {
+            assert_eq!(run.differences(&variants[i]).len(), 1, "{:?}", variants[i]);
+        }
+        // build-engines sees every field.
         assert_eq!(
-            base.identity_differences(&variants[10]),
+            base.differences(&variants[10]),
             vec![format!(
                 "ONNX sha256: {} -> {}",
                 "bb".repeat(32),
                 "aa".repeat(32)
             )]
         );
+        // The run key a request makes is the built key's run identity.
+        let platform = Platform {
+            tensorrt_version: "10.13.0".into(),
+            compute_capability: "9.0".into(),
+        };
+        let want = RunKey::new(
+            Part::ClassHead,
+            Method::TrtFp16,
+            &platform,
+            "0123456789abcdef",
+            [128; 3],
+            4,
+        )
+        .unwrap();
+        assert_eq!(want, run);
+        assert!(RunKey::new(
+            Part::ClassHead,
+            Method::TrtFp16,
+            &platform,
+            "x",
+            [128; 3],
+            0
+        )
+        .is_err());
     }
 
     #[test]
@@ -961,7 +1067,7 @@ mod tests {
     }
 
     #[test]
-    fn changed_onnx_is_reported_as_stale_with_the_difference() {
+    fn changed_onnx_is_stale_for_build_engines_but_runs_need_only_the_sidecar() {
         let dir = tempfile::tempdir().unwrap();
         let old = key(Part::Encoder);
         store(dir.path(), &old, b"old plan");
@@ -976,12 +1082,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // At run time it is a stale error naming the difference, not a silently used engine.
-        let err = select_engine(dir.path(), &new).unwrap_err();
+        // At run time the engine of the same weights is used as it is: no ONNX file is needed (or read).
+        let (paths, sidecar) = select_engine(dir.path(), &RunKey::of(&new)).unwrap();
+        assert_eq!((paths, sidecar.key), (old.paths(dir.path()), old.clone()));
+        // Other weights are stale there, naming the difference.
+        let other_weights = EngineKey {
+            weights_fingerprint: "fedcba9876543210".into(),
+            ..new.clone()
+        };
+        let err = select_engine(dir.path(), &RunKey::of(&other_weights)).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Stale);
         let err = err.to_string();
         assert!(err.contains("no up-to-date fp16 encoder engine"), "{err}");
-        assert!(err.contains("ONNX sha256"), "{err}");
+        assert!(err.contains("weights fingerprint"), "{err}");
+        // So is an engine of the older graph layout (key schema 1: post mapping in the class head).
+        let schema1 = tempfile::tempdir().unwrap();
+        store(
+            schema1.path(),
+            &EngineKey {
+                schema: 1,
+                ..old.clone()
+            },
+            b"v1",
+        );
+        let err = select_engine(schema1.path(), &RunKey::of(&old)).unwrap_err();
+        assert_eq!(err.kind(), EngineErrorKind::Stale);
+        assert!(err.to_string().contains("key schema: 1 -> 2"), "{err}");
         // build-engines replaces it.
         assert_eq!(superseded(dir.path(), &new), vec![old.paths(dir.path())]);
         // An engine for another GPU is kept.
@@ -996,7 +1122,7 @@ mod tests {
     #[test]
     fn run_time_selection_reads_the_build_choices_from_the_sidecar() {
         let dir = tempfile::tempdir().unwrap();
-        let err = select_engine(dir.path(), &key(Part::ClassHead)).unwrap_err();
+        let err = select_engine(dir.path(), &RunKey::of(&key(Part::ClassHead))).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Unavailable, "{err}");
         assert!(
             err.to_string().contains("run `vista3d build-engines"),
@@ -1017,19 +1143,19 @@ mod tests {
             builder_optimization_level: 0,
             ..small.clone()
         };
-        let (paths, sidecar) = select_engine(dir.path(), &want).unwrap();
+        let (paths, sidecar) = select_engine(dir.path(), &RunKey::of(&want)).unwrap();
         assert_eq!(paths, large_paths);
         assert_eq!(sidecar.key, large);
         // A damaged plan is skipped, the other one used.
         std::fs::write(&large_paths.plan, b"lar").unwrap();
-        let (_, sidecar) = select_engine(dir.path(), &want).unwrap();
+        let (_, sidecar) = select_engine(dir.path(), &RunKey::of(&want)).unwrap();
         assert_eq!(sidecar.key, small);
         // Another window size is not usable: stale, naming it.
         let want96 = EngineKey {
             profile: EngineProfile::new(Part::ClassHead, [96, 96, 96], 1, 4).unwrap(),
             ..small.clone()
         };
-        let err = select_engine(dir.path(), &want96).unwrap_err();
+        let err = select_engine(dir.path(), &RunKey::of(&want96)).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Stale, "{err}");
         assert!(err.to_string().contains("window size"), "{err}");
     }
@@ -1044,12 +1170,17 @@ mod tests {
         let four = store(dir.path(), &with_prompts(4), b"four");
         let sixteen = store(dir.path(), &with_prompts(16), b"sixteen");
         // Each request opens the engine of its own max_prompt_size, not the largest one.
-        assert_eq!(select_engine(dir.path(), &with_prompts(4)).unwrap().0, four);
-        let (paths, sidecar) = select_engine(dir.path(), &with_prompts(16)).unwrap();
+        assert_eq!(
+            select_engine(dir.path(), &RunKey::of(&with_prompts(4)))
+                .unwrap()
+                .0,
+            four
+        );
+        let (paths, sidecar) = select_engine(dir.path(), &RunKey::of(&with_prompts(16))).unwrap();
         assert_eq!(paths, sixteen);
         assert_eq!(sidecar.key.profile.prompt_batch.unwrap().max, 16);
         // None built for 8: stale, naming both values and the command that builds it.
-        let err = select_engine(dir.path(), &with_prompts(8)).unwrap_err();
+        let err = select_engine(dir.path(), &RunKey::of(&with_prompts(8))).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Stale, "{err}");
         let msg = err.to_string();
         assert!(msg.contains("max_prompt_size: 4 -> 8"), "{msg}");
@@ -1059,7 +1190,9 @@ mod tests {
         // The encoder does not depend on it.
         let encoder = store(dir.path(), &key(Part::Encoder), b"enc");
         assert_eq!(
-            select_engine(dir.path(), &key(Part::Encoder)).unwrap().0,
+            select_engine(dir.path(), &RunKey::of(&key(Part::Encoder)))
+                .unwrap()
+                .0,
             encoder
         );
         // Building for 8 supersedes neither of the others (they serve other configurations); a rebuild for 4
@@ -1073,14 +1206,14 @@ mod tests {
         assert_eq!(superseded(dir.path(), &new_four), vec![four.clone()]);
         // The matching engine damaged: corrupt, not stale.
         std::fs::write(&four.plan, b"fo").unwrap();
-        let err = select_engine(dir.path(), &with_prompts(4)).unwrap_err();
+        let err = select_engine(dir.path(), &RunKey::of(&with_prompts(4))).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains("truncated"), "{err}");
         // A sidecar that does not parse is corrupt too (not "nothing built").
         let other = tempfile::tempdir().unwrap();
         let paths = store(other.path(), &with_prompts(4), b"four");
         std::fs::write(&paths.sidecar, b"{\"key\": 1").unwrap();
-        let err = select_engine(other.path(), &with_prompts(4)).unwrap_err();
+        let err = select_engine(other.path(), &RunKey::of(&with_prompts(4))).unwrap_err();
         assert_eq!(err.kind(), EngineErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains("not an engine sidecar"), "{err}");
     }

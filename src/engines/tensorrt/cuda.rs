@@ -1,18 +1,23 @@
 //! The GPU an engine runs on, through the CUDA driver API loaded at run time (`cudarc`, no link-time CUDA).
 //!
 //! The engine's inputs and outputs are libtorch CUDA tensors (their `data_ptr`). TensorRT runs on a stream of
-//! its own; before a run the device is synchronised (libtorch wrote the inputs on its stream) and after it the
-//! stream is, so the outputs are complete before libtorch reads them.
+//! its own, ordered with libtorch's current stream through two events: before a run TensorRT's stream waits for
+//! what libtorch queued (the inputs), after it libtorch's stream waits for TensorRT's work (the outputs). Nothing
+//! waits on the host and no other stream of the device is touched.
 
 use std::ffi::c_void;
 use std::sync::Arc;
 
 use anyhow::{ensure, Context as _, Result};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
-/// A CUDA device with a stream for TensorRT.
+/// A CUDA device with a stream for TensorRT and the events that order it with libtorch's stream.
 pub struct CudaDevice {
-    // The stream before the context: it must be destroyed first.
+    // Events and stream before the context: they must be destroyed first.
+    /// Recorded on libtorch's stream before a run: TensorRT's stream waits for it.
+    inputs_ready: CudaEvent,
+    /// Recorded on TensorRT's stream after a run: libtorch's stream waits for it.
+    outputs_ready: CudaEvent,
     stream: Arc<CudaStream>,
     context: Arc<CudaContext>,
     ordinal: usize,
@@ -59,7 +64,14 @@ impl CudaDevice {
             .new_stream()
             .map_err(|e| anyhow::anyhow!("GPU {ordinal}: cannot create a stream: {e:?}"))
             .context("CUDA")?;
+        let event = || {
+            context
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(|e| anyhow::anyhow!("GPU {ordinal}: cannot create an event: {e:?}"))
+        };
         Ok(Self {
+            inputs_ready: event()?,
+            outputs_ready: event()?,
             stream,
             context,
             ordinal,
@@ -98,17 +110,51 @@ impl CudaDevice {
             .map_err(|e| anyhow::anyhow!("cannot use GPU {} on this thread: {e:?}", self.ordinal))
     }
 
-    /// Waits for all work on the device (libtorch's included).
-    pub fn synchronize_device(&self) -> Result<()> {
-        self.context
-            .synchronize()
-            .map_err(|e| anyhow::anyhow!("CUDA error on GPU {}: {e:?}", self.ordinal))
+    /// Makes TensorRT's stream wait (on the device, not the host) for everything queued so far on
+    /// `torch_stream`, libtorch's current stream of this device (null: the legacy default stream).
+    pub fn stream_waits_for(&self, torch_stream: *mut c_void) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the event and TensorRT's stream are alive (owned by self); `torch_stream` is libtorch's live
+        // stream of this device's context (or null, the legacy default stream).
+        unsafe {
+            result::event::record(self.inputs_ready.cu_event(), torch_stream as sys::CUstream)
+                .and_then(|()| {
+                    result::stream::wait_event(
+                        self.stream.cu_stream(),
+                        self.inputs_ready.cu_event(),
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                })
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "GPU {}: cannot order TensorRT after libtorch's stream: {e:?}",
+                self.ordinal
+            )
+        })
     }
 
-    /// Waits for the TensorRT stream.
-    pub fn synchronize_stream(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| {
-            anyhow::anyhow!("CUDA error on GPU {} after TensorRT: {e:?}", self.ordinal)
+    /// Makes `torch_stream` (libtorch's current stream of this device) wait (on the device) for everything
+    /// queued so far on TensorRT's stream.
+    pub fn torch_stream_waits(&self, torch_stream: *mut c_void) -> Result<()> {
+        self.bind()?;
+        // SAFETY: as in `stream_waits_for`.
+        unsafe {
+            result::event::record(self.outputs_ready.cu_event(), self.stream.cu_stream()).and_then(
+                |()| {
+                    result::stream::wait_event(
+                        torch_stream as sys::CUstream,
+                        self.outputs_ready.cu_event(),
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                },
+            )
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "GPU {}: cannot order libtorch after TensorRT's stream: {e:?}",
+                self.ordinal
+            )
         })
     }
 }

@@ -1,9 +1,15 @@
 //! [`TrtEngine`]: the class path of a window (encoder + class head) on TensorRT engines.
 //!
-//! Loading classifies every refusal (see [`EngineError`]): no TensorRT library or shim, a CPU request or no GPU,
-//! no export or no engine built yet are unavailable; an export of other weights, or engines built for another
-//! TensorRT version, GPU, window size or `max_prompt_size` are stale; a damaged manifest, sidecar or plan is
-//! corrupt; a failure while running (or creating the execution context) is a runtime error.
+//! Loading reads the engines' sidecars only (no ONNX export is needed at run time) and classifies every refusal
+//! (see [`EngineError`]): no TensorRT library or shim, a CPU request or no GPU, no engine built yet are
+//! unavailable; engines built from other weights, for another TensorRT version, GPU, window size,
+//! `max_prompt_size` or graph layout are stale; a damaged sidecar or plan is corrupt; a failure while running (or
+//! creating the execution context) is a runtime error.
+//!
+//! Running: the encoder engine computes the mapped features once per window (chunks of the engine's window batch),
+//! the class-head engine only the prompt-dependent part per chunk of `max_prompt_size` prompts. Each engine call
+//! is ordered on libtorch's current CUDA stream through events ([`enqueue_ordered`]): no device-wide or host
+//! synchronisation.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +17,8 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::cache::{
-    chunk_ranges, precision_name, select_engine, EngineKey, EnginePaths, EngineProfile, MinOptMax,
-    Part, Platform, Sidecar,
+    chunk_ranges, precision_name, select_engine, EnginePaths, EngineProfile, MinOptMax, Part,
+    Platform, RunKey, Sidecar,
 };
 use super::cuda::CudaDevice;
 use super::library::{Context, DataType, IoTensor, Runtime, TrtLibrary};
@@ -66,31 +72,6 @@ pub fn onnx_source(
         entry: entry.clone(),
         fp16_model,
     })
-}
-
-/// The expected key of `part` for a run: the identity fields are what matters (the build choices, window
-/// batch and optimisation level, are read from the engine's sidecar, see [`select_engine`]); the class head's
-/// prompt batch is `max_prompt_size`.
-pub fn run_key(
-    part: Part,
-    method: Method,
-    platform: &Platform,
-    manifest: &OnnxManifest,
-    onnx_sha256: &str,
-    window: [i64; 3],
-    max_prompt_size: i64,
-) -> Result<EngineKey, EngineError> {
-    let profile =
-        EngineProfile::new(part, window, 1, max_prompt_size).map_err(EngineError::unavailable)?;
-    Ok(EngineKey::new(
-        part,
-        method,
-        platform,
-        manifest,
-        onnx_sha256,
-        profile,
-        0,
-    ))
 }
 
 /// The libtorch kind of a TensorRT data type.
@@ -271,6 +252,56 @@ pub fn classify_chunked(
     Ok(Tensor::f_cat(&per_window, 1)?)
 }
 
+/// One part's engine as [`TrtEngine`] calls it: a deserialized TensorRT engine with its execution context
+/// (`PartEngine`), or a stand-in in tests (the seam through which the chunking and the split are tested without
+/// a GPU).
+pub trait PartRun: Send {
+    /// Runs the part on `inputs` ([`Part::input_names`] order, on the model's device); returns its f32 output.
+    fn run(&mut self, inputs: &[&Tensor]) -> Result<Tensor, EngineError>;
+    /// The most windows one call takes (the engine profile's window batch).
+    fn max_windows(&self) -> usize;
+}
+
+/// How an engine's work is ordered with libtorch's without waiting on the host: the engine's stream waits for
+/// what libtorch queued on its current stream (the inputs), and libtorch's stream waits for the engine's work (the
+/// outputs), through events. No device-wide or host synchronisation.
+pub trait StreamOrder {
+    /// The stream the engine is enqueued on.
+    fn engine_stream(&self) -> *mut std::ffi::c_void;
+    /// Makes the engine's stream wait for everything queued so far on `torch_stream`.
+    fn engine_waits_for(&self, torch_stream: *mut std::ffi::c_void) -> anyhow::Result<()>;
+    /// Makes `torch_stream` wait for everything queued so far on the engine's stream.
+    fn torch_waits_for_engine(&self, torch_stream: *mut std::ffi::c_void) -> anyhow::Result<()>;
+}
+
+impl StreamOrder for CudaDevice {
+    fn engine_stream(&self) -> *mut std::ffi::c_void {
+        self.raw_stream()
+    }
+    fn engine_waits_for(&self, torch_stream: *mut std::ffi::c_void) -> anyhow::Result<()> {
+        self.stream_waits_for(torch_stream)
+    }
+    fn torch_waits_for_engine(&self, torch_stream: *mut std::ffi::c_void) -> anyhow::Result<()> {
+        self.torch_stream_waits(torch_stream)
+    }
+}
+
+/// Enqueues `enqueue` on the engine stream of `order`, after the work libtorch queued on `torch_stream` and
+/// before any work libtorch queues there later: the outputs may be used by libtorch at once, without a wait.
+pub fn enqueue_ordered(
+    order: &dyn StreamOrder,
+    torch_stream: *mut std::ffi::c_void,
+    enqueue: impl FnOnce(*mut std::ffi::c_void) -> anyhow::Result<()>,
+) -> Result<(), EngineError> {
+    order
+        .engine_waits_for(torch_stream)
+        .map_err(EngineError::runtime)?;
+    enqueue(order.engine_stream()).map_err(EngineError::runtime)?;
+    order
+        .torch_waits_for_engine(torch_stream)
+        .map_err(EngineError::runtime)
+}
+
 /// One deserialized engine with its execution context.
 struct PartEngine {
     part: Part,
@@ -279,7 +310,7 @@ struct PartEngine {
     input_kinds: Vec<Kind>,
     output_kind: Kind,
     sidecar: Sidecar,
-    plan: PathBuf,
+    device: Arc<CudaDevice>,
 }
 
 impl PartEngine {
@@ -288,10 +319,10 @@ impl PartEngine {
     /// context that cannot be created (out of GPU memory) is a runtime error.
     fn load(
         runtime: &Arc<Runtime>,
+        device: &Arc<CudaDevice>,
         part: Part,
         paths: &EnginePaths,
         sidecar: Sidecar,
-        embed_dim: i64,
     ) -> Result<Self, EngineError> {
         let plan_name = paths.plan.display();
         let plan = std::fs::read(&paths.plan)
@@ -310,7 +341,7 @@ impl PartEngine {
             &io,
             &|name| engine.profile_dims(name).map_err(|e| e.to_string()),
             &sidecar.key.profile,
-            embed_dim,
+            sidecar.key.embed_dim,
         )
         .map_err(|e| e.context(&plan_name))?;
         let context = engine
@@ -322,14 +353,20 @@ impl PartEngine {
             input_kinds,
             output_kind,
             sidecar,
-            plan: paths.plan.clone(),
+            device: Arc::clone(device),
         })
     }
+}
 
-    /// Runs the engine on `inputs` (in [`Part::input_names`] order, on `device`); returns the f32 output.
-    fn run(&mut self, device: &CudaDevice, inputs: &[&Tensor]) -> Result<Tensor, EngineError> {
+impl PartRun for PartEngine {
+    /// Stages the inputs on the engine's GPU (libtorch's current stream), then runs the engine on its own stream
+    /// ordered after them, with libtorch's stream ordered after it ([`enqueue_ordered`]): no host waits.
+    fn run(&mut self, inputs: &[&Tensor]) -> Result<Tensor, EngineError> {
+        let device = &self.device;
         device.bind().map_err(EngineError::runtime)?;
         let cuda = Device::Cuda(device.ordinal());
+        let torch_stream =
+            crate::runtime::current_cuda_stream(device.ordinal()).map_err(EngineError::runtime)?;
         let names = self.part.input_names();
         let mut staged = Vec::with_capacity(inputs.len());
         for ((name, t), kind) in names.iter().zip(inputs).zip(&self.input_kinds) {
@@ -346,7 +383,9 @@ impl PartEngine {
             .map_err(EngineError::runtime)?;
         let out = Tensor::f_empty(shape.as_slice(), (self.output_kind, cuda))?;
         // SAFETY: every address is a contiguous CUDA tensor of the engine's device with the shape and type the
-        // context expects (set above); `staged` and `out` live until the stream is synchronised below.
+        // context expects (set above). The inputs and the output were allocated on libtorch's current stream,
+        // and that stream waits for the engine's work before anything queued on it later runs, so memory that
+        // libtorch's caching allocator reuses after `staged` is dropped is only written once TensorRT is done.
         unsafe {
             for (name, t) in names.iter().zip(&staged) {
                 self.context
@@ -356,12 +395,12 @@ impl PartEngine {
             self.context
                 .set_tensor_address(out_name, out.data_ptr())
                 .map_err(EngineError::runtime)?;
-            device.synchronize_device().map_err(EngineError::runtime)?;
-            self.context
-                .enqueue(device.raw_stream())
-                .map_err(EngineError::runtime)?;
+            let context = &mut self.context;
+            enqueue_ordered(device.as_ref(), torch_stream, |stream| {
+                context.enqueue(stream).map_err(anyhow::Error::from)
+            })?;
         }
-        device.synchronize_stream().map_err(EngineError::runtime)?;
+        drop(staged);
         Ok(if self.output_kind == Kind::Float {
             out
         } else {
@@ -374,34 +413,36 @@ impl PartEngine {
     }
 }
 
-/// The class path of a window on TensorRT: an encoder engine and a class-head engine of one TensorRT method.
+/// The class path of a window on TensorRT: an encoder engine (encoder, automatic decoder and the class head's
+/// `image_post_mapping`, once per window) and a class-head engine (the prompt-dependent rest) of one TensorRT
+/// method (see [`crate::engines::split`]).
 ///
 /// Windows beyond the engines' window batch and prompts beyond the class head's prompt batch (the request's
-/// `max_prompt_size`) run in chunks; results are concatenated. Every failure is an error (the caller falls back
-/// to libtorch).
+/// `max_prompt_size`) run in chunks; results are concatenated. Only the cheap prompt-dependent part runs per
+/// prompt chunk. Every failure is an error (the caller falls back to libtorch).
 pub struct TrtEngine {
     method: Method,
     window: [i64; 3],
     embed_dim: i64,
-    encoder: PartEngine,
-    class_head: PartEngine,
-    // Dropped after the engines.
-    device: CudaDevice,
-    tensorrt_version: String,
+    max_prompts: usize,
+    encoder: Box<dyn PartRun>,
+    class_head: Box<dyn PartRun>,
+    description: String,
 }
 
 impl std::fmt::Debug for TrtEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.describe())
+        f.write_str(&self.description)
     }
 }
 
 impl TrtEngine {
-    /// Loads the up-to-date engines of the TensorRT `method` for the request described by `ctx`: the export in
-    /// `ctx.onnx_dir` must be of the loaded weights, the engines in `ctx.engines_dir` built for this TensorRT,
-    /// this GPU, `ctx.patch_size` windows and `ctx.max_prompt_size` prompts per class-head call. Checks run from
-    /// the cheapest and most basic (library, GPU) to the engines themselves; the error kind says what is wrong
-    /// (see the module documentation) and the caller falls back to libtorch.
+    /// Loads the engines of the TensorRT `method` for the request described by `ctx`, from their sidecars alone
+    /// (no ONNX export is read): engines in `ctx.engines_dir` built from the loaded weights (their fingerprint),
+    /// for this TensorRT, this GPU, `ctx.patch_size` windows and `ctx.max_prompt_size` prompts per class-head
+    /// call, by this graph layout (key schema). Checks run from the cheapest and most basic (library, GPU) to
+    /// the engines themselves; the error kind says what is wrong (see the module documentation) and the caller
+    /// falls back to libtorch.
     pub fn load(ctx: &EngineContext, method: Method) -> Result<Self, EngineError> {
         if !method.is_tensorrt() {
             return Err(EngineError::Unavailable(format!(
@@ -414,86 +455,106 @@ impl TrtEngine {
             ));
         };
         let library = TrtLibrary::load()?;
-        let device = CudaDevice::open(gpu).map_err(EngineError::unavailable)?;
-        let manifest = OnnxManifest::read(&ctx.onnx_dir)?;
-        manifest.check_fingerprint(&ctx.onnx_dir, &ctx.weights_fingerprint)?;
+        let device = Arc::new(CudaDevice::open(gpu).map_err(EngineError::unavailable)?);
         let platform = Platform {
             tensorrt_version: library.version().to_string(),
             compute_capability: device.compute_capability(),
         };
         let window = ctx.patch_size.map(|v| v as i64);
-        let max_prompt_size = ctx.max_prompt_size as i64;
         let mut selected = Vec::new();
         for part in Part::ALL {
-            let source = onnx_source(&manifest, &ctx.onnx_dir, part, method)?;
-            let want = run_key(
+            let want = RunKey::new(
                 part,
                 method,
                 &platform,
-                &manifest,
-                &source.entry.sha256,
+                &ctx.weights_fingerprint,
                 window,
-                max_prompt_size,
+                ctx.max_prompt_size as i64,
             )?;
             selected.push(select_engine(&ctx.engines_dir, &want)?);
         }
+        let embed_dims: Vec<i64> = selected.iter().map(|(_, s)| s.key.embed_dim).collect();
+        if embed_dims.windows(2).any(|w| w[0] != w[1]) {
+            return Err(EngineError::Corrupt(format!(
+                "the encoder and class-head engines in {} disagree on embed_dim ({embed_dims:?}) although they \
+                 name the same weights",
+                ctx.engines_dir.display()
+            )));
+        }
+        let embed_dim = embed_dims[0];
         let runtime = Arc::new(
             library
                 .runtime()
                 .map_err(|e| EngineError::Unavailable(format!("TensorRT unavailable: {e}")))?,
         );
-        let mut parts = Vec::new();
+        let plans: Vec<PathBuf> = selected.iter().map(|(p, _)| p.plan.clone()).collect();
+        let mut parts: Vec<Box<dyn PartRun>> = Vec::new();
         for (part, (paths, sidecar)) in Part::ALL.into_iter().zip(selected) {
-            parts.push(PartEngine::load(
-                &runtime,
-                part,
-                &paths,
-                sidecar,
-                manifest.embed_dim,
-            )?);
+            parts.push(Box::new(PartEngine::load(
+                &runtime, &device, part, &paths, sidecar,
+            )?));
         }
         let (Some(class_head), Some(encoder)) = (parts.pop(), parts.pop()) else {
             return Err(EngineError::Runtime("an engine part was not loaded".into()));
         };
-        let engine = Self {
+        let max_prompts = ctx.max_prompt_size.max(1);
+        let description = format!(
+            "TensorRT {} {} on {} (GPU {}, sm {}): encoder {}, class head {} (up to {} prompts, {} windows per call)",
+            platform.tensorrt_version,
+            precision_name(method),
+            device.name(),
+            device.ordinal(),
+            device.compute_capability(),
+            plans[0].display(),
+            plans[1].display(),
+            max_prompts,
+            encoder.max_windows()
+        );
+        let engine = Self::from_parts(
             method,
             window,
-            embed_dim: manifest.embed_dim,
+            embed_dim,
+            max_prompts,
             encoder,
             class_head,
-            device,
-            tensorrt_version: platform.tensorrt_version,
-        };
+            description,
+        );
         log::info!("{}", engine.describe());
         Ok(engine)
+    }
+
+    /// An engine from its two parts: `encoder` computes mapped features from image windows, `class_head` logits
+    /// from mapped features and at most `max_prompts` class ids per call (see [`crate::engines::split`]).
+    /// [`TrtEngine::load`] makes them from TensorRT plans; tests from stand-ins.
+    pub fn from_parts(
+        method: Method,
+        window: [i64; 3],
+        embed_dim: i64,
+        max_prompts: usize,
+        encoder: Box<dyn PartRun>,
+        class_head: Box<dyn PartRun>,
+        description: String,
+    ) -> Self {
+        Self {
+            method,
+            window,
+            embed_dim,
+            max_prompts: max_prompts.max(1),
+            encoder,
+            class_head,
+            description,
+        }
     }
 
     /// The most prompts one class-head call takes (more run in chunks): the request's `max_prompt_size`, which
     /// selected the class-head engine.
     pub fn max_prompts(&self) -> usize {
-        self.class_head
-            .sidecar
-            .key
-            .profile
-            .prompt_batch
-            .map(|p| p.max.max(1) as usize)
-            .unwrap_or(1)
+        self.max_prompts
     }
 
     /// One line for logs and records.
     pub fn describe(&self) -> String {
-        format!(
-            "TensorRT {} {} on {} (GPU {}, sm {}): encoder {}, class head {} (up to {} prompts, {} windows per call)",
-            self.tensorrt_version,
-            precision_name(self.method),
-            self.device.name(),
-            self.device.ordinal(),
-            self.device.compute_capability(),
-            self.encoder.plan.display(),
-            self.class_head.plan.display(),
-            self.max_prompts(),
-            self.encoder.max_windows()
-        )
+        self.description.clone()
     }
 }
 
@@ -505,17 +566,17 @@ impl WindowEngine for TrtEngine {
     fn encode(&mut self, image: &Tensor) -> Result<Tensor, EngineError> {
         check_image(image, self.window)?;
         let max_windows = self.encoder.max_windows();
-        let (encoder, device) = (&mut self.encoder, &self.device);
-        let out = encode_chunked(image, max_windows, |chunk| encoder.run(device, &[chunk]))?;
+        let encoder = &mut self.encoder;
+        let out = encode_chunked(image, max_windows, |chunk| encoder.run(&[chunk]))?;
         Ok(out.f_to_device(image.device())?)
     }
 
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError> {
         check_class_inputs(features, class_ids, self.embed_dim, self.window)?;
-        let (max_windows, max_prompts) = (self.class_head.max_windows(), self.max_prompts());
-        let (head, device) = (&mut self.class_head, &self.device);
+        let (max_windows, max_prompts) = (self.class_head.max_windows(), self.max_prompts);
+        let head = &mut self.class_head;
         let out = classify_chunked(features, class_ids, max_windows, max_prompts, |f, ids| {
-            head.run(device, &[f, ids])
+            head.run(&[f, ids])
         })?;
         Ok(out.f_to_device(features.device())?)
     }
@@ -524,7 +585,13 @@ impl WindowEngine for TrtEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engines::EngineErrorKind;
+    use crate::engines::runner::WindowRunner;
+    use crate::engines::{split, EngineChoice, EngineErrorKind};
+    use crate::inference::WindowNetwork;
+    use crate::model::{ForwardArgs, Vista3d};
+    use crate::Vista3dConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tch::nn;
 
     /// A stand-in class head: logits[p, w] = class_id[p] * (w-th window's mean feature) + p-independent bias.
     fn fake_head(f: &Tensor, ids: &Tensor) -> Result<Tensor, EngineError> {
@@ -731,34 +798,157 @@ mod tests {
         assert!(!fp16.fp16_model);
         assert_eq!(fp16.entry, old.encoder);
         assert!(onnx_source(&old, dir, Part::Encoder, Method::Ort).is_err());
-        // The run key holds the entry's sha256 and, for the class head, max_prompt_size.
+        // The run key of a request needs no export: the weights fingerprint and, for the class head,
+        // max_prompt_size.
         let platform = Platform {
             tensorrt_version: "10.13.0".into(),
             compute_capability: "9.0".into(),
         };
-        let key = run_key(
+        let key = RunKey::new(
             Part::ClassHead,
             Method::TrtFp16,
             &platform,
-            &m,
-            "abc",
+            &m.weights_fingerprint,
             [64, 64, 64],
             6,
         )
         .unwrap();
-        assert_eq!(key.onnx_sha256, "abc");
-        assert_eq!(key.profile.prompt_batch.unwrap().max, 6);
+        assert_eq!(key.max_prompt_size, Some(6));
         assert_eq!(key.weights_fingerprint, m.weights_fingerprint);
-        let err = run_key(
+        let err = RunKey::new(
             Part::ClassHead,
             Method::TrtFp16,
             &platform,
-            &m,
-            "",
+            &m.weights_fingerprint,
             [64; 3],
             0,
         )
         .unwrap_err();
         assert!(err.to_string().contains("max_prompt_size"), "{err}");
+    }
+
+    /// A network of width 8 with the weights of seed 3 (the same weights at every call).
+    fn seeded_net() -> (nn::VarStore, Vista3d) {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap();
+        (vs, net)
+    }
+
+    /// Counts of what the stand-in parts computed.
+    #[derive(Default)]
+    struct Counts {
+        /// Windows that went through `image_post_mapping` (only the encoder part computes it).
+        post_mapped_windows: AtomicUsize,
+        encoder_calls: AtomicUsize,
+        class_head_calls: AtomicUsize,
+    }
+
+    /// A stand-in for a TensorRT part: the libtorch split ([`crate::engines::split`]) on its own copy of the
+    /// weights, within the profile limits a real engine has.
+    struct FakePart {
+        part: Part,
+        net: Vista3d,
+        _vs: nn::VarStore,
+        max_windows: usize,
+        max_prompts: usize,
+        counts: Arc<Counts>,
+    }
+
+    impl PartRun for FakePart {
+        fn run(&mut self, inputs: &[&Tensor]) -> Result<Tensor, EngineError> {
+            assert_eq!(inputs.len(), self.part.input_names().len());
+            let windows = inputs[0].size()[0] as usize;
+            assert!(windows <= self.max_windows, "{windows} windows");
+            tch::no_grad(|| match self.part {
+                Part::Encoder => {
+                    self.counts.encoder_calls.fetch_add(1, Ordering::SeqCst);
+                    self.counts
+                        .post_mapped_windows
+                        .fetch_add(windows, Ordering::SeqCst);
+                    split::encode(&self.net, inputs[0])
+                }
+                Part::ClassHead => {
+                    self.counts.class_head_calls.fetch_add(1, Ordering::SeqCst);
+                    assert!(inputs[1].size()[0] as usize <= self.max_prompts);
+                    Ok(split::classify(&self.net, inputs[0], inputs[1]))
+                }
+            })
+        }
+        fn max_windows(&self) -> usize {
+            self.max_windows
+        }
+    }
+
+    fn fake_engine(max_windows: usize, max_prompts: usize, counts: &Arc<Counts>) -> TrtEngine {
+        let part = |part| {
+            let (vs, net) = seeded_net();
+            Box::new(FakePart {
+                part,
+                net,
+                _vs: vs,
+                max_windows,
+                max_prompts,
+                counts: Arc::clone(counts),
+            }) as Box<dyn PartRun>
+        };
+        let embed_dim = seeded_net().1.config.embed_dim;
+        TrtEngine::from_parts(
+            Method::TrtFp16,
+            [32; 3],
+            embed_dim,
+            max_prompts,
+            part(Part::Encoder),
+            part(Part::ClassHead),
+            "fake TensorRT engine".into(),
+        )
+    }
+
+    #[test]
+    fn image_post_mapping_runs_once_per_window_whatever_the_prompt_count() {
+        let (_vs, net) = seeded_net();
+        let windows = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let everything = crate::prompts::everything_labels();
+        for (prompts, max_windows) in [(vec![3i64], 1), (vec![1, 3, 4, 6], 2), (everything, 1)] {
+            let ids = Tensor::from_slice(&prompts).view([-1, 1]);
+            let args = ForwardArgs {
+                class_vector: Some(&ids),
+                transpose: true,
+                ..Default::default()
+            };
+            let reference = tch::no_grad(|| net.forward(&windows, &args)).unwrap();
+            let counts = Arc::new(Counts::default());
+            let engine = fake_engine(max_windows, 4, &counts);
+            // Through the engine seam the sliding window uses (the runner), as a request would.
+            let runner = WindowRunner::new(
+                &net,
+                Device::Cpu,
+                Method::TrtFp16,
+                EngineChoice {
+                    engine: Some(Box::new(engine)),
+                    torch: Method::Fp32,
+                    fallbacks: Vec::new(),
+                },
+            );
+            let out = tch::no_grad(|| runner.forward_window(&windows, &args)).unwrap();
+            assert_eq!(runner.report().used, vec![Method::TrtFp16]);
+            // The split computes the network's class path (post mapping not repeated per prompt chunk)...
+            assert_eq!(out.size(), reference.size());
+            // (the same up to rounding: the stand-in runs one window per call where the network runs both at once)
+            let err = crate::numerics::relative_error(&out, &reference);
+            assert!(
+                err < 1e-5,
+                "{} prompts: relative error {err:e}",
+                prompts.len()
+            );
+            // ... with image_post_mapping computed once per window, however many prompt chunks there are.
+            let chunks = prompts.len().div_ceil(4);
+            assert_eq!(counts.post_mapped_windows.load(Ordering::SeqCst), 2);
+            assert_eq!(counts.encoder_calls.load(Ordering::SeqCst), 2 / max_windows);
+            assert_eq!(
+                counts.class_head_calls.load(Ordering::SeqCst),
+                chunks * (2 / max_windows)
+            );
+        }
     }
 }
