@@ -11,15 +11,15 @@
 //!   short heartbeat timeout; ranks with different configurations refuse to start.
 
 mod common;
+use common::{model_tensors, output_text as text};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vista3d::checkpoint::read_checkpoint;
 
 /// The tests of this file start several processes each: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -104,27 +104,6 @@ fn write_config(dir: &Path, extra: Value) -> PathBuf {
     let path = dir.join("train.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     path
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// The network tensors of a `last.safetensors`.
-/// The network part of a training checkpoint (`read_checkpoint` gives it without the `model.` prefix).
-fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = read_checkpoint(path)
-        .unwrap()
-        .tensors
-        .into_iter()
-        .map(|(n, t)| (n, t.data))
-        .collect();
-    v.sort();
-    v
 }
 
 fn records(logs: &Path) -> Vec<Value> {

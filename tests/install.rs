@@ -5,15 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::data;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{data, output_text as text};
 
 /// Runs `bin` with only PATH and HOME set.
 fn bare(bin: &Path, args: &[&str]) -> Output {

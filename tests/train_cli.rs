@@ -3,12 +3,12 @@
 //! as an uninterrupted run), MONAI loading the best checkpoint, and clear errors for bad datalists.
 
 mod common;
+use common::model_tensors;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{json, Value};
-use vista3d::checkpoint::read_checkpoint;
 
 fn vista3d(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vista3d"))
@@ -98,19 +98,6 @@ fn assert_success(o: &Output) {
         stderr(o),
         String::from_utf8_lossy(&o.stdout)
     );
-}
-
-/// The network tensors of a `last.safetensors`.
-fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = read_checkpoint(path)
-        .unwrap()
-        .tensors
-        .into_iter()
-        .map(|(n, t)| (n, t.data))
-        .collect();
-    assert!(!v.is_empty(), "{}: no network tensors", path.display());
-    v.sort();
-    v
 }
 
 fn csv_epochs(path: &Path) -> Vec<String> {

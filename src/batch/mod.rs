@@ -41,6 +41,7 @@ use crate::io::{read_image, read_nifti, OutputDtype};
 use crate::prompts::RequestPrompts;
 pub use crate::segmenter::record::seg_path;
 use crate::segmenter::record::{self, build_record, file_identity, request_identity};
+use crate::segmenter::record::{preview_path, write_preview_beside};
 use crate::segmenter::{Request, SegmentError, Segmenter};
 use claims::{try_claim, ClaimOutcome, Claimer};
 pub use shards::Shard;
@@ -559,44 +560,6 @@ fn complete_extras(
     }
     record::save_record(out, &rec).map_err(SegmentError::Failed)?;
     Ok(())
-}
-
-/// The QC preview beside a label map: `x_trans.nii.gz` -> `x_trans.png`.
-pub fn preview_path(output: &Path) -> PathBuf {
-    output.with_extension("").with_extension("png")
-}
-
-/// Writes the QC preview of `labels` over `ct` beside the label map `out` ([`preview_path`]; point prompts as
-/// markers) and notes it in the record (`outputs.preview`). A preview that cannot be made does not fail the
-/// segmentation: the reason is logged and recorded (`outputs.preview_error`).
-pub fn write_preview_beside(
-    out: &Path,
-    ct: &crate::volume::Volume,
-    labels: &ndarray::Array3<f32>,
-    prompts: &RequestPrompts,
-    table: &crate::prompts::LabelTable,
-    rec: &mut Value,
-) -> Option<PathBuf> {
-    let path = preview_path(out);
-    let opts = crate::preview::PreviewOptions {
-        title: out
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_end_matches(".nii.gz").to_string()),
-        point_labels: prompts.point_labels.clone().unwrap_or_default(),
-        ..Default::default()
-    };
-    let points = prompts.points.clone().unwrap_or_default();
-    match crate::preview::write_png(&path, ct, labels, &points, table, &opts) {
-        Ok(_) => {
-            rec["outputs"]["preview"] = json!(path.display().to_string());
-            Some(path)
-        }
-        Err(e) => {
-            log::warn!("{}: no preview: {e}", out.display());
-            rec["outputs"]["preview_error"] = json!(e.to_string());
-            None
-        }
-    }
 }
 
 /// Counts of a finished batch.

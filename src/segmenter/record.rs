@@ -4,7 +4,7 @@
 //! shapes the label map), what ran (methods, fallbacks, device) and how long each stage took. It is written after
 //! the label map, atomically, so it is the "done" marker of batch jobs: an output without its record is not done.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
@@ -233,4 +233,42 @@ pub fn write_seg_beside(
     )?;
     rec["outputs"]["dicom_seg"] = json!(path.display().to_string());
     Ok(Some(path))
+}
+
+/// The QC preview beside a label map: `x_trans.nii.gz` -> `x_trans.png`.
+pub fn preview_path(output: &Path) -> PathBuf {
+    output.with_extension("").with_extension("png")
+}
+
+/// Writes the QC preview of `labels` over `ct` beside the label map `out` ([`preview_path`]; point prompts as
+/// markers) and notes it in the record (`outputs.preview`). A preview that cannot be made does not fail the
+/// segmentation: the reason is logged and recorded (`outputs.preview_error`).
+pub fn write_preview_beside(
+    out: &Path,
+    ct: &crate::volume::Volume,
+    labels: &ndarray::Array3<f32>,
+    prompts: &crate::prompts::RequestPrompts,
+    table: &crate::prompts::LabelTable,
+    rec: &mut Value,
+) -> Option<PathBuf> {
+    let path = preview_path(out);
+    let opts = crate::preview::PreviewOptions {
+        title: out
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".nii.gz").to_string()),
+        point_labels: prompts.point_labels.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let points = prompts.points.clone().unwrap_or_default();
+    match crate::preview::write_png(&path, ct, labels, &points, table, &opts) {
+        Ok(_) => {
+            rec["outputs"]["preview"] = json!(path.display().to_string());
+            Some(path)
+        }
+        Err(e) => {
+            log::warn!("{}: no preview: {e}", out.display());
+            rec["outputs"]["preview_error"] = json!(e.to_string());
+            None
+        }
+    }
 }

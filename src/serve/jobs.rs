@@ -357,7 +357,7 @@ impl Worker {
             rec["outputs"]["dicom_seg"] = json!(p.file_name().map(|n| n.to_string_lossy()));
         }
         let preview_file = if job.preview {
-            let written = crate::batch::write_preview_beside(
+            let written = record::write_preview_beside(
                 &label_path,
                 &input.volume,
                 &seg.labels,

@@ -131,3 +131,17 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The network tensors of a training checkpoint (`last.safetensors`; the reader gives its network part without the
+/// `model.` prefix), sorted by name, as raw bytes.
+pub fn model_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = vista3d::checkpoint::read_checkpoint(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.data))
+        .collect();
+    assert!(!v.is_empty(), "{}: no network tensors", path.display());
+    v.sort();
+    v
+}
