@@ -4,6 +4,9 @@
 # missing or out of date, then runs every cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The suite needs about 15 GB of disk (the torch wheel 5 GB, fixtures 2 GB, builds 6 GB): say what is free, so
+# that a full disk is recognised as such.
+echo "[test] free disk: $(df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' ') in $PWD" >&2
 . scripts/env.sh test
 # gloo (Debian's libgloo-dev) for the multi-process tests: built into vista3d's CPU process group.
 bash scripts/install_gloo.sh

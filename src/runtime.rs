@@ -238,6 +238,68 @@ pub mod torch_switches {
             & set_context_flag("_ZN2at7Context18setAllowTF32CuBLASEb", matmul)
     }
 
+    /// The TF32 mode (cuDNN, cuBLAS) that runners hold, and how many hold it ([`lease_tf32`]).
+    static TF32_GATE: Gate = Gate::new();
+
+    /// A process-wide switch that several threads may hold in one state at a time.
+    pub struct Gate {
+        state: std::sync::Mutex<(Option<(bool, bool)>, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Gate {
+        pub const fn new() -> Self {
+            Self {
+                state: std::sync::Mutex::new((None, 0)),
+                changed: std::sync::Condvar::new(),
+            }
+        }
+
+        /// Waits until no holder needs another mode, sets `mode` with `apply` if it is not the current one, and
+        /// holds it until the lease is dropped.
+        pub fn lease(&self, mode: (bool, bool), apply: impl FnOnce(bool, bool)) -> Lease<'_> {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while s.1 > 0 && s.0 != Some(mode) {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            if s.0 != Some(mode) {
+                apply(mode.0, mode.1);
+                s.0 = Some(mode);
+            }
+            s.1 += 1;
+            Lease { gate: self }
+        }
+    }
+
+    impl Default for Gate {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// A held mode of a [`Gate`].
+    pub struct Lease<'a> {
+        gate: &'a Gate,
+    }
+
+    impl Drop for Lease<'_> {
+        fn drop(&mut self) {
+            let mut s = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.1 -= 1;
+            self.gate.changed.notify_all();
+        }
+    }
+
+    /// Sets libtorch's process-wide TF32 switches for a request and holds them: a worker on another device that
+    /// needs the other mode (e.g. fp32 while this one runs tf32) waits until this lease is dropped, so the
+    /// switches never flip under a running request. Held by one request's runner (`engines::runner`); a thread
+    /// never holds two.
+    pub fn lease_tf32(conv: bool, matmul: bool) -> Lease<'static> {
+        TF32_GATE.lease((conv, matmul), |c, m| {
+            set_tf32(c, m);
+        })
+    }
+
     /// `torch.backends.cudnn.benchmark`: let cuDNN time its algorithms for each new shape.
     pub fn set_cudnn_benchmark(on: bool) -> bool {
         set_context_flag("_ZN2at7Context17setBenchmarkCuDNNEb", on)
@@ -290,6 +352,38 @@ pub mod torch_switches {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn a_held_mode_blocks_other_modes_but_not_its_own() {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            use std::sync::Arc;
+            use std::time::Duration;
+            let gate: &'static Gate = Box::leak(Box::new(Gate::new()));
+            let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let log = applied.clone();
+            let a = gate.lease((false, false), move |c, m| log.lock().unwrap().push((c, m)));
+            // The same mode joins at once, without applying it again.
+            let same = gate.lease((false, false), |_, _| panic!("applied twice"));
+            let waited = Arc::new(AtomicUsize::new(0));
+            let (w, log) = (waited.clone(), applied.clone());
+            let other = std::thread::spawn(move || {
+                let _l = gate.lease((true, true), move |c, m| log.lock().unwrap().push((c, m)));
+                w.store(1, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                waited.load(Ordering::SeqCst),
+                0,
+                "the other mode ran while one was held"
+            );
+            drop(a);
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(waited.load(Ordering::SeqCst), 0, "one holder is left");
+            drop(same);
+            other.join().unwrap();
+            assert_eq!(waited.load(Ordering::SeqCst), 1);
+            assert_eq!(*applied.lock().unwrap(), vec![(false, false), (true, true)]);
+        }
 
         #[test]
         fn libtorch_and_onnxruntime_are_found_without_environment() {

@@ -246,6 +246,78 @@ fn three_processes_on_one_folder_segment_each_image_once_as_one_process_does() {
 }
 
 #[test]
+fn two_workers_with_prefetch_write_what_one_sequential_worker_writes() {
+    // The reference: one worker, each item's stages one after another.
+    let single_in = inputs("workers_single_in", 1);
+    let single = tmp("workers_single");
+    let o = batch_command(&single_in, &single, &["--no-prefetch"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let reference = label_maps(&single).into_values().next().unwrap();
+    let single_lines = log_lines(&single);
+    let idle = single_lines
+        .iter()
+        .find(|l| l["status"] == "done")
+        .and_then(|l| l["device_idle"].as_f64());
+    assert!(idle.is_some_and(|s| s > 0.0), "{single_lines:?}");
+
+    // Two workers in one process, each a pipeline; one unreadable file among the images.
+    let input = inputs("workers_in", 5);
+    std::fs::write(input.join("ct_bad.nii.gz"), b"not a NIfTI file").unwrap();
+    let out = tmp("workers_out");
+    let o = batch_command(&input, &out, &["--workers", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("ct_bad.nii.gz"), "{}", text(&o));
+    let lines = log_lines(&out);
+    let done = done_per_output(&lines);
+    assert_eq!(done.len(), 5, "{done:?}");
+    assert!(done.values().all(|&n| n == 1), "{done:?}");
+    let workers: BTreeSet<&str> = lines
+        .iter()
+        .filter(|l| l["status"] == "done")
+        .map(|l| l["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "one worker did everything: {workers:?}");
+    let mut idle_sum = 0.0;
+    for l in lines.iter().filter(|l| l["status"] == "done") {
+        let idle = l["device_idle"].as_f64();
+        assert!(idle.is_some_and(|s| s >= 0.0), "{l}");
+        idle_sum += idle.unwrap_or_default();
+    }
+    let failed: Vec<&Value> = lines.iter().filter(|l| l["status"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{lines:?}");
+    assert!(
+        failed[0]["input"]
+            .as_str()
+            .unwrap()
+            .ends_with("ct_bad.nii.gz"),
+        "{}",
+        failed[0]
+    );
+    let maps = label_maps(&out);
+    assert_eq!(maps.len(), 5, "{:?}", maps.keys());
+    for (path, bytes) in &maps {
+        assert!(
+            bytes == &reference,
+            "{} differs from the sequential single-worker run",
+            path.display()
+        );
+    }
+    assert_only_finished_outputs(&out);
+    let (code, r, t) = report_json(&out);
+    assert_eq!(code, Some(1), "{t}");
+    assert_eq!(r["segmentations"], 5, "{r}");
+    let reported = r["device_idle_seconds"].as_f64().unwrap();
+    assert!(
+        (reported - idle_sum).abs() < 1e-6,
+        "{reported} vs {idle_sum}"
+    );
+}
+
+#[test]
 fn a_killed_workers_item_is_taken_over_and_redone_without_partial_outputs() {
     let input = inputs("kill_in", 2);
     std::fs::write(input.join("bad.nii.gz"), b"not a nifti file").unwrap();

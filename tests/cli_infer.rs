@@ -162,6 +162,20 @@ fn bad_requests_fail_cleanly_and_write_nothing() {
         &["infer", "--image", corrupt.to_str().unwrap()],
         "corrupt_ct.nii.gz",
     );
+    // A tiny image whose sform is sheared by kilometres (as a fuzzed header): its 1.5 mm grid would hold
+    // billions of voxels; refused before any work, naming the limit.
+    let sheared = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sheared_sform.nii.gz");
+    let mut header = read_nifti(&ct).unwrap().header;
+    header.sform_code = 1;
+    header.srow_x = [1.0, 0.0, 40000.0, 0.0];
+    header.srow_y = [0.0, 1.0, 40000.0, 0.0];
+    header.srow_z = [0.0, 0.0, 1.0, 0.0];
+    let data = ndarray::Array3::<f32>::from_elem((8, 8, 8), 100.0);
+    vista3d::io::write_nifti(&sheared, &data, &header, vista3d::io::OutputDtype::Float32).unwrap();
+    check(
+        &["infer", "--image", sheared.to_str().unwrap()],
+        "max_resampled_voxels",
+    );
     // No checkpoint at all.
     let o = vista3d(&["infer", "--image", img]);
     assert_eq!(o.status.code(), Some(1));

@@ -25,25 +25,26 @@
 pub mod claims;
 pub mod report;
 pub mod shards;
+mod worker;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::config::{ListItem, Origin, OutputFormat};
+use crate::config::{InferenceConfig, ListItem, Origin, OutputFormat};
 use crate::engines::Method;
 use crate::io::dicom::{self, DicomOptions};
-use crate::io::{read_image, read_nifti, OutputDtype};
-use crate::prompts::RequestPrompts;
+use crate::io::{read_image, read_nifti, InputImage, OutputDtype};
+use crate::prompts::{LabelTable, RequestPrompts};
 pub use crate::segmenter::record::seg_path;
-use crate::segmenter::record::{self, build_record, file_identity, request_identity};
-use crate::segmenter::record::{preview_path, write_preview_beside};
-use crate::segmenter::{Request, SegmentError, Segmenter};
-use claims::{try_claim, ClaimOutcome, Claimer};
+use crate::segmenter::record::{self, build_record_for, file_identity};
+use crate::segmenter::record::{preview_path, write_preview_beside, ModelFacts};
+use crate::segmenter::{Inferred, Prepared, Request, RequestPath, SegmentError, Segmenter};
+use claims::Claimer;
 pub use shards::Shard;
 
 /// One image to segment.
@@ -439,10 +440,118 @@ pub struct ItemRun {
     pub method: Value,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// Seconds the worker's device waited between its previous item's windows and this item's (reading,
+    /// preprocessing and writing that did not overlap with computing); `None` outside a batch worker.
+    pub device_idle: Option<f64>,
 }
 
-/// Segments one item and writes its label map, its extras (a DICOM SEG when asked) and its record. `replaced` is
-/// the identity of the record it replaces, if any.
+/// An item read and prepared for its windows (the CPU work before the device).
+pub struct Loaded {
+    /// The input as read (its header and DICOM series are needed to write the outputs).
+    pub input: InputImage,
+    /// The request prepared for the windows.
+    pub prepared: Prepared,
+    /// Seconds spent reading the input.
+    pub read_seconds: f64,
+    /// When reading started.
+    pub started: Instant,
+}
+
+/// Reads `item` and prepares its request (prompts, checks, preprocessing) with `path`: the CPU part that a
+/// worker runs for the next item while its device computes the current one.
+pub fn load_item(
+    path: &RequestPath,
+    item: &BatchItem,
+    spec: &OutputSpec,
+) -> Result<Loaded, SegmentError> {
+    let started = Instant::now();
+    let name = item.image.display().to_string();
+    let input = read_image(&item.image, &dicom_options(path.config(), item))
+        .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
+    if spec.format.wants_seg() && input.dicom.is_none() {
+        return Err(SegmentError::InvalidRequest(format!(
+            "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {name} is not a DICOM series",
+            spec.format
+        )));
+    }
+    let read_seconds = started.elapsed().as_secs_f64();
+    let prepared = path.prepare(&Request {
+        name: &name,
+        image: &input.volume,
+        prompts: item.prompts.clone(),
+        precision: item.precision,
+    })?;
+    Ok(Loaded {
+        input,
+        prepared,
+        read_seconds,
+        started,
+    })
+}
+
+/// Inverts the windows' labels of a loaded item to its grid and writes its label map, its extras (a DICOM SEG,
+/// a preview when asked) and its record. `replaced` is the identity of the record it replaces, if any.
+#[allow(clippy::too_many_arguments)]
+pub fn write_item(
+    path: &RequestPath,
+    model: &ModelFacts,
+    item: &BatchItem,
+    input: &InputImage,
+    read_seconds: f64,
+    started: Instant,
+    inferred: Inferred,
+    out: &Path,
+    spec: &OutputSpec,
+    identity: Value,
+    replaced: Option<Value>,
+) -> Result<ItemRun, SegmentError> {
+    let seg = path.finish(inferred)?;
+    let mut seconds: Vec<(&str, f64)> = vec![("read", read_seconds)];
+    seconds.extend(seg.timings.iter().map(|(k, v)| (*k, *v)));
+    let mut rec = build_record_for(
+        path.config(),
+        model,
+        &seg,
+        &input.volume,
+        identity,
+        out,
+        &seconds,
+    );
+    if let Some(old) = replaced {
+        rec["replaced"] = old;
+    }
+    let t_write = Instant::now();
+    rec["seconds"]["total_before_write"] = json!(started.elapsed().as_secs_f64());
+    crate::io::write_nifti(out, &seg.labels, &input.header, spec.dtype)
+        .map_err(SegmentError::Failed)?;
+    if let (true, Some(series)) = (spec.format.wants_seg(), &input.dicom) {
+        write_extra_seg(path.label_table(), out, &seg.labels, series, &mut rec)?;
+    }
+    if spec.preview {
+        write_preview_beside(
+            out,
+            &input.volume,
+            &seg.labels,
+            &item.prompts,
+            path.label_table(),
+            &mut rec,
+        );
+    }
+    record::save_record(out, &rec).map_err(SegmentError::Failed)?;
+    let mut stages: Vec<(String, f64)> = seconds.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    stages.push(("write".into(), t_write.elapsed().as_secs_f64()));
+    Ok(ItemRun {
+        fallbacks: seg.method.fallbacks.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        stages,
+        method: rec["precision"].clone(),
+        device: rec["device"].as_str().unwrap_or_default().to_string(),
+        device_idle: None,
+    })
+}
+
+/// Segments one item and writes its outputs and record, all on this thread (`vista3d infer`, and a batch worker
+/// without prefetch). `replaced` is the identity of the record it replaces, if any.
 pub fn run_item(
     segmenter: &Segmenter,
     item: &BatchItem,
@@ -451,62 +560,27 @@ pub fn run_item(
     identity: Value,
     replaced: Option<Value>,
 ) -> Result<ItemRun, SegmentError> {
-    let t0 = Instant::now();
-    let name = item.image.display().to_string();
-    let input = read_image(&item.image, &dicom_options(segmenter, item))
-        .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
-    if spec.format.wants_seg() && input.dicom.is_none() {
-        return Err(SegmentError::InvalidRequest(format!(
-            "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {name} is not a DICOM series",
-            spec.format
-        )));
-    }
-    let t_read = t0.elapsed().as_secs_f64();
-    let seg = segmenter.segment(&Request {
-        name: &name,
-        image: &input.volume,
-        prompts: item.prompts.clone(),
-        precision: item.precision,
-    })?;
-    let mut seconds: Vec<(&str, f64)> = vec![("read", t_read)];
-    seconds.extend(seg.timings.iter().map(|(k, v)| (*k, *v)));
-    let mut rec = build_record(segmenter, &seg, &input.volume, identity, out, &seconds);
-    if let Some(old) = replaced {
-        rec["replaced"] = old;
-    }
-    let t_before_write = t0.elapsed().as_secs_f64();
-    rec["seconds"]["total_before_write"] = json!(t_before_write);
-    crate::io::write_nifti(out, &seg.labels, &input.header, spec.dtype)
-        .map_err(SegmentError::Failed)?;
-    if let (true, Some(series)) = (spec.format.wants_seg(), &input.dicom) {
-        write_extra_seg(segmenter, out, &seg.labels, series, &mut rec)?;
-    }
-    if spec.preview {
-        write_preview_beside(
-            out,
-            &input.volume,
-            &seg.labels,
-            &item.prompts,
-            segmenter.label_table(),
-            &mut rec,
-        );
-    }
-    record::save_record(out, &rec).map_err(SegmentError::Failed)?;
-    let total = t0.elapsed().as_secs_f64();
-    let mut stages: Vec<(String, f64)> = seconds.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    stages.push(("write".into(), total - t_before_write));
-    Ok(ItemRun {
-        fallbacks: seg.method.fallbacks.len(),
-        seconds: total,
-        stages,
-        method: rec["precision"].clone(),
-        device: rec["device"].as_str().unwrap_or_default().to_string(),
-    })
+    let path = segmenter.request_path();
+    let loaded = load_item(path, item, spec)?;
+    let inferred = segmenter.infer(loaded.prepared)?;
+    write_item(
+        path,
+        &ModelFacts::of(segmenter),
+        item,
+        &loaded.input,
+        loaded.read_seconds,
+        loaded.started,
+        inferred,
+        out,
+        spec,
+        identity,
+        replaced,
+    )
 }
 
 /// How the DICOM series of `item` is read.
-fn dicom_options(segmenter: &Segmenter, item: &BatchItem) -> DicomOptions {
-    let mut o = segmenter.config().dicom_options();
+fn dicom_options(config: &InferenceConfig, item: &BatchItem) -> DicomOptions {
+    let mut o = config.dicom_options();
     if item.series_uid.is_some() {
         o.series_uid = item.series_uid.clone();
     }
@@ -515,13 +589,13 @@ fn dicom_options(segmenter: &Segmenter, item: &BatchItem) -> DicomOptions {
 
 /// Writes the DICOM SEG of `labels` beside `out` and notes it in the record (see [`record::write_seg_beside`]).
 fn write_extra_seg(
-    segmenter: &Segmenter,
+    table: &LabelTable,
     out: &Path,
     labels: &ndarray::Array3<f32>,
     series: &dicom::SeriesInfo,
     rec: &mut Value,
 ) -> Result<(), SegmentError> {
-    record::write_seg_beside(out, labels, series, segmenter.label_table(), rec)
+    record::write_seg_beside(out, labels, series, table, rec)
         .map(|_| ())
         .map_err(SegmentError::Failed)
 }
@@ -529,13 +603,13 @@ fn write_extra_seg(
 /// Makes the extras an up-to-date output lacks from its label map, without the network (e.g. a DICOM SEG asked for
 /// after a NIfTI-only run).
 fn complete_extras(
-    segmenter: &Segmenter,
+    path: &RequestPath,
     item: &BatchItem,
     out: &Path,
     spec: &OutputSpec,
     mut rec: Value,
 ) -> Result<(), SegmentError> {
-    let input = read_image(&item.image, &dicom_options(segmenter, item))
+    let input = read_image(&item.image, &dicom_options(path.config(), item))
         .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
     let labels = read_nifti(out).map_err(SegmentError::Failed)?.volume.data;
     if missing_seg(out, spec, &rec) {
@@ -546,7 +620,7 @@ fn complete_extras(
                 item.image.display()
             )));
         };
-        write_extra_seg(segmenter, out, &labels, series, &mut rec)?;
+        write_extra_seg(path.label_table(), out, &labels, series, &mut rec)?;
     }
     if missing_preview(out, spec, &rec) {
         write_preview_beside(
@@ -554,7 +628,7 @@ fn complete_extras(
             &input.volume,
             &labels,
             &item.prompts,
-            segmenter.label_table(),
+            path.label_table(),
             &mut rec,
         );
     }
@@ -616,12 +690,13 @@ pub struct BatchOptions {
     pub shard: Option<Shard>,
     /// A claim without a heartbeat for this long belongs to a dead worker and is taken over.
     pub claim_timeout: Duration,
-    /// This worker's name inside the process (claims and logs).
-    pub worker: String,
+    /// Prepare the next item (read, preprocess) on another thread while the device runs the current one, and
+    /// write results on a third (a pipeline per worker); off: each item's stages run one after another.
+    pub prefetch: bool,
 }
 
 impl BatchOptions {
-    /// Options with no shard, the default claim timeout and worker `0`.
+    /// Options with no shard, the default claim timeout and prefetch on.
     pub fn new(output: OutputSpec, overwrite: bool, progress: bool) -> Self {
         Self {
             output,
@@ -629,26 +704,21 @@ impl BatchOptions {
             progress,
             shard: None,
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
-            worker: "0".into(),
+            prefetch: true,
         }
     }
 }
 
-/// What [`attempt`] found for one item.
-enum Attempt {
-    Finished(ItemStatus),
-    /// Another live worker holds the item's claim: look again later.
-    Busy,
-}
-
-/// Runs every item (of the shard) through `segmenter`; one failure never stops the others. Items claimed by
-/// other live workers are looked at again until they are finished (by them, or by this process after their
-/// claim went stale).
+/// Runs every item (of the shard) on `workers`: one resident segmenter per device (or per group of CPU
+/// threads), each on its own thread pulling from one queue ([`worker`]); one failure never stops the others.
+/// Items claimed by other live workers are looked at again until they are finished (by them, or by this
+/// process after their claim went stale).
 pub fn run(
-    segmenter: &Segmenter,
+    workers: Vec<Segmenter>,
     items: &[BatchItem],
     opts: &BatchOptions,
 ) -> Result<BatchSummary> {
+    ensure!(!workers.is_empty(), "a batch needs at least one worker");
     check_collisions(items, &opts.output.dir, &opts.output.postfix)?;
     check_writable(&opts.output.dir)?;
     let discovered = items.len();
@@ -656,7 +726,7 @@ pub fn run(
         .iter()
         .filter(|i| opts.shard.is_none_or(|s| s.holds(&i.relative)))
         .collect();
-    let mut log = ItemLog::open(&opts.output.dir)?;
+    let log = ItemLog::open(&opts.output.dir)?;
     let total = items.len();
     let bar = opts.progress.then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
@@ -676,146 +746,34 @@ pub fn run(
         summary.other_shards = discovered - total;
         log::info!("shard {s}: {total} items");
     }
-    let ctx = RunContext {
-        segmenter,
-        opts,
-        claimer: Claimer::this_process(opts.worker.clone()),
-        started: SystemTime::now(),
-        device: record::ModelFacts::of(segmenter).device,
-    };
-    let poll = (opts.claim_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut pending: Vec<usize> = (0..total).collect();
-    let mut finished = 0;
-    while !pending.is_empty() {
-        let mut busy = Vec::new();
-        for &i in &pending {
-            let item = items[i];
-            let out = output_path(&opts.output.dir, &item.relative, &opts.output.postfix);
-            let status = match attempt(&ctx, item, &out, &mut log) {
-                Attempt::Busy => {
-                    busy.push(i);
-                    continue;
-                }
-                Attempt::Finished(s) => s,
-            };
-            finished += 1;
-            let prefix = format!("[{finished}/{total}] {}", item.image.display());
-            match &status {
-                ItemStatus::Skipped => {
-                    summary.skipped += 1;
-                    log::info!("{prefix}: up to date (same request), skipped");
-                }
-                ItemStatus::Completed => {
-                    summary.skipped += 1;
-                    log::info!("{prefix}: up to date; missing extras written from the label map");
-                }
-                ItemStatus::Done(run) => {
-                    summary.done += 1;
-                    if run.fallbacks > 0 {
-                        summary.fell_back += 1;
-                    }
-                    if bar.is_none() {
-                        log::info!("{prefix} -> {} ({:.1} s)", out.display(), run.seconds);
-                    }
-                }
-                ItemStatus::Failed(e) => {
-                    log::error!("{prefix}: {e}");
-                    summary.failed.push((item.image.clone(), e.clone()));
-                }
-            }
-            log.append(item, &out, &status, &ctx);
-            if let Some(bar) = &bar {
-                bar.inc(1);
-            }
-        }
-        if !busy.is_empty() {
-            log::info!(
-                "{} items are being segmented by other workers; waiting for them (or for their claims to go stale)",
-                busy.len()
-            );
-            std::thread::sleep(poll);
-        }
-        pending = busy;
+    if workers.len() > 1 {
+        log::info!(
+            "{} workers ({}), prefetch {}",
+            workers.len(),
+            workers
+                .iter()
+                .map(|w| ModelFacts::of(w).device)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if opts.prefetch { "on" } else { "off" }
+        );
     }
-    summary.taken_over = log.taken_over;
+    // Each worker's share of the threads was set by the caller (`--workers`); worker threads set it again for
+    // themselves, as libtorch's count is per thread.
+    let threads = tch::get_num_threads().max(1);
+    let shared = worker::Shared::new(items, opts, log, summary, bar.clone());
+    std::thread::scope(|scope| {
+        for (index, segmenter) in workers.into_iter().enumerate() {
+            let shared = &shared;
+            scope.spawn(move || worker::run_worker(index, segmenter, threads, shared));
+        }
+    });
+    let mut summary = shared.into_summary();
     if let Some(bar) = bar {
         bar.finish();
     }
+    summary.total = total;
     Ok(summary)
-}
-
-/// What every item of one run shares.
-struct RunContext<'a> {
-    segmenter: &'a Segmenter,
-    opts: &'a BatchOptions,
-    claimer: Claimer,
-    /// When this run started (an output written later counts as recomputed for `--overwrite`).
-    started: SystemTime,
-    device: String,
-}
-
-/// Whether the output `out` answers `identity` (for `--overwrite`: and was written during this run).
-fn answered(ctx: &RunContext, out: &Path, identity: &Value) -> (bool, Option<Value>) {
-    let previous = record::read_record(out).filter(|_| out.is_file());
-    let same = previous
-        .as_ref()
-        .is_some_and(|r| r.get("request") == Some(identity));
-    let fresh_enough = !ctx.opts.overwrite
-        || std::fs::metadata(record::record_path(out))
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= ctx.started);
-    (same && fresh_enough, previous)
-}
-
-/// One look at one item: skip it, complete its extras, or claim and segment it.
-fn attempt(ctx: &RunContext, item: &BatchItem, out: &Path, log: &mut ItemLog) -> Attempt {
-    let segmenter = ctx.segmenter;
-    let method = item.precision.unwrap_or(segmenter.config().precision);
-    let identity = request_identity(
-        segmenter,
-        input_identity(item),
-        &item.prompts,
-        method,
-        ctx.opts.output.dtype,
-    );
-    let (up_to_date, previous) = answered(ctx, out, &identity);
-    if up_to_date
-        && !previous
-            .as_ref()
-            .is_some_and(|r| missing_extras(out, &ctx.opts.output, r))
-    {
-        return Attempt::Finished(ItemStatus::Skipped);
-    }
-    let guard = match try_claim(out, &ctx.claimer, ctx.opts.claim_timeout) {
-        Ok(ClaimOutcome::Claimed(g)) => g,
-        Ok(ClaimOutcome::Busy { .. }) => return Attempt::Busy,
-        Err(e) => return Attempt::Finished(ItemStatus::Failed(e.to_string())),
-    };
-    if guard.took_over.is_some() {
-        log.taken_over += 1;
-    }
-    // Another worker may have finished it between the first look and the claim.
-    let (up_to_date, previous) = answered(ctx, out, &identity);
-    let status = if up_to_date {
-        match previous {
-            Some(rec) if missing_extras(out, &ctx.opts.output, &rec) => {
-                match complete_extras(segmenter, item, out, &ctx.opts.output, rec) {
-                    Ok(()) => ItemStatus::Completed,
-                    Err(e) => ItemStatus::Failed(e.to_string()),
-                }
-            }
-            _ => ItemStatus::Skipped,
-        }
-    } else {
-        log.started(item, out, ctx, guard.took_over.as_deref());
-        let replaced = previous.and_then(|r| r.get("request").cloned());
-        match run_item(segmenter, item, out, &ctx.opts.output, identity, replaced) {
-            Ok(run) => ItemStatus::Done(run),
-            Err(e) => ItemStatus::Failed(e.to_string()),
-        }
-    };
-    drop(guard);
-    Attempt::Finished(status)
 }
 
 /// The identity of an item's input: its file (size, mtime), or for a DICOM series its folder, UID and the sizes
@@ -857,6 +815,12 @@ struct ItemLog {
     taken_over: usize,
 }
 
+/// Who wrote a log line: the worker's claim name and device.
+struct LogSource<'a> {
+    claimer: &'a Claimer,
+    device: &'a str,
+}
+
 impl ItemLog {
     fn open(output_dir: &Path) -> Result<Self> {
         let dir = output_dir.join(report::LOG_DIR);
@@ -878,13 +842,13 @@ impl ItemLog {
         })
     }
 
-    fn base(item: &BatchItem, out: &Path, ctx: &RunContext, status: &str) -> Value {
+    fn base(item: &BatchItem, out: &Path, src: &LogSource, status: &str) -> Value {
         json!({
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "host": ctx.claimer.host,
-            "pid": ctx.claimer.pid,
-            "worker": format!("{}:{}:{}", ctx.claimer.host, ctx.claimer.pid, ctx.claimer.worker),
-            "device": ctx.device,
+            "host": src.claimer.host,
+            "pid": src.claimer.pid,
+            "worker": format!("{}:{}:{}", src.claimer.host, src.claimer.pid, src.claimer.worker),
+            "device": src.device,
             "input": item.image.display().to_string(),
             "relative": item.relative.display().to_string(),
             "output": out.display().to_string(),
@@ -892,22 +856,22 @@ impl ItemLog {
         })
     }
 
-    fn started(&mut self, item: &BatchItem, out: &Path, ctx: &RunContext, took_over: Option<&str>) {
-        let mut line = Self::base(item, out, ctx, "started");
+    fn started(&mut self, item: &BatchItem, out: &Path, src: &LogSource, took_over: Option<&str>) {
+        let mut line = Self::base(item, out, src, "started");
         if let Some(old) = took_over {
             line["took_over"] = json!(old);
         }
         self.write(&line);
     }
 
-    fn append(&mut self, item: &BatchItem, out: &Path, status: &ItemStatus, ctx: &RunContext) {
+    fn append(&mut self, item: &BatchItem, out: &Path, status: &ItemStatus, src: &LogSource) {
         let name = match status {
             ItemStatus::Done(_) => "done",
             ItemStatus::Skipped => "skipped",
             ItemStatus::Completed => "completed",
             ItemStatus::Failed(_) => "failed",
         };
-        let mut line = Self::base(item, out, ctx, name);
+        let mut line = Self::base(item, out, src, name);
         match status {
             ItemStatus::Done(run) => {
                 line["seconds"] = json!(run.seconds);
@@ -920,6 +884,9 @@ impl ItemLog {
                 line["method"] = run.method.clone();
                 line["fallbacks"] = json!(run.fallbacks);
                 line["device"] = json!(run.device);
+                if let Some(idle) = run.device_idle {
+                    line["device_idle"] = json!(idle);
+                }
             }
             ItemStatus::Failed(e) => line["error"] = json!(e),
             ItemStatus::Skipped | ItemStatus::Completed => {}

@@ -3,7 +3,8 @@
 //!
 //! Each log line is one event of one item: `time`, `host`, `pid`, `worker` (`host:pid:worker`), `device`,
 //! `input`, `relative`, `output`, `status` (`started`, `done`, `failed`, `skipped`, `completed`); `done` lines
-//! add `seconds`, `stages` (seconds per stage), `method` (requested, used, fallbacks) and `fallbacks`; `failed`
+//! add `seconds`, `stages` (seconds per stage), `method` (requested, used, fallbacks), `fallbacks` and
+//! `device_idle` (seconds the worker's device waited for this item since its previous one); `failed`
 //! lines add `error`; a `started` line that took over a stale claim adds `took_over`.
 //!
 //! An item (one output) is **done** when its record and label map exist (the record is the only "done" marker),
@@ -82,6 +83,9 @@ pub struct BatchReport {
     pub taken_over: usize,
     /// Seconds per stage summed over the segmentations.
     pub stage_seconds: BTreeMap<String, f64>,
+    /// Seconds the workers' devices waited for their next item (reading, preprocessing and writing not
+    /// overlapped with computing), summed over the segmentations.
+    pub device_idle_seconds: f64,
     /// From the first `started` to the last `done` event, in seconds.
     pub wall_seconds: f64,
     /// Segmentations per worker.
@@ -137,6 +141,7 @@ impl BatchReport {
             "wall_seconds": self.wall_seconds,
             "images_per_hour": self.images_per_hour(),
             "stage_seconds": self.stage_seconds,
+            "device_idle_seconds": self.device_idle_seconds,
             "per_worker": self.per_worker,
             "slowest": self.slowest(5).iter().map(|i| json!({
                 "output": i.output.display().to_string(), "seconds": i.seconds, "worker": i.worker,
@@ -191,6 +196,11 @@ impl BatchReport {
         for (stage, s) in &self.stage_seconds {
             row(&mut t, &format!("  {stage} (sum)"), format!("{s:.1} s"));
         }
+        row(
+            &mut t,
+            "  device idle (sum)",
+            format!("{:.1} s", self.device_idle_seconds),
+        );
         for (w, n) in &self.per_worker {
             row(&mut t, &format!("worker {w}"), format!("{n} segmented"));
         }
@@ -280,6 +290,7 @@ pub fn read(output_dir: &Path) -> Result<BatchReport, ReportError> {
         fell_back: 0,
         taken_over: 0,
         stage_seconds: BTreeMap::new(),
+        device_idle_seconds: 0.0,
         wall_seconds: 0.0,
         per_worker: BTreeMap::new(),
     };
@@ -320,6 +331,8 @@ pub fn read(output_dir: &Path) -> Result<BatchReport, ReportError> {
                 if e.get("fallbacks").and_then(Value::as_u64).unwrap_or(0) > 0 {
                     report.fell_back += 1;
                 }
+                report.device_idle_seconds +=
+                    e.get("device_idle").and_then(Value::as_f64).unwrap_or(0.0);
                 if let Some(stages) = e.get("stages").and_then(Value::as_object) {
                     for (k, v) in stages {
                         *report.stage_seconds.entry(k.clone()).or_default() +=
@@ -422,7 +435,7 @@ mod tests {
                 "2026-01-01T10:00:10.000Z",
                 &a,
                 "done",
-                json!({"seconds": 10.0, "stages": {"inference": 8.0}, "fallbacks": 1}),
+                json!({"seconds": 10.0, "stages": {"inference": 8.0}, "fallbacks": 1, "device_idle": 0.5}),
             ),
             ev("2026-01-01T10:00:10.000Z", &b, "started", json!({})),
             ev(
@@ -458,6 +471,7 @@ mod tests {
         assert_eq!(r.wall_seconds, 10.0);
         assert_eq!(r.images_per_hour(), Some(360.0));
         assert_eq!(r.stage_seconds["inference"], 8.0);
+        assert_eq!(r.device_idle_seconds, 0.5);
         let t = r.table();
         assert!(
             t.contains("not a NIfTI file") && t.contains("360 images/hour"),

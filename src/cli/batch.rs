@@ -51,6 +51,18 @@ pub struct BatchArgs {
     /// presumed dead). Claims are refreshed every quarter of this.
     #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
     claim_timeout: f64,
+    /// One worker per GPU, each with its own resident model, pulling from one queue: CUDA ordinals (0,1,3) or
+    /// `all`.
+    #[arg(long, value_name = "LIST", conflicts_with = "workers")]
+    devices: Option<String>,
+    /// Workers on the CPU (or on the configured device), each with its own resident model and an equal share of
+    /// the threads (--threads, default: all cores).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Run each item's stages one after another instead of reading and preprocessing the next image while the
+    /// device computes the current one (and writing in the background).
+    #[arg(long)]
+    no_prefetch: bool,
     #[command(flatten)]
     request: RequestArgs,
     #[command(flatten)]
@@ -91,18 +103,36 @@ pub fn batch(args: BatchArgs) -> Result<()> {
     batch::check_collisions(&items, &output.dir, &output.postfix)?;
     batch::check_writable(&output.dir)?;
     let weights = args.common.weights(&config)?;
-    let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
-    infer::insist_on_method(&segmenter)?;
+    let devices = worker_devices(args.devices.as_deref(), args.workers, &config.device)?;
+    if devices.len() > 1 && args.devices.is_none() {
+        // --workers: split the threads between the workers.
+        let share = (tch::get_num_threads().max(1) as usize / devices.len()).max(1);
+        tch::set_num_threads(share as i32);
+        log::info!(
+            "{} workers on {} with {share} threads each",
+            devices.len(),
+            config.device
+        );
+    }
+    let mut workers = Vec::with_capacity(devices.len());
+    for device in devices {
+        let mut config = config.clone();
+        config.device = device;
+        let segmenter = Segmenter::load(config, &weights, Pipeline::Bundle)?;
+        infer::insist_on_method(&segmenter)?;
+        workers.push(segmenter);
+    }
     let opts = BatchOptions {
         shard,
         claim_timeout,
+        prefetch: !args.no_prefetch,
         ..BatchOptions::new(
             output,
             args.overwrite,
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
         )
     };
-    let summary = batch::run(&segmenter, &items, &opts)?;
+    let summary = batch::run(workers, &items, &opts)?;
     out!("{}", summary.line());
     if !summary.failed.is_empty() {
         for (image, err) in &summary.failed {
@@ -115,6 +145,59 @@ pub fn batch(args: BatchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The device of each worker: `--devices 0,1` or `all` (CUDA ordinals), else `--workers N` times the configured
+/// device.
+fn worker_devices(
+    devices: Option<&str>,
+    workers: Option<usize>,
+    configured: &str,
+) -> Result<Vec<String>> {
+    if let Some(n) = workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1, got {n}");
+        return Ok(vec![configured.to_string(); n]);
+    }
+    let Some(list) = devices else {
+        return Ok(vec![configured.to_string()]);
+    };
+    let available = if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    };
+    parse_devices(list, available)
+}
+
+/// Parses `--devices` against the number of CUDA devices present.
+fn parse_devices(list: &str, available: usize) -> Result<Vec<String>> {
+    anyhow::ensure!(
+        available > 0,
+        "--devices {list} needs CUDA GPUs, and this machine has none visible to libtorch; on a CPU use \
+         --workers N"
+    );
+    if list.trim() == "all" {
+        return Ok((0..available).map(|i| format!("cuda:{i}")).collect());
+    }
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let part = part.strip_prefix("cuda:").unwrap_or(part);
+        let i: usize = part.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--devices {list}: '{part}' is not a CUDA ordinal (use e.g. 0,1 or all)"
+            )
+        })?;
+        anyhow::ensure!(
+            i < available,
+            "--devices {list}: GPU {i} does not exist (this machine has {available}: 0..{})",
+            available - 1
+        );
+        let name = format!("cuda:{i}");
+        anyhow::ensure!(!out.contains(&name), "--devices {list} names GPU {i} twice");
+        out.push(name);
+    }
+    anyhow::ensure!(!out.is_empty(), "--devices is empty");
+    Ok(out)
 }
 
 /// Options of `vista3d batch-report`.
@@ -147,4 +230,27 @@ pub fn batch_report(args: BatchReportArgs) -> Result<()> {
     let failed = r.count(&report::ItemState::Failed(String::new()));
     anyhow::ensure!(failed == 0, "{failed} of {} items failed", r.items.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_parsed_against_what_is_present() {
+        assert_eq!(parse_devices("all", 2).unwrap(), ["cuda:0", "cuda:1"]);
+        assert_eq!(parse_devices("1, cuda:0", 4).unwrap(), ["cuda:1", "cuda:0"]);
+        for (list, n, needle) in [
+            ("0", 0, "has none"),
+            ("2", 2, "does not exist"),
+            ("0,0", 2, "twice"),
+            ("x", 2, "not a CUDA ordinal"),
+        ] {
+            let e = parse_devices(list, n).unwrap_err().to_string();
+            assert!(e.contains(needle), "{list}: {e}");
+        }
+        assert_eq!(worker_devices(None, Some(3), "cpu").unwrap(), ["cpu"; 3]);
+        assert!(worker_devices(None, Some(0), "cpu").is_err());
+        assert_eq!(worker_devices(None, None, "cpu").unwrap(), ["cpu"]);
+    }
 }

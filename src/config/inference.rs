@@ -244,6 +244,11 @@ pub struct InferenceConfig {
     pub everything_labels: Vec<i64>,
     /// Prompts that expand into their parts (kidney, lung, bone).
     pub subclass: BTreeMap<i64, Vec<i64>>,
+    /// Largest grid (voxels) an image may be resampled to before any work: a header with a wrong geometry (a
+    /// sheared or mis-scaled sform) can turn a small image into billions of voxels. Default 2^30 (4 GiB as
+    /// float32; a 1024 x 1024 x 768 CT at 0.5 mm resampled to 1.5 mm has 30 M).
+    #[serde(default = "default_max_resampled_voxels")]
+    pub max_resampled_voxels: u64,
     /// cuDNN autotuning on CUDA (`torch.backends.cudnn.benchmark`); the first windows of each shape are slower.
     #[serde(default = "default_true")]
     pub cudnn_benchmark: bool,
@@ -267,6 +272,10 @@ pub struct InferenceConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_max_resampled_voxels() -> u64 {
+    1 << 30
 }
 
 fn default_serve_max_batch_windows() -> usize {
@@ -316,6 +325,9 @@ impl InferenceConfig {
                 "serve_batch_wait_ms must be at most 10000, got {}",
                 self.serve_batch_wait_ms
             ));
+        }
+        if self.max_resampled_voxels == 0 {
+            return bad("max_resampled_voxels must be at least 1".into());
         }
         if self.max_prompt_size == 0 {
             return bad("max_prompt_size must be at least 1".into());

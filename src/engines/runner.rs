@@ -35,6 +35,8 @@ impl MethodReport {
 
 /// The network of one request with its method.
 pub struct WindowRunner<'a> {
+    /// The TF32 mode of this request, held until the runner ends (CUDA only).
+    _tf32: Option<torch_switches::Lease<'static>>,
     net: &'a Vista3d,
     device: Device,
     torch_method: Method,
@@ -48,15 +50,15 @@ impl<'a> WindowRunner<'a> {
     pub fn new(net: &'a Vista3d, device: Device, requested: Method, choice: EngineChoice) -> Self {
         let cuda = device.is_cuda();
         let torch_method = if cuda { choice.torch } else { Method::Fp32 };
-        // The global TF32 switches follow the libtorch method: strict fp32 turns cuDNN's default TF32 off.
-        if cuda {
-            match torch_method {
-                Method::Fp32 => torch_switches::set_tf32(false, false),
-                Method::Tf32 => torch_switches::set_tf32(true, true),
-                _ => torch_switches::set_tf32(true, false),
-            };
-        }
+        // The global TF32 switches follow the libtorch method (strict fp32 turns cuDNN's default TF32 off), held
+        // for the request so that workers on other devices cannot flip them meanwhile.
+        let tf32 = cuda.then(|| match torch_method {
+            Method::Fp32 => torch_switches::lease_tf32(false, false),
+            Method::Tf32 => torch_switches::lease_tf32(true, true),
+            _ => torch_switches::lease_tf32(true, false),
+        });
         Self {
+            _tf32: tf32,
             net,
             device,
             torch_method,

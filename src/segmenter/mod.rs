@@ -132,10 +132,10 @@ pub trait WindowBackend {
     ) -> Result<(Computed, MethodReport), SegmentError>;
 }
 
-/// What a request computed on its image's grid.
+/// What a request's windows computed.
 #[derive(Debug)]
 pub struct Computed {
-    /// Class ids on the image's grid (255 where nothing was computed).
+    /// Class ids on the network's grid (NaN where nothing was computed).
     pub labels: Array3<f32>,
     /// Seconds per stage.
     pub timings: Vec<(&'static str, f64)>,
@@ -144,7 +144,9 @@ pub struct Computed {
 }
 
 /// The request logic every backend shares: prompts, checks, preprocessing, inference through the backend's
-/// network, postprocessing and inversion. `Sync`: the server runs it on many request threads at once.
+/// network, postprocessing and inversion. `Sync`: the server runs it on many request threads at once; a batch
+/// worker clones it to prepare its next image on another thread.
+#[derive(Clone)]
 pub struct RequestPath {
     config: InferenceConfig,
     pipeline: Pipeline,
@@ -234,6 +236,12 @@ impl Segmenter {
     /// Segments one image (see the module documentation for what is guaranteed).
     pub fn segment(&self, req: &Request<'_>) -> Result<Segmentation, SegmentError> {
         self.forget_engines_on_panic(self.path.segment(self, req))
+    }
+
+    /// The windows of a request prepared (on any thread) by [`RequestPath::prepare`]; invert the result with
+    /// [`RequestPath::finish`]. Together the three stages are [`Segmenter::segment`].
+    pub fn infer(&self, prepared: Prepared) -> Result<Inferred, SegmentError> {
+        self.forget_engines_on_panic(self.path.infer(self, prepared))
     }
 
     /// After a panic, engines that were in use are in an unknown state: open them again next time.
@@ -439,6 +447,34 @@ impl RequestPath {
         backend: &dyn WindowBackend,
         req: &Request<'_>,
     ) -> Result<Segmentation, SegmentError> {
+        let prepared = self.prepare_inner(req)?;
+        let inferred = self.infer_inner(backend, prepared)?;
+        self.finish_inner(inferred)
+    }
+
+    /// The CPU part before the windows: prompts resolved and checked, the image validated and preprocessed. A
+    /// batch worker prepares the next image with it while its device runs the current one.
+    pub fn prepare(&self, req: &Request<'_>) -> Result<Prepared, SegmentError> {
+        guard(req.name, || self.prepare_inner(req))
+    }
+
+    /// The device part: the windows of a prepared request on `backend`, labels on the network's grid.
+    pub fn infer(
+        &self,
+        backend: &dyn WindowBackend,
+        prepared: Prepared,
+    ) -> Result<Inferred, SegmentError> {
+        let name = prepared.name.clone();
+        guard(&name, || self.infer_inner(backend, prepared))
+    }
+
+    /// The CPU part after the windows: the labels inverted to the image's grid.
+    pub fn finish(&self, inferred: Inferred) -> Result<Segmentation, SegmentError> {
+        let name = inferred.name.clone();
+        guard(&name, || self.finish_inner(inferred))
+    }
+
+    fn prepare_inner(&self, req: &Request<'_>) -> Result<Prepared, SegmentError> {
         let prompts = match &self.pipeline {
             Pipeline::Bundle => {
                 resolve_prompts(&req.prompts, &self.config).map_err(SegmentError::invalid)?
@@ -452,34 +488,9 @@ impl RequestPath {
         check_points(&prompts, req.image, req.name)?;
         transforms::validate_volume(req.image)
             .map_err(|e| SegmentError::invalid(e.context(format!("image {}", req.name))))?;
-        let method = req.precision.unwrap_or(self.config.precision);
-        let (out, report) = backend.run_windows(method, &mut |net| {
-            self.run(net, backend.input_device(), req, &prompts)
-        })?;
-        log::info!(
-            "{}: precision {method} -> ran {}",
-            req.name,
-            engines::runner::used_names(&report)
-        );
-        Ok(Segmentation {
-            labels: out.labels,
-            prompts,
-            method: report,
-            timings: out.timings,
-            processed_shape: out.processed_shape,
-        })
-    }
-
-    /// Preprocess, infer, postprocess and invert one image with `runner`.
-    fn run(
-        &self,
-        net: &dyn WindowNetwork,
-        device: Device,
-        req: &Request<'_>,
-        prompts: &Prompts,
-    ) -> Result<Computed, SegmentError> {
-        let window = self.config.window();
-        let mut timings = Vec::new();
+        if let Pipeline::Bundle = &self.pipeline {
+            check_resampled_grid(req.image, &self.config, req.name)?;
+        }
         let t = Instant::now();
         let prepared = match &self.pipeline {
             Pipeline::Bundle => transforms::preprocess(req.image, &self.config.preprocess())
@@ -491,11 +502,8 @@ impl RequestPath {
         };
         let (processed, trace) = prepared
             .map_err(|e| SegmentError::invalid(e.context(format!("preprocessing {}", req.name))))?;
-        timings.push(("preprocess", t.elapsed().as_secs_f64()));
-
-        let t = Instant::now();
         let net_prompts = match (&trace, &self.pipeline) {
-            (Trace::Bundle(trace), _) => NetworkPrompts::new(prompts, trace),
+            (Trace::Bundle(trace), _) => NetworkPrompts::new(&prompts, trace),
             (Trace::TrainOrder(_), Pipeline::Evaluate { label_set, .. }) => {
                 // Vista3dEvaluator without user prompts: class_vector = prompt_class = label_set.
                 let ids = Tensor::from_slice(label_set).view([-1, 1]);
@@ -514,43 +522,141 @@ impl RequestPath {
                 )))
             }
         };
-        if let Some(needle) = &self.test_panic {
-            if req.name.contains(needle.as_str()) {
-                panic!("test hook {TEST_PANIC_ENV}: forced panic in {}", req.name);
-            }
-        }
-        let image = volume_to_tensor(&processed)
-            .map_err(SegmentError::Failed)?
-            .to_device(device);
-        let progress = self
-            .progress
-            .then(|| WindowProgress::new(net, &processed.dims(), &window, &net_prompts));
-        let net: &dyn WindowNetwork = match &progress {
-            Some(p) => p,
-            None => net,
-        };
-        let labels = infer_labels(net, &image, &net_prompts, &window)
-            .with_context(|| format!("segmenting {}", req.name))
-            .map_err(SegmentError::Failed)?;
-        if let Some(p) = progress {
-            p.bar.finish_and_clear();
-        }
-        timings.push(("inference", t.elapsed().as_secs_f64()));
+        Ok(Prepared {
+            name: req.name.to_string(),
+            prompts,
+            net_prompts,
+            processed,
+            trace,
+            method: req.precision.unwrap_or(self.config.precision),
+            timings: vec![("preprocess", t.elapsed().as_secs_f64())],
+        })
+    }
 
+    fn infer_inner(
+        &self,
+        backend: &dyn WindowBackend,
+        prepared: Prepared,
+    ) -> Result<Inferred, SegmentError> {
+        let Prepared {
+            name,
+            prompts,
+            net_prompts,
+            processed,
+            trace,
+            method,
+            mut timings,
+        } = prepared;
+        let window = self.config.window();
+        let (out, report) = backend.run_windows(method, &mut |net| {
+            let t = Instant::now();
+            if let Some(needle) = &self.test_panic {
+                if name.contains(needle.as_str()) {
+                    panic!("test hook {TEST_PANIC_ENV}: forced panic in {name}");
+                }
+            }
+            let image = volume_to_tensor(&processed)
+                .map_err(SegmentError::Failed)?
+                .to_device(backend.input_device());
+            let progress = self
+                .progress
+                .then(|| WindowProgress::new(net, &processed.dims(), &window, &net_prompts));
+            let net: &dyn WindowNetwork = match &progress {
+                Some(p) => p,
+                None => net,
+            };
+            let labels = infer_labels(net, &image, &net_prompts, &window)
+                .with_context(|| format!("segmenting {name}"))
+                .map_err(SegmentError::Failed)?;
+            if let Some(p) = progress {
+                p.bar.finish_and_clear();
+            }
+            let labels = tensor_to_array(&labels).map_err(SegmentError::Failed)?;
+            Ok(Computed {
+                labels,
+                timings: vec![("inference", t.elapsed().as_secs_f64())],
+                processed_shape: processed.dims(),
+            })
+        })?;
+        log::info!(
+            "{name}: precision {method} -> ran {}",
+            engines::runner::used_names(&report)
+        );
+        timings.extend(out.timings);
+        Ok(Inferred {
+            name,
+            prompts,
+            trace,
+            labels: out.labels,
+            method: report,
+            timings,
+            processed_shape: out.processed_shape,
+        })
+    }
+
+    fn finish_inner(&self, inferred: Inferred) -> Result<Segmentation, SegmentError> {
+        let Inferred {
+            prompts,
+            trace,
+            labels,
+            method,
+            mut timings,
+            processed_shape,
+            ..
+        } = inferred;
         let t = Instant::now();
-        let labels = tensor_to_array(&labels).map_err(SegmentError::Failed)?;
         let mut original = match &trace {
             Trace::Bundle(trace) => transforms::invert_to_original(&labels, trace),
             Trace::TrainOrder(trace) => transforms::invert_train_order(&labels, trace),
         }
         .map_err(SegmentError::Failed)?;
+        drop(labels);
         original.mapv_inplace(|v| if v.is_nan() { 255.0 } else { v });
         timings.push(("postprocess", t.elapsed().as_secs_f64()));
-        Ok(Computed {
+        Ok(Segmentation {
             labels: original,
+            prompts,
+            method,
             timings,
-            processed_shape: processed.dims(),
+            processed_shape,
         })
+    }
+}
+
+/// A request prepared for its windows ([`RequestPath::prepare`]): resolved prompts, the preprocessed image and
+/// its trace. `Send`: it is made on one thread and run on the device's.
+pub struct Prepared {
+    name: String,
+    prompts: Prompts,
+    net_prompts: NetworkPrompts,
+    processed: Volume,
+    trace: Trace,
+    method: Method,
+    timings: Vec<(&'static str, f64)>,
+}
+
+impl Prepared {
+    /// The shape of the network's input grid.
+    pub fn processed_shape(&self) -> [usize; 3] {
+        self.processed.dims()
+    }
+}
+
+/// A request whose windows ran ([`RequestPath::infer`]): labels on the network's grid, not yet inverted.
+pub struct Inferred {
+    name: String,
+    prompts: Prompts,
+    trace: Trace,
+    labels: Array3<f32>,
+    method: MethodReport,
+    timings: Vec<(&'static str, f64)>,
+    processed_shape: [usize; 3],
+}
+
+impl Inferred {
+    /// The method asked for, what ran, and every fallback.
+    pub fn method(&self) -> &MethodReport {
+        &self.method
     }
 }
 
@@ -646,6 +752,33 @@ pub fn resolve_prompts(req: &RequestPrompts, config: &InferenceConfig) -> anyhow
         &config.subclass,
         &config.everything_labels,
     )
+}
+
+/// Refuses an image whose resampled grid would exceed `max_resampled_voxels`, before any work (a wrong header
+/// geometry, e.g. a sheared sform, can make a tiny image resample onto billions of voxels).
+fn check_resampled_grid(
+    image: &Volume,
+    config: &InferenceConfig,
+    name: &str,
+) -> Result<(), SegmentError> {
+    let plan = transforms::plan_spacing(&image.affine, image.dims(), config.resample_spacing)
+        .map_err(|e| SegmentError::invalid(e.context(format!("image {name}"))))?;
+    let voxels: u128 = plan.out_dims.iter().map(|&d| d as u128).product();
+    if voxels > config.max_resampled_voxels as u128 {
+        return Err(SegmentError::InvalidRequest(format!(
+            "image {name}: resampling its {:?} voxels (spacing {:.3?} mm) to {:?} mm makes a grid of {:?} = {voxels} \
+             voxels ({:.1} GiB as float32), more than max_resampled_voxels = {}; the header's geometry (sform/qform) \
+             is probably wrong (look for shear or absurd spacing), or raise the limit with --set \
+             max_resampled_voxels=N",
+            image.dims(),
+            image.spacing(),
+            config.resample_spacing,
+            plan.out_dims,
+            voxels as f64 * 4.0 / (1u64 << 30) as f64,
+            config.max_resampled_voxels
+        )));
+    }
+    Ok(())
 }
 
 /// Points must lie inside the image (voxel indices from 0 to size - 1).
