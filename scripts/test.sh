@@ -18,6 +18,12 @@ if ! command -v dcm2niix > /dev/null || ! command -v dciodvfy > /dev/null; then
     { apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcm2niix dicom3tools > /dev/null; } \
         || echo "[test] could not install dcm2niix/dicom3tools: tests/dicom_io.rs and tests/dicom_seg.rs will fail" >&2
 fi
+# Headless Chromium and chromedriver from Debian: tests/viewer.rs drives the server's viewer page with them.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    echo "[test] installing Debian's chromium and chromium-driver" >&2
+    { apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null; } \
+        || echo "[test] could not install chromium/chromium-driver: tests/viewer.rs will fail" >&2
+fi
 # TensorRT headers, so that the TensorRT shim is compiled and tested (no TensorRT library is needed).
 if [ -z "${TENSORRT_INCLUDE_DIR:-}" ]; then
     TENSORRT_INCLUDE_DIR="$(bash scripts/fetch_trt_headers.sh)"

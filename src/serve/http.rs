@@ -26,6 +26,7 @@ use super::metrics::Metrics;
 use super::source::{
     download, stem_of, stream_to_file, too_large, ImageRef, SourcePolicy, DRAIN_BYTES,
 };
+use super::viewer;
 use crate::config::InferenceConfig;
 use crate::prompts::LabelTable;
 
@@ -69,6 +70,11 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 /// The router of the server.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(viewer::index))
+        .route("/index.html", get(viewer::index))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/v1/vista3d/images", get(viewer::images))
+        .route("/v1/vista3d/image", get(viewer::image))
         .route("/v1/health/live", get(live))
         .route("/v1/health/ready", get(ready))
         .route("/v1/vista3d/info", get(info))
@@ -83,13 +89,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Everything but `/v1/health/*` (and `/metrics` with `--metrics-public`) needs `Authorization: Bearer`.
+/// Everything but the viewer page, `/v1/health/*` (and `/metrics` with `--metrics-public`) needs
+/// `Authorization: Bearer` (the page asks for the token and sends it with its API calls).
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(expected) = &state.token else {
         return next.run(req).await;
     };
     let path = req.uri().path();
-    if path.starts_with("/v1/health/") || (path == "/metrics" && state.metrics_public) {
+    if path.starts_with("/v1/health/")
+        || matches!(path, "/" | "/index.html" | "/favicon.ico")
+        || (path == "/metrics" && state.metrics_public)
+    {
         return next.run(req).await;
     }
     let valid: Option<bool> = req
@@ -160,7 +170,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn not_found(req: Request) -> ServeError {
     ServeError::NotFound(format!(
-        "no route {} {}: see /v1/vista3d/info, /v1/vista3d/inference, /v1/health/live, /v1/health/ready, /metrics",
+        "no route {} {}: see / (the viewer page), /v1/vista3d/info, /v1/vista3d/inference, /v1/vista3d/images, \
+         /v1/vista3d/image, /v1/health/live, /v1/health/ready, /metrics",
         req.method(),
         req.uri().path()
     ))

@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod source;
+pub mod viewer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -417,6 +418,7 @@ fn info_json(
         "subclass": config.subclass,
         "zero_shot_ids": format!("{}..254 (with points)", crate::prompts::LAST_SUPPORTED + 1),
         "formats": ["zip", "nifti"],
+        "display": viewer::display_json(),
         "limits": {
             "workers": options.workers,
             "queue": options.queue,

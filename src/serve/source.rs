@@ -52,6 +52,13 @@ pub struct OpenedImage {
     pub real_path: PathBuf,
 }
 
+impl OpenedImage {
+    /// The opened file itself (already checked to be where it may be).
+    pub fn into_file(self) -> File {
+        self._file
+    }
+}
+
 impl SourcePolicy {
     /// A policy with these folders (they must exist) and URL prefixes (http or https).
     pub fn new(dirs: &[PathBuf], prefixes: &[String]) -> anyhow::Result<Self> {
@@ -81,6 +88,11 @@ impl SourcePolicy {
             policy.prefixes.push(url);
         }
         Ok(policy)
+    }
+
+    /// The allowed folders: as the operator gave them, and resolved.
+    pub fn dirs(&self) -> impl Iterator<Item = (&Path, &Path)> {
+        self.dirs.iter().map(|(g, r)| (g.as_path(), r.as_path()))
     }
 
     /// Classifies the `image` of a request, refusing what the operator does not allow (403) and what is not an
