@@ -195,16 +195,39 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
+/// Whether this CPU computes bfloat16 natively (x86: `avx512_bf16` or `amx_bf16`; Arm: `bf16`), from
+/// `/proc/cpuinfo` (read once). Without it libtorch emulates bf16 and the `bf16` method is slower than fp32.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|info| cpuinfo_has_bf16(&info))
+            .unwrap_or(false)
+    })
+}
+
+/// [`cpu_has_native_bf16`] on the text of `/proc/cpuinfo`.
+pub fn cpuinfo_has_bf16(info: &str) -> bool {
+    info.lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
+}
+
 /// libtorch's global numeric switches that tch does not expose (TF32, cuDNN autotuning, autocast), reached
 /// through their C++ symbols in `libtorch_cpu.so` (Itanium ABI: a member function takes `this` first).
 /// They matter only on CUDA; calling them on a CPU-only machine is harmless.
 pub mod torch_switches {
     use std::ffi::{c_void, CString};
 
+    /// `c10::DeviceType::CPU`.
+    const DEVICE_CPU: i8 = 0;
     /// `c10::DeviceType::CUDA`.
     const DEVICE_CUDA: i8 = 1;
     /// `c10::ScalarType::Half`.
     const SCALAR_HALF: i8 = 5;
+    /// `c10::ScalarType::BFloat16`.
+    const SCALAR_BFLOAT16: i8 = 15;
 
     fn symbol(name: &str) -> Option<*mut c_void> {
         let c_name = CString::new(name).ok()?;
@@ -316,8 +339,23 @@ pub mod torch_switches {
     }
 
     /// Runs `f` under CUDA autocast to fp16 (`torch.autocast("cuda")`), as the bundle's `amp: true`.
-    /// Uses libtorch's device-typed API directly (tch's wrapper prints a deprecation warning per call).
     pub fn with_cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
+        with_autocast(DEVICE_CUDA, SCALAR_HALF, f)
+    }
+
+    /// Runs `f` under autocast to bfloat16 on CUDA or on the CPU (`torch.autocast(device, torch.bfloat16)`):
+    /// convolutions and matmuls in bf16, norms and reductions in fp32.
+    pub fn with_bf16_autocast<T>(cuda: bool, f: impl FnOnce() -> T) -> T {
+        with_autocast(
+            if cuda { DEVICE_CUDA } else { DEVICE_CPU },
+            SCALAR_BFLOAT16,
+            f,
+        )
+    }
+
+    /// Autocast on `device` to `dtype` around `f`, through libtorch's device-typed API directly (tch's wrapper
+    /// prints a deprecation warning per call).
+    fn with_autocast<T>(device: i8, scalar: i8, f: impl FnOnce() -> T) -> T {
         let (Some(set), Some(dtype), Some(inc), Some(dec), Some(clear)) = (
             symbol("_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"),
             symbol("_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"),
@@ -325,7 +363,7 @@ pub mod torch_switches {
             symbol("_ZN2at8autocast17decrement_nestingEv"),
             symbol("_ZN2at8autocast11clear_cacheEv"),
         ) else {
-            log::warn!("libtorch autocast symbols not found: running without amp");
+            log::warn!("libtorch autocast symbols not found: running without autocast");
             return f();
         };
         // SAFETY: the signatures of at::autocast::{set_autocast_enabled(DeviceType, bool),
@@ -337,14 +375,14 @@ pub mod torch_switches {
             let inc: extern "C" fn() -> i32 = std::mem::transmute(inc);
             let dec: extern "C" fn() -> i32 = std::mem::transmute(dec);
             let clear: extern "C" fn() = std::mem::transmute(clear);
-            dtype(DEVICE_CUDA, SCALAR_HALF);
-            set(DEVICE_CUDA, true);
+            dtype(device, scalar);
+            set(device, true);
             inc();
             let out = f();
             if dec() == 0 {
                 clear();
             }
-            set(DEVICE_CUDA, false);
+            set(device, false);
             out
         }
     }
@@ -352,6 +390,18 @@ pub mod torch_switches {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn native_bf16_is_read_from_the_cpu_flags() {
+            let x86 = "processor : 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n";
+            assert!(crate::runtime::cpuinfo_has_bf16(x86));
+            assert!(crate::runtime::cpuinfo_has_bf16(
+                "Features\t: fp asimd bf16 i8mm\n"
+            ));
+            assert!(!crate::runtime::cpuinfo_has_bf16(
+                "flags\t\t: fpu avx2 avx512f avx512_vnni\nmodel name : bf16 in a name\n"
+            ));
+        }
 
         #[test]
         fn a_held_mode_blocks_other_modes_but_not_its_own() {

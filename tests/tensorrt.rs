@@ -263,7 +263,14 @@ fn info_engines_says_what_runs_here_and_why_not() {
     assert_eq!(json["auto_cpu"], "ort");
     assert_eq!(json["tensorrt_shim_compiled"], trt::shim_compiled());
     let methods = json["methods"].as_array().unwrap();
-    assert_eq!(methods.len(), 6);
+    assert_eq!(methods.len(), 7);
+    // bf16 runs on the CPU exactly where the CPU has native bfloat16.
+    let bf16 = methods.iter().find(|m| m["method"] == "bf16").unwrap();
+    assert_eq!(
+        bf16["available"],
+        vista3d::runtime::cpu_has_native_bf16(),
+        "{bf16}"
+    );
     // Without --engines a checkpoint is still required.
     let o = vista3d(&["info"]);
     assert!(!o.status.success());

@@ -40,7 +40,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fp32,tf32,amp,trt_tf32,trt_fp16,ort"
+        default_value = "fp32,tf32,amp,bf16,trt_tf32,trt_fp16,ort"
     )]
     methods: Vec<Method>,
     /// Class prompts of each call (the bundle's table uses one label).

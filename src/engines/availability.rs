@@ -114,6 +114,21 @@ pub fn assess(p: &Probes) -> EngineReport {
             },
         });
     }
+    let native_bf16 = crate::runtime::cpu_has_native_bf16();
+    methods.push(MethodAvailability {
+        method: Method::Bf16,
+        available: gpu || native_bf16,
+        detail: match (gpu, native_bf16) {
+            (true, _) => "libtorch autocast to bfloat16 on CUDA (and on this CPU)".into(),
+            (false, true) => {
+                "libtorch autocast to bfloat16 on this CPU (native bf16: avx512_bf16/amx_bf16)"
+                    .into()
+            }
+            (false, false) => {
+                "this CPU has no native bfloat16 and no GPU is visible (runs fp32)".into()
+            }
+        },
+    });
     methods.push(MethodAvailability {
         method: Method::Fp32,
         available: true,

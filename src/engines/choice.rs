@@ -199,11 +199,20 @@ fn choose_with(
                     }
                 }
             }
-        } else if !cuda && matches!(m, Method::Amp | Method::Tf32) {
+        } else if !cuda
+            && (matches!(m, Method::Amp | Method::Tf32)
+                || (m == Method::Bf16 && !crate::runtime::cpu_has_native_bf16()))
+        {
+            let reason = if m == Method::Bf16 {
+                "this CPU has no native bfloat16 (avx512_bf16 or amx_bf16): emulated bf16 is slower than fp32; \
+                 running fp32"
+            } else {
+                "acts only on CUDA devices; running fp32 on the CPU"
+            };
             let fallback = Fallback {
                 method: m,
                 kind: EngineErrorKind::Unavailable,
-                reason: "acts only on CUDA devices; running fp32 on the CPU".into(),
+                reason: reason.into(),
             };
             warn_once(&fallback.to_string());
             fallbacks.push(fallback);

@@ -24,15 +24,19 @@ pub enum Method {
     Tf32,
     /// libtorch in strict fp32 (TF32 disabled): the reference.
     Fp32,
+    /// libtorch with autocast to bfloat16 (convolutions in bf16, norms in fp32), on CUDA or on a CPU with
+    /// native bf16 (AVX512-BF16 or AMX); elsewhere it runs fp32.
+    Bf16,
 }
 
 impl Method {
     /// Every concrete method, in the order `auto` tries them on a GPU.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::TrtFp16,
         Method::TrtTf32,
         Method::Amp,
         Method::Tf32,
+        Method::Bf16,
         Method::Fp32,
         Method::Ort,
     ];
@@ -47,6 +51,7 @@ impl Method {
             Method::Amp => "amp",
             Method::Tf32 => "tf32",
             Method::Fp32 => "fp32",
+            Method::Bf16 => "bf16",
         }
     }
 
@@ -63,7 +68,7 @@ impl Method {
     /// The libtorch method a request falls back to when its engine cannot run.
     pub fn torch_fallback(self, cuda: bool) -> Method {
         match self {
-            Method::Amp | Method::Tf32 | Method::Fp32 => self,
+            Method::Amp | Method::Tf32 | Method::Fp32 | Method::Bf16 => self,
             Method::TrtFp16 if cuda => Method::Amp,
             Method::TrtTf32 if cuda => Method::Tf32,
             _ => Method::Fp32,
@@ -90,7 +95,7 @@ impl fmt::Display for Method {
 
 /// An unknown method name.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown precision '{0}': use auto, trt_fp16, trt_tf32, amp, tf32, fp32 or ort")]
+#[error("unknown precision '{0}': use auto, trt_fp16, trt_tf32, amp, tf32, bf16, fp32 or ort")]
 pub struct UnknownMethod(pub String);
 
 impl FromStr for Method {
@@ -108,6 +113,7 @@ impl FromStr for Method {
                 "amp" | "torch_amp" => Method::Amp,
                 "tf32" | "torch_tf32" => Method::Tf32,
                 "fp32" | "torch_fp32" => Method::Fp32,
+                "bf16" | "torch_bf16" | "bfloat16" => Method::Bf16,
                 _ => return Err(UnknownMethod(s.trim().to_string())),
             },
         )
@@ -142,6 +148,7 @@ mod tests {
         assert_eq!("torch_amp".parse::<Method>().unwrap(), Method::Amp);
         assert_eq!("TORCH-FP32".parse::<Method>().unwrap(), Method::Fp32);
         assert_eq!(Method::Amp.to_string(), "amp");
+        assert_eq!("bfloat16".parse::<Method>().unwrap(), Method::Bf16);
         let err = "fp8".parse::<Method>().unwrap_err().to_string();
         assert!(err.contains("'fp8'"), "{err}");
         assert!(serde_json::from_str::<Method>("\"fp8\"").is_err());

@@ -49,7 +49,11 @@ impl<'a> WindowRunner<'a> {
     /// class path, its libtorch method the rest; its fallbacks start the report.
     pub fn new(net: &'a Vista3d, device: Device, requested: Method, choice: EngineChoice) -> Self {
         let cuda = device.is_cuda();
-        let torch_method = if cuda { choice.torch } else { Method::Fp32 };
+        let torch_method = if cuda || choice.torch == Method::Bf16 {
+            choice.torch
+        } else {
+            Method::Fp32
+        };
         // The global TF32 switches follow the libtorch method (strict fp32 turns cuDNN's default TF32 off), held
         // for the request so that workers on other devices cannot flip them meanwhile.
         let tf32 = cuda.then(|| match torch_method {
@@ -130,11 +134,18 @@ impl<'a> WindowRunner<'a> {
 
     fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
         self.report.borrow_mut().mark_used(self.torch_method);
-        if self.torch_method == Method::Amp && self.device.is_cuda() {
-            let out = torch_switches::with_cuda_autocast(|| self.net.forward(input, args))?;
-            Ok(out.to_kind(Kind::Float))
-        } else {
-            self.net.forward(input, args)
+        let cuda = self.device.is_cuda();
+        match self.torch_method {
+            Method::Amp if cuda => {
+                let out = torch_switches::with_cuda_autocast(|| self.net.forward(input, args))?;
+                Ok(out.to_kind(Kind::Float))
+            }
+            Method::Bf16 => {
+                let out =
+                    torch_switches::with_bf16_autocast(cuda, || self.net.forward(input, args))?;
+                Ok(out.to_kind(Kind::Float))
+            }
+            _ => self.net.forward(input, args),
         }
     }
 }
