@@ -360,6 +360,17 @@ fn a_killed_workers_item_is_taken_over_and_redone_without_partial_outputs() {
     // Its item has no label map and no record: nothing half written.
     let item_out = claim.with_extension("nii.gz");
     assert!(!item_out.exists() && !claim.with_extension("json").exists());
+    // With prefetch a worker also holds the claim of the item it prepares next: every claim it left is taken
+    // over, and none of its items has an output.
+    let held: BTreeSet<String> = files_under(&out)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "claim"))
+        .map(|p| {
+            assert!(!p.with_extension("json").exists(), "{}", p.display());
+            p.with_extension("nii.gz").display().to_string()
+        })
+        .collect();
+    assert!((1..=2).contains(&held.len()), "the victim held {held:?}");
 
     // A fresh worker with a short timeout takes the dead claim over and finishes the run.
     let o = batch_command(&input, &out, &["--claim-timeout", "2"])
@@ -377,8 +388,13 @@ fn a_killed_workers_item_is_taken_over_and_redone_without_partial_outputs() {
         .iter()
         .filter(|l| l["took_over"].is_string())
         .collect();
-    assert_eq!(took_over.len(), 1, "{lines:?}");
-    assert_eq!(took_over[0]["output"], item_out.display().to_string());
+    let taken: BTreeSet<String> = took_over
+        .iter()
+        .map(|l| l["output"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(took_over.len(), held.len(), "{lines:?}");
+    assert_eq!(taken, held, "{lines:?}");
+    assert!(taken.contains(&item_out.display().to_string()));
     let done = done_per_output(&lines);
     assert_eq!(done.len(), 2, "{done:?}");
     assert_only_finished_outputs(&out);
@@ -396,7 +412,7 @@ fn a_killed_workers_item_is_taken_over_and_redone_without_partial_outputs() {
         (Some(2), Some(1), Some(0)),
         "{r}"
     );
-    assert_eq!(r["taken_over"], 1);
+    assert_eq!(r["taken_over"], held.len() as u64);
     let failure = &r["failures"][0];
     assert!(
         failure["input"].as_str().unwrap().ends_with("bad.nii.gz"),

@@ -835,6 +835,15 @@ mod tests {
         (vs, net)
     }
 
+    /// A second network with the weights of `reference` (copied: the global RNG is shared with tests running
+    /// in parallel, so seeding again would not reproduce them).
+    fn copy_of(reference: &nn::VarStore) -> (nn::VarStore, Vista3d) {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap();
+        vs.copy(reference).unwrap();
+        (vs, net)
+    }
+
     /// Counts of what the stand-in parts computed.
     #[derive(Default)]
     struct Counts {
@@ -880,9 +889,14 @@ mod tests {
         }
     }
 
-    fn fake_engine(max_windows: usize, max_prompts: usize, counts: &Arc<Counts>) -> TrtEngine {
+    fn fake_engine(
+        weights: &nn::VarStore,
+        max_windows: usize,
+        max_prompts: usize,
+        counts: &Arc<Counts>,
+    ) -> TrtEngine {
         let part = |part| {
-            let (vs, net) = seeded_net();
+            let (vs, net) = copy_of(weights);
             Box::new(FakePart {
                 part,
                 net,
@@ -892,7 +906,7 @@ mod tests {
                 counts: Arc::clone(counts),
             }) as Box<dyn PartRun>
         };
-        let embed_dim = seeded_net().1.config.embed_dim;
+        let embed_dim = copy_of(weights).1.config.embed_dim;
         TrtEngine::from_parts(
             Method::TrtFp16,
             [32; 3],
@@ -906,7 +920,7 @@ mod tests {
 
     #[test]
     fn image_post_mapping_runs_once_per_window_whatever_the_prompt_count() {
-        let (_vs, net) = seeded_net();
+        let (vs, net) = seeded_net();
         let windows = Tensor::randn([2, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
         let everything = crate::prompts::everything_labels();
         for (prompts, max_windows) in [(vec![3i64], 1), (vec![1, 3, 4, 6], 2), (everything, 1)] {
@@ -918,7 +932,7 @@ mod tests {
             };
             let reference = tch::no_grad(|| net.forward(&windows, &args)).unwrap();
             let counts = Arc::new(Counts::default());
-            let engine = fake_engine(max_windows, 4, &counts);
+            let engine = fake_engine(&vs, max_windows, 4, &counts);
             // Through the engine seam the sliding window uses (the runner), as a request would.
             let runner = WindowRunner::new(
                 &net,
