@@ -98,6 +98,22 @@ fn done_per_output(lines: &[Value]) -> BTreeMap<String, usize> {
     m
 }
 
+/// The workers (`host:pid:worker`) of the `done` lines.
+fn done_workers(lines: &[Value]) -> BTreeSet<&str> {
+    lines
+        .iter()
+        .filter(|l| l["status"] == "done")
+        .map(|l| l["worker"].as_str().unwrap())
+        .collect()
+}
+
+/// Every label map of `maps` is byte for byte `reference` (what `what` wrote).
+fn assert_each_equals(maps: &BTreeMap<PathBuf, Vec<u8>>, reference: &[u8], what: &str) {
+    for (path, bytes) in maps {
+        assert!(bytes == reference, "{} differs from {what}", path.display());
+    }
+}
+
 /// The label maps (`*_trans.nii.gz`) under `out`, by their path relative to it, with their bytes.
 fn label_maps(out: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files_under(out)
@@ -185,11 +201,7 @@ fn three_processes_on_one_folder_segment_each_image_once_as_one_process_does() {
     let done = done_per_output(&lines);
     assert_eq!(done.len(), 12, "{done:?}");
     assert!(done.values().all(|&n| n == 1), "{done:?}");
-    let workers: BTreeSet<&str> = lines
-        .iter()
-        .filter(|l| l["status"] == "done")
-        .map(|l| l["worker"].as_str().unwrap())
-        .collect();
+    let workers = done_workers(&lines);
     assert!(
         workers.len() >= 2,
         "one process did everything: {workers:?}"
@@ -205,13 +217,7 @@ fn three_processes_on_one_folder_segment_each_image_once_as_one_process_does() {
     // Byte for byte what one process wrote.
     let maps = label_maps(&shared);
     assert_eq!(maps.len(), 12);
-    for (path, bytes) in &maps {
-        assert!(
-            bytes == &reference,
-            "{} differs from the single-process run",
-            path.display()
-        );
-    }
+    assert_each_equals(&maps, &reference, "the single-process run");
     assert_only_finished_outputs(&shared);
 
     // batch-report agrees with the records and the logs.
@@ -275,11 +281,7 @@ fn two_workers_with_prefetch_write_what_one_sequential_worker_writes() {
     let done = done_per_output(&lines);
     assert_eq!(done.len(), 5, "{done:?}");
     assert!(done.values().all(|&n| n == 1), "{done:?}");
-    let workers: BTreeSet<&str> = lines
-        .iter()
-        .filter(|l| l["status"] == "done")
-        .map(|l| l["worker"].as_str().unwrap())
-        .collect();
+    let workers = done_workers(&lines);
     assert_eq!(workers.len(), 2, "one worker did everything: {workers:?}");
     let mut idle_sum = 0.0;
     for l in lines.iter().filter(|l| l["status"] == "done") {
@@ -299,13 +301,7 @@ fn two_workers_with_prefetch_write_what_one_sequential_worker_writes() {
     );
     let maps = label_maps(&out);
     assert_eq!(maps.len(), 5, "{:?}", maps.keys());
-    for (path, bytes) in &maps {
-        assert!(
-            bytes == &reference,
-            "{} differs from the sequential single-worker run",
-            path.display()
-        );
-    }
+    assert_each_equals(&maps, &reference, "the sequential single-worker run");
     assert_only_finished_outputs(&out);
     let (code, r, t) = report_json(&out);
     assert_eq!(code, Some(1), "{t}");

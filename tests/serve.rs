@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use vista3d::io::read_nifti;
 
 mod common;
 use common::data;
-use common::FAST;
+use common::{ServeProcess, FAST};
 
 fn tmp(name: &str) -> PathBuf {
     common::scratch("serve", name)
@@ -112,63 +112,31 @@ fn expected() -> &'static HashMap<&'static str, Vec<u8>> {
     })
 }
 
-/// A running `vista3d serve` on 127.0.0.1 (killed when dropped, if still running).
-struct Server {
-    child: Child,
-    base: String,
-    log: PathBuf,
+/// A running `vista3d serve` on 127.0.0.1 with the fast test settings (killed when dropped).
+struct Server(ServeProcess);
+
+impl std::ops::Deref for Server {
+    type Target = ServeProcess;
+    fn deref(&self) -> &ServeProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut ServeProcess {
+        &mut self.0
+    }
 }
 
 impl Server {
     fn start(name: &str, extra: &[&str]) -> Server {
         let dir = tmp(&format!("server-{name}"));
-        let log = dir.join("stderr.log");
-        let mut args: Vec<String> = vec![
-            "serve".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--spool-dir".into(),
-            dir.to_str().unwrap().into(),
-        ];
+        let mut args: Vec<String> = vec!["--spool-dir".into(), dir.to_str().unwrap().into()];
         args.extend(FAST.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vista3d"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("vista3d serve: listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "server did not print its address: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
-        let server = Server { child, base, log };
+        let server = Server(ServeProcess::start(&args, dir.join("stderr.log")));
         server.wait_ready();
         server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn wait_ready(&self) {
@@ -202,13 +170,6 @@ impl Server {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -8,7 +8,6 @@
 //! `target/test-artefacts/viewer.png`. Every wait is bounded; chromedriver, Chromium and the server are stopped
 //! by Drop guards, also when the test fails.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,7 +24,7 @@ use vista3d::preview::{
 };
 
 mod common;
-use common::FAST;
+use common::{ServeProcess, FAST};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -40,13 +39,6 @@ fn http() -> Client {
         .timeout(Duration::from_secs(300))
         .build()
         .unwrap()
-}
-
-/// The last `n` lines of a log file.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Waits up to `seconds` for `f` to give `Some`.
@@ -67,19 +59,19 @@ fn wait_for<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T 
 // ---------------------------------------------------------------------------------------------------------------
 // The server and chromedriver (killed when dropped).
 
-struct Server {
-    child: Child,
-    base: String,
-    log: PathBuf,
+/// The server with an allowed folder and a token (killed when dropped).
+struct Server(ServeProcess);
+
+impl std::ops::Deref for Server {
+    type Target = ServeProcess;
+    fn deref(&self) -> &ServeProcess {
+        &self.0
+    }
 }
 
 impl Server {
     fn start(dir: &Path, allowed: &Path, token_file: &Path) -> Server {
-        let log = dir.join("server.log");
         let mut args: Vec<String> = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
             "--spool-dir",
             dir.to_str().unwrap(),
             "--allow-dir",
@@ -90,32 +82,7 @@ impl Server {
         .map(String::from)
         .to_vec();
         args.extend(FAST.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vista3d"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("vista3d serve: listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(60));
-        let server = Server {
-            child,
-            base: base.unwrap_or_default(),
-            log,
-        };
-        assert!(
-            !server.base.is_empty(),
-            "the server did not print its address"
-        );
+        let server = Server(ServeProcess::start(&args, dir.join("server.log")));
         let c = http();
         wait_for("the server to be ready", 180, || {
             c.get(server.url("/v1/health/ready"))
@@ -124,10 +91,6 @@ impl Server {
                 .filter(|r| r.status() == 200)
         });
         server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
     }
 
     /// The label map the API answers for `prompts` on the image at `path`, as `[x, y, z]` class ids.
@@ -142,16 +105,6 @@ impl Server {
         let file = scratch.join("labels.nii.gz");
         std::fs::write(&file, r.bytes().unwrap()).unwrap();
         read_nifti(&file).unwrap().volume.data
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- server log (last lines)\n{}", tail(&self.log, 40));
-        }
     }
 }
 
