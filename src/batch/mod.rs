@@ -445,15 +445,13 @@ pub struct ItemRun {
     pub device_idle: Option<f64>,
 }
 
-/// An item read and prepared for its windows (the CPU work before the device).
-pub struct Loaded {
-    /// The input as read (its header and DICOM series are needed to write the outputs).
-    pub input: InputImage,
-    /// The request prepared for the windows.
-    pub prepared: Prepared,
-    /// Seconds spent reading the input.
-    pub read_seconds: f64,
-    /// When reading started.
+/// An item's input as read, with what writing its outputs needs to know about the read.
+pub struct ReadInput {
+    /// The image (its header and DICOM series are needed to write the outputs).
+    pub image: InputImage,
+    /// Seconds spent reading it.
+    pub seconds: f64,
+    /// When reading started (the item's clock).
     pub started: Instant,
 }
 
@@ -463,30 +461,32 @@ pub fn load_item(
     path: &RequestPath,
     item: &BatchItem,
     spec: &OutputSpec,
-) -> Result<Loaded, SegmentError> {
+) -> Result<(ReadInput, Prepared), SegmentError> {
     let started = Instant::now();
     let name = item.image.display().to_string();
-    let input = read_image(&item.image, &dicom_options(path.config(), item))
+    let image = read_image(&item.image, &dicom_options(path.config(), item))
         .map_err(|e| SegmentError::InvalidRequest(format!("{e:#}")))?;
-    if spec.format.wants_seg() && input.dicom.is_none() {
+    if spec.format.wants_seg() && image.dicom.is_none() {
         return Err(SegmentError::InvalidRequest(format!(
             "output_format {:?} writes a DICOM SEG, which needs a DICOM input; {name} is not a DICOM series",
             spec.format
         )));
     }
-    let read_seconds = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let prepared = path.prepare(&Request {
         name: &name,
-        image: &input.volume,
+        image: &image.volume,
         prompts: item.prompts.clone(),
         precision: item.precision,
     })?;
-    Ok(Loaded {
-        input,
+    Ok((
+        ReadInput {
+            image,
+            seconds,
+            started,
+        },
         prepared,
-        read_seconds,
-        started,
-    })
+    ))
 }
 
 /// Inverts the windows' labels of a loaded item to its grid and writes its label map, its extras (a DICOM SEG,
@@ -496,17 +496,16 @@ pub fn write_item(
     path: &RequestPath,
     model: &ModelFacts,
     item: &BatchItem,
-    input: &InputImage,
-    read_seconds: f64,
-    started: Instant,
+    read: &ReadInput,
     inferred: Inferred,
     out: &Path,
     spec: &OutputSpec,
     identity: Value,
     replaced: Option<Value>,
 ) -> Result<ItemRun, SegmentError> {
+    let (input, started) = (&read.image, read.started);
     let seg = path.finish(inferred)?;
-    let mut seconds: Vec<(&str, f64)> = vec![("read", read_seconds)];
+    let mut seconds: Vec<(&str, f64)> = vec![("read", read.seconds)];
     seconds.extend(seg.timings.iter().map(|(k, v)| (*k, *v)));
     let mut rec = build_record_for(
         path.config(),
@@ -561,15 +560,13 @@ pub fn run_item(
     replaced: Option<Value>,
 ) -> Result<ItemRun, SegmentError> {
     let path = segmenter.request_path();
-    let loaded = load_item(path, item, spec)?;
-    let inferred = segmenter.infer(loaded.prepared)?;
+    let (read, prepared) = load_item(path, item, spec)?;
+    let inferred = segmenter.infer(prepared)?;
     write_item(
         path,
         &ModelFacts::of(segmenter),
         item,
-        &loaded.input,
-        loaded.read_seconds,
-        loaded.started,
+        &read,
         inferred,
         out,
         spec,
@@ -768,12 +765,10 @@ pub fn run(
             scope.spawn(move || worker::run_worker(index, segmenter, threads, shared));
         }
     });
-    let mut summary = shared.into_summary();
     if let Some(bar) = bar {
         bar.finish();
     }
-    summary.total = total;
-    Ok(summary)
+    Ok(shared.into_summary())
 }
 
 /// The identity of an item's input: its file (size, mtime), or for a DICOM series its folder, UID and the sizes

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,9 +24,8 @@ use serde_json::Value;
 use super::claims::{try_claim, ClaimGuard, ClaimOutcome, Claimer};
 use super::{
     complete_extras, input_identity, load_item, missing_extras, output_path, record, write_item,
-    BatchItem, BatchOptions, BatchSummary, ItemLog, ItemRun, ItemStatus, LogSource,
+    BatchItem, BatchOptions, BatchSummary, ItemLog, ItemRun, ItemStatus, LogSource, ReadInput,
 };
-use crate::io::InputImage;
 use crate::segmenter::record::{request_identity_for, ModelFacts};
 use crate::segmenter::{Inferred, Prepared, RequestPath, SegmentError, Segmenter};
 
@@ -37,7 +37,7 @@ pub(super) struct Shared<'a> {
     log: Mutex<ItemLog>,
     summary: Mutex<BatchSummary>,
     bar: Option<indicatif::ProgressBar>,
-    finished: Mutex<usize>,
+    finished: AtomicUsize,
     /// When this run started (an output written later counts as recomputed for `--overwrite`).
     started: SystemTime,
     /// How long to wait before looking again at an item another process is segmenting.
@@ -76,7 +76,7 @@ impl<'a> Shared<'a> {
             log: Mutex::new(log),
             summary: Mutex::new(summary),
             bar,
-            finished: Mutex::new(0),
+            finished: AtomicUsize::new(0),
             started: SystemTime::now(),
             poll: (opts.claim_timeout / 4)
                 .clamp(Duration::from_millis(100), Duration::from_secs(5)),
@@ -130,11 +130,7 @@ impl<'a> Shared<'a> {
     /// Counts, logs and reports a finished item.
     fn finish(&self, w: &Worker, index: usize, out: &Path, status: ItemStatus) {
         let item = self.items[index];
-        let finished = {
-            let mut n = lock(&self.finished);
-            *n += 1;
-            *n
-        };
+        let finished = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
         let prefix = format!("[{finished}/{}] {}", self.items.len(), item.image.display());
         {
             let mut summary = lock(&self.summary);
@@ -193,16 +189,15 @@ impl Worker {
     }
 }
 
-/// A claimed item on its way through a worker.
-struct Job {
+/// An item this worker claimed: its output, the claim (held until its outputs are written) and the request it
+/// answers.
+struct Claim {
     index: usize,
     out: PathBuf,
     guard: ClaimGuard,
     identity: Value,
+    /// The identity of the record it replaces, if any.
     replaced: Option<Value>,
-    input: InputImage,
-    read_seconds: f64,
-    started: Instant,
 }
 
 /// What one look at an item found.
@@ -236,10 +231,7 @@ pub(super) fn run_worker(index: usize, segmenter: Segmenter, threads: i32, share
 
 /// The next item this worker claims (finishing on the way those that need no network: skipped, completed,
 /// failed before a claim); `None` when the queue is empty.
-fn claim_next(
-    w: &Worker,
-    shared: &Shared,
-) -> Option<(usize, PathBuf, Value, Option<Value>, ClaimGuard)> {
+fn claim_next(w: &Worker, shared: &Shared) -> Option<Claim> {
     let mut seen_busy = std::collections::HashSet::new();
     while let Some(index) = shared.next() {
         let out = shared.output(index);
@@ -255,114 +247,112 @@ fn claim_next(
                 replaced,
             } => {
                 shared.started(w, index, &out, guard.took_over.as_deref());
-                return Some((index, out, identity, replaced, guard));
+                return Some(Claim {
+                    index,
+                    out,
+                    guard,
+                    identity,
+                    replaced,
+                });
             }
         }
     }
     None
 }
 
+/// Inverts and writes a claimed item whose windows ran, releases its claim and reports it.
+fn write_claimed(
+    w: &Worker,
+    shared: &Shared,
+    claim: Claim,
+    read: &ReadInput,
+    inferred: Result<Inferred, SegmentError>,
+    device_idle: f64,
+) {
+    let run = inferred.and_then(|inferred| {
+        write_item(
+            &w.path,
+            &w.facts,
+            shared.items[claim.index],
+            read,
+            inferred,
+            &claim.out,
+            &shared.opts.output,
+            claim.identity,
+            claim.replaced,
+        )
+    });
+    drop(claim.guard);
+    let status = status_of(run.map(|mut r| {
+        r.device_idle = Some(device_idle);
+        r
+    }));
+    shared.finish(w, claim.index, &claim.out, status);
+}
+
 /// Every stage of each item on this thread, one item after another.
 fn sequential(w: &Worker, segmenter: &Segmenter, shared: &Shared) {
     let mut device_free_since = Instant::now();
-    while let Some((index, out, identity, replaced, guard)) = claim_next(w, shared) {
-        let item = shared.items[index];
-        let spec = &shared.opts.output;
-        let run = (|| -> Result<ItemRun, SegmentError> {
-            let loaded = load_item(&w.path, item, spec)?;
-            let idle = device_free_since.elapsed().as_secs_f64();
-            let inferred = segmenter.infer(loaded.prepared);
-            device_free_since = Instant::now();
-            let mut run = write_item(
-                &w.path,
-                &w.facts,
-                item,
-                &loaded.input,
-                loaded.read_seconds,
-                loaded.started,
-                inferred?,
-                &out,
-                spec,
-                identity,
-                replaced,
-            )?;
-            run.device_idle = Some(idle);
-            Ok(run)
-        })();
-        drop(guard);
-        shared.finish(w, index, &out, status_of(run));
+    while let Some(claim) = claim_next(w, shared) {
+        match load_item(&w.path, shared.items[claim.index], &shared.opts.output) {
+            Ok((read, prepared)) => {
+                let idle = device_free_since.elapsed().as_secs_f64();
+                let inferred = segmenter.infer(prepared);
+                device_free_since = Instant::now();
+                write_claimed(w, shared, claim, &read, inferred, idle);
+            }
+            Err(e) => fail_claimed(w, shared, claim, e),
+        }
     }
 }
 
 /// The three-thread pipeline (see the module documentation): the feeder runs on this thread.
 fn pipelined(w: &Worker, segmenter: Segmenter, threads: i32, shared: &Shared) {
-    let (to_device, device_queue) = sync_channel::<(Job, Prepared)>(0);
-    let (to_writer, writer_queue) = sync_channel::<(Job, Result<Inferred, SegmentError>, f64)>(0);
+    let (to_device, device_queue) = sync_channel::<(Claim, ReadInput, Prepared)>(0);
+    let (to_writer, writer_queue) =
+        sync_channel::<(Claim, ReadInput, Result<Inferred, SegmentError>, f64)>(0);
     std::thread::scope(|scope| {
         scope.spawn(move || {
             tch::set_num_threads(threads);
             let mut free_since = Instant::now();
-            for (job, prepared) in device_queue {
+            for (claim, read, prepared) in device_queue {
                 let idle = free_since.elapsed().as_secs_f64();
                 let inferred = segmenter.infer(prepared);
                 free_since = Instant::now();
-                if to_writer.send((job, inferred, idle)).is_err() {
+                if to_writer.send((claim, read, inferred, idle)).is_err() {
                     break;
                 }
             }
         });
         scope.spawn(move || {
-            for (job, inferred, idle) in writer_queue {
-                let item = shared.items[job.index];
-                let run = inferred.and_then(|inferred| {
-                    write_item(
-                        &w.path,
-                        &w.facts,
-                        item,
-                        &job.input,
-                        job.read_seconds,
-                        job.started,
-                        inferred,
-                        &job.out,
-                        &shared.opts.output,
-                        job.identity,
-                        job.replaced,
-                    )
-                });
-                drop(job.guard);
-                let status = status_of(run.map(|mut r| {
-                    r.device_idle = Some(idle);
-                    r
-                }));
-                shared.finish(w, job.index, &job.out, status);
+            for (claim, read, inferred, idle) in writer_queue {
+                write_claimed(w, shared, claim, &read, inferred, idle);
             }
         });
-        while let Some((index, out, identity, replaced, guard)) = claim_next(w, shared) {
-            match load_item(&w.path, shared.items[index], &shared.opts.output) {
-                Ok(loaded) => {
-                    let job = Job {
-                        index,
-                        out,
-                        guard,
-                        identity,
-                        replaced,
-                        input: loaded.input,
-                        read_seconds: loaded.read_seconds,
-                        started: loaded.started,
-                    };
-                    if to_device.send((job, loaded.prepared)).is_err() {
+        while let Some(claim) = claim_next(w, shared) {
+            match load_item(&w.path, shared.items[claim.index], &shared.opts.output) {
+                Ok((read, prepared)) => {
+                    if to_device.send((claim, read, prepared)).is_err() {
                         log::error!("the device thread of worker {} stopped", w.claimer.worker);
                         break;
                     }
                 }
-                Err(e) => {
-                    drop(guard);
-                    shared.finish(w, index, &out, ItemStatus::Failed(e.to_string()));
-                }
+                Err(e) => fail_claimed(w, shared, claim, e),
             }
         }
         drop(to_device);
     });
+}
+
+/// Releases the claim of an item that failed before its windows and reports it.
+fn fail_claimed(w: &Worker, shared: &Shared, claim: Claim, e: SegmentError) {
+    drop(claim.guard);
+    shared.finish(
+        w,
+        claim.index,
+        &claim.out,
+        ItemStatus::Failed(e.to_string()),
+    );
 }
 
 fn status_of(run: Result<ItemRun, SegmentError>) -> ItemStatus {
