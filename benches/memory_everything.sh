@@ -1,30 +1,59 @@
 #!/usr/bin/env bash
-# Peak memory of "everything" (117 classes) on a 333 x 333 x 603 CT at 1.5 mm: the volume on which MONAI's
-# bundle peaks at 32.7 GiB (../bench, H200, stitching all 117 logit channels at full size).
-#   bash benches/memory_everything.sh [WIDTH=8] [THREADS=2]
-# A synthetic CT (body-like foreground over the whole box, so the foreground crop keeps it whole) is
-# segmented by `vista3d infer` with 128^3 windows; /usr/bin/time reports the peak resident memory. The width
-# only changes the network's own activations (about 1 GB at width 48 on a 128^3 window); the stitching memory,
-# which is what grows with prompts x volume in MONAI, does not depend on it.
+# Peak memory of "everything" (117 classes) against one label, on CT sizes where MONAI's bundle runs out of
+# memory, with /usr/bin/time -v's peak resident memory next to the request's own logged estimate.
+#   bash benches/memory_everything.sh [WIDTH=8] [THREADS=2] [PARTS="333 1024"]
+# - 333: a synthetic 333 x 333 x 603 CT at 1.5 mm (MONAI's bundle peaks at 32.7 GiB on this size, ../bench), body
+#   over the whole box so the foreground crop keeps it whole; `vista3d infer` with seeded random weights of WIDTH,
+#   128^3 windows: one label, everything with float32 sums (MONAI's results bit for bit) and everything with float16
+#   sums (stitch_memory_gb=1).
+# - 1024: a synthetic 1024 x 1024 x 768 CT at 1.5 mm, everything through the whole request path with the network
+#   replaced by a cheap stand-in (benches/stitch_memory.rs; hours on a CPU with the real network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-width="${1:-8}" threads="${2:-2}"
+width="${1:-8}" threads="${2:-2}" parts="${3:-333 1024}"
 dir=target/bench/memory
 mkdir -p "$dir"
-"$VISTA3D_PYTHON" - "$dir/ct_333x333x603.nii.gz" <<'PY'
+make_ct() { # make_ct SHAPE OUT
+    "$VISTA3D_PYTHON" - "$1" "$2" <<'PY'
 import sys, numpy as np, nibabel as nib
+shape = tuple(int(s) for s in sys.argv[1].split(","))
 rng = np.random.default_rng(0)
-shape = (333, 333, 603)
-x, y, z = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+ct = np.empty(shape, np.int16)
+x, y = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape[:2]], indexing="ij")
 body = (x**2 + y**2) < 0.98
-ct = np.where(body, 40 + 30 * np.sin(7 * x) * np.cos(5 * y) + 20 * np.cos(3 * z), -1000).astype(np.int16)
-ct += rng.integers(-20, 20, size=shape, dtype=np.int16)
-affine = np.diag([1.5, 1.5, 1.5, 1.0])
-nib.save(nib.Nifti1Image(ct, affine), sys.argv[1])
+for k, z in enumerate(np.linspace(-1, 1, shape[2], dtype=np.float32)):  # slice by slice: bounded memory
+    ct[:, :, k] = np.where(body, 40 + 30 * np.sin(7 * x) * np.cos(5 * y) + 20 * np.cos(3 * z), -1000)
+    ct[:, :, k] += rng.integers(-20, 20, size=shape[:2], dtype=np.int16)
+nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 1.5, 1.0])), sys.argv[2])
 PY
-cargo build --release --quiet
-"target/release/vista3d" init-checkpoint --width "$width" --seed 0 --out "$dir/random_e$width.safetensors" > /dev/null
-/usr/bin/time -v target/release/vista3d infer --image "$dir/ct_333x333x603.nii.gz" --checkpoint "$dir/random_e$width.safetensors" \
-    --output-dir "$dir/out" --threads "$threads" --set output_dtype=uint8 2> "$dir/time.txt"
-grep -E "Maximum resident|Elapsed" "$dir/time.txt"
+}
+report() { # report NAME TIMEFILE LOGFILE
+    local rss est
+    rss=$(awk '/Maximum resident/ {print $6}' "$2")
+    est=$(grep -o "estimated peak memory [0-9.]* GiB" "$3" | tail -n 1 | awk '{print $4}')
+    printf '%s: peak RSS %s kB = %.2f GiB, estimate %s GiB, %s\n' "$1" "$rss" "$(echo "$rss / 1048576" | bc -l)" \
+        "$est" "$(grep Elapsed "$2" | sed 's/.*): //')"
+}
+cargo build --release --quiet --bin vista3d --bench stitch_memory
+if [[ " $parts " == *" 333 "* ]]; then
+    [ -f "$dir/ct_333x333x603.nii.gz" ] || make_ct 333,333,603 "$dir/ct_333x333x603.nii.gz"
+    target/release/vista3d init-checkpoint --width "$width" --seed 0 --out "$dir/random_e$width.safetensors" > /dev/null
+    run() { # run NAME ARGS...
+        local name="$1"; shift
+        RUST_LOG=info /usr/bin/time -v target/release/vista3d infer --image "$dir/ct_333x333x603.nii.gz" \
+            --checkpoint "$dir/random_e$width.safetensors" --output-dir "$dir/out_$name" --threads "$threads" \
+            --set output_dtype=uint8 "$@" 2> "$dir/$name.log" > /dev/null
+        report "$name" "$dir/$name.log" "$dir/$name.log"
+    }
+    run one_label --label-prompt 1
+    run everything_f32
+    run everything_f16 --set stitch_memory_gb=1
+fi
+if [[ " $parts " == *" 1024 "* ]]; then
+    [ -f "$dir/ct_1024x1024x768.nii.gz" ] || make_ct 1024,1024,768 "$dir/ct_1024x1024x768.nii.gz"
+    bin=$(ls -t target/release/deps/stitch_memory-* | grep -v '\.d$' | head -n 1)
+    /usr/bin/time -v "$bin" --image "$dir/ct_1024x1024x768.nii.gz" --out "$dir/out_1024/labels.nii.gz" \
+        --threads "$threads" > "$dir/standin_1024.out" 2> "$dir/standin_1024.log"
+    report "1024_stand_in" "$dir/standin_1024.log" "$dir/standin_1024.log"
+fi

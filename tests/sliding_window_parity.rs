@@ -45,6 +45,7 @@ fn sliding_window_matches_monai_in_gaussian_and_batched_modes() {
             mode: case["mode"].as_str().unwrap().parse::<BlendMode>().unwrap(),
             sw_batch_size: case["sw_batch_size"].as_u64().unwrap() as usize,
             use_point_window: false,
+            ..WindowSettings::default()
         };
         let logits = infer_logits(&model.net, &input, &prompts, &settings).unwrap();
         let expected = to_tensor(t.get("logits").unwrap()).squeeze_dim(0);

@@ -55,6 +55,11 @@ impl Method {
         }
     }
 
+    /// Whether the network computes in 16-bit floats (its logits carry no more precision than float16 sums).
+    pub fn reduced_precision(self) -> bool {
+        matches!(self, Method::TrtFp16 | Method::Amp | Method::Bf16)
+    }
+
     /// True for the methods that run the class path through a serialized engine rather than libtorch.
     pub fn uses_engine(self) -> bool {
         matches!(self, Method::TrtFp16 | Method::TrtTf32 | Method::Ort)

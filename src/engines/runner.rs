@@ -176,6 +176,17 @@ impl WindowNetwork for WindowRunner<'_> {
         }
         self.torch_forward(input, args)
     }
+
+    fn reduced_precision(&self) -> bool {
+        match self.engine.borrow().as_ref() {
+            Some(engine) => engine.method().reduced_precision(),
+            None => match self.torch_method {
+                Method::Amp => self.device.is_cuda(),
+                Method::Bf16 => true,
+                _ => false,
+            },
+        }
+    }
 }
 
 /// Distinct methods of a report, for display.

@@ -1,6 +1,7 @@
 //! The bundle's inference on one volume: preprocessing, prompts in the processed grid, sliding-window or
 //! point-window inference, postprocessing, and inversion to the original grid.
 
+pub mod memory;
 mod network;
 pub mod point_window;
 pub mod postprocess;
@@ -17,7 +18,7 @@ use crate::transforms::SpatialTrace;
 use crate::volume::Volume;
 pub use network::WindowNetwork;
 use point_window::{point_window_inference, PointWindowPrompts};
-use window::{BlendMode, CellSink, Stitcher, WindowGrid};
+use window::{Accumulator, BlendMode, CellSink, StitchPlan, Stitcher, WindowGrid};
 
 /// Sliding-window and point-window settings (the bundle's `patch_size`, `overlap`, ... keys).
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub struct WindowSettings {
     pub sw_batch_size: usize,
     /// Run point prompts in windows centred on the points (the bundle's default).
     pub use_point_window: bool,
+    /// Element type of the stitching sums (float32: MONAI's results bit for bit).
+    pub accumulator: Accumulator,
+    /// Keep the stitching sums in host memory even when the network runs on a GPU.
+    pub stitch_on_host: bool,
 }
 
 impl Default for WindowSettings {
@@ -39,6 +44,8 @@ impl Default for WindowSettings {
             mode: BlendMode::Constant,
             sw_batch_size: 1,
             use_point_window: true,
+            accumulator: Accumulator::Float32,
+            stitch_on_host: false,
         }
     }
 }
@@ -153,21 +160,31 @@ impl CellSink for FullSink<'_> {
         if self.as_labels {
             src = postprocess::logits_to_labels(&src, self.labels).unsqueeze(0);
         }
-        dst.copy_(&src.to_device(Device::Cpu).to_kind(Kind::Float));
+        // copy_ converts to the output's type (labels are whole numbers, exact in uint8 when they fit).
+        dst.copy_(&src.to_device(Device::Cpu));
         Ok(())
+    }
+}
+
+/// The type of a label map during stitching: uint8 when every id fits (a quarter of float32's memory), else
+/// float32.
+fn label_kind(labels: Option<&[i64]>) -> Kind {
+    match labels {
+        Some(ids) if ids.iter().all(|&i| (0..=255).contains(&i)) => Kind::Uint8,
+        _ => Kind::Float,
     }
 }
 
 /// MONAI's sliding-window inference over `image` `[1, 1, X, Y, Z]`. With `as_labels`, cells are
 /// postprocessed as they finish and only the label map `[X, Y, Z]` is kept (bounded memory); otherwise the
-/// logits `[B, X, Y, Z]` are returned. Returns the result and the peak number of cells in flight.
+/// logits `[B, X, Y, Z]` are returned. Returns the result and the peak accumulator voxels (per channel) live.
 pub fn sliding_window(
     net: &dyn WindowNetwork,
     image: &Tensor,
     prompts: &NetworkPrompts,
     settings: &WindowSettings,
     as_labels: bool,
-) -> Result<(Stitched, usize)> {
+) -> Result<(Stitched, u64)> {
     let size_i = image.size();
     let size: [usize; 3] = std::array::from_fn(|a| size_i[2 + a] as usize);
     let grid = WindowGrid::new(size, settings.patch_size, settings.overlap)?;
@@ -192,9 +209,13 @@ pub fn sliding_window(
             .chain(size.iter().map(|&s| s as i64))
             .collect()
     };
-    let fill = if as_labels { 0.0 } else { f64::NAN };
+    let (fill, out_kind) = if as_labels {
+        (0.0, label_kind(prompts.label_prompt.as_deref()))
+    } else {
+        (f64::NAN, Kind::Float)
+    };
     let mut sink = FullSink {
-        out: Tensor::full(out_shape.as_slice(), fill, (Kind::Float, Device::Cpu)),
+        out: Tensor::full(out_shape.as_slice(), fill, (out_kind, Device::Cpu)),
         pad: p,
         size,
         labels: prompts.label_prompt.as_deref(),
@@ -203,20 +224,31 @@ pub fn sliding_window(
     if as_labels {
         sink.out = sink.out.unsqueeze(0);
     }
-    let mut stitcher = Stitcher::new(&grid, settings.mode, device);
     // Points make the batch size 1 (MONAI localises points with the first window of a batch only).
     let batch = if point_coords.is_some() {
         1
     } else {
         settings.sw_batch_size.max(1)
     };
-    let windows = grid.windows();
+    // Batches of several windows keep MONAI's order, so that each batch holds the windows MONAI's does.
+    let plan = StitchPlan::new(&grid, settings.accumulator, batch > 1);
+    let stitch_device = if settings.stitch_on_host {
+        Device::Cpu
+    } else {
+        device
+    };
+    let mut stitcher = Stitcher::new(&grid, settings.mode, settings.accumulator, stitch_device);
+    let windows = plan.windows;
     log::debug!(
-        "sliding window over {size:?} (padded {:?}): {} windows of {:?}, {} prompts, batch {batch}",
+        "sliding window over {size:?} (padded {:?}): {} windows of {:?} in {} order, {} prompts, batch {batch}, \
+         {} sums on {stitch_device:?}, at most {} voxels per channel live",
         grid.padded,
         windows.len(),
         grid.roi,
-        n_out
+        plan.order,
+        n_out,
+        settings.accumulator,
+        plan.peak_voxels
     );
     for chunk in windows.chunks(batch) {
         let inputs: Vec<Tensor> = chunk
@@ -245,8 +277,9 @@ pub fn sliding_window(
         let out = tch::no_grad(|| net.forward_window(&input, &args))?;
         let t_net = t.elapsed().as_secs_f64();
         let t = std::time::Instant::now();
+        let out = out.to_kind(Kind::Float).to_device(stitch_device);
         for (i, &index) in chunk.iter().enumerate() {
-            stitcher.add(index, &out.get(i as i64).to_kind(Kind::Float), &mut sink)?;
+            stitcher.add(index, &out.get(i as i64), &mut sink)?;
         }
         log::trace!(
             "window {:?}: network {t_net:.3} s, stitching {:.3} s",
@@ -254,7 +287,7 @@ pub fn sliding_window(
             t.elapsed().as_secs_f64()
         );
     }
-    let peak = stitcher.peak_cells();
+    let peak = stitcher.peak_voxels();
     let out = if as_labels {
         sink.out.squeeze_dim(0)
     } else {

@@ -11,6 +11,12 @@ use crate::model::{ForwardArgs, Vista3d};
 pub trait WindowNetwork {
     /// Same contract as [`Vista3d::forward`].
     fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor>;
+
+    /// Whether the windows are computed in 16-bit floats (amp, bf16, a TensorRT fp16 engine), whose logits
+    /// carry no more precision than float16 stitching sums.
+    fn reduced_precision(&self) -> bool {
+        false
+    }
 }
 
 impl WindowNetwork for Vista3d {

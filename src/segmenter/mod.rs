@@ -31,9 +31,12 @@ use tch::{Device, Tensor};
 use crate::config::{FallbackPolicy, InferenceConfig};
 use crate::engines::runner::{MethodReport, WindowRunner};
 use crate::engines::{self, EngineChoice, EngineContext, EngineError, Method};
+use crate::inference::memory::{self, RequestShape, StitchDevice};
+use crate::inference::window::Accumulator;
 use crate::inference::{
-    infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowNetwork,
+    infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowNetwork, WindowSettings,
 };
+use crate::io::OutputDtype;
 use crate::prompts::{self, LabelTable, Prompts, RequestPrompts};
 use crate::runtime::torch_switches;
 use crate::transforms::{self, PreprocessConfig};
@@ -153,6 +156,8 @@ pub struct RequestPath {
     table: LabelTable,
     test_panic: Option<String>,
     progress: bool,
+    /// The network's weights and per-window activations (bytes), for the memory estimate.
+    network_bytes: u64,
 }
 
 /// The resident request path on a local model (see the module documentation).
@@ -168,8 +173,16 @@ impl Segmenter {
         if model.device.is_cuda() {
             torch_switches::set_cudnn_benchmark(config.cudnn_benchmark);
         }
+        let mut path = RequestPath::new(config, pipeline);
+        let patch = path.config.patch_size.0;
+        path.set_network_bytes(memory::network_bytes(
+            model.weight_bytes(),
+            model.width().max(0) as usize,
+            patch,
+            path.config.sw_batch_size,
+        ));
         Self {
-            path: RequestPath::new(config, pipeline),
+            path,
             model,
             engines: RefCell::new(HashMap::new()),
         }
@@ -415,12 +428,19 @@ impl RequestPath {
             table: LabelTable::bundle(),
             test_panic: std::env::var(TEST_PANIC_ENV).ok().filter(|s| !s.is_empty()),
             progress: false,
+            network_bytes: 0,
         }
     }
 
     /// Shows a progress bar of the windows of each request on stderr (for long single images on a terminal).
     pub fn set_progress(&mut self, on: bool) {
         self.progress = on;
+    }
+
+    /// The network's own memory (weights and one batch of window activations), counted in each request's
+    /// memory estimate.
+    pub fn set_network_bytes(&mut self, bytes: u64) {
+        self.network_bytes = bytes;
     }
 
     /// The settings every request starts from.
@@ -474,6 +494,125 @@ impl RequestPath {
         guard(&name, || self.finish_inner(inferred))
     }
 
+    /// Estimates the request's peak memory before any work (logged at info level), picks the stitching sums'
+    /// type (float16 for networks in reduced precision or when float32 would not fit `stitch_memory_gb`) and
+    /// refuses a request that cannot fit the machine.
+    fn plan_memory(
+        &self,
+        req: &Request<'_>,
+        prompts: &Prompts,
+        resampled: [usize; 3],
+        method: Method,
+    ) -> Result<Accumulator, SegmentError> {
+        let points = prompts.points.is_some();
+        let as_labels =
+            !points || (!self.config.use_point_window && prompts.label_prompt.is_some());
+        let classes = prompts.label_prompt.as_ref().map_or(1, Vec::len);
+        let shape = RequestShape {
+            input_dims: req.image.dims(),
+            resampled_dims: resampled,
+            classes,
+            as_labels,
+            output_bytes: match self.config.output_dtype {
+                OutputDtype::Uint8 => 1,
+                OutputDtype::Int16 => 2,
+                OutputDtype::Float32 => 4,
+            },
+        };
+        let estimate_with = |accumulator| {
+            memory::estimate(
+                &shape,
+                &self.config.window(),
+                accumulator,
+                self.network_bytes,
+            )
+            .map_err(|e| SegmentError::invalid(e.context(format!("image {}", req.name))))
+        };
+        let full = estimate_with(Accumulator::Float32)?;
+        let configured = self
+            .config
+            .stitch_memory_gb
+            .map(|g| (g * (1u64 << 30) as f64) as u64);
+        let budget = configured.unwrap_or_else(|| {
+            memory::available_bytes().map_or(u64::MAX, |free| {
+                free.saturating_sub(full.total() - full.accumulators)
+            })
+        });
+        // Budget alone decides here; a network that turns out to run in 16-bit floats gets float16 sums too
+        // (see `infer_inner`), which the estimate assumes when such a method is asked for.
+        let accumulator = if full.accumulators > budget {
+            Accumulator::Float16
+        } else {
+            Accumulator::Float32
+        };
+        let estimate = if accumulator == Accumulator::Float16 || method.reduced_precision() {
+            estimate_with(Accumulator::Float16)?
+        } else {
+            full
+        };
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        log::info!(
+            "{}: estimated peak memory {estimate}; stitching budget {:.2} GiB",
+            req.name,
+            gib(budget)
+        );
+        let limit = memory::memory_limit_bytes();
+        if let Some(limit) = limit.filter(|&l| estimate.total() > l) {
+            return Err(SegmentError::InvalidRequest(format!(
+                "image {}: its estimated peak memory, {estimate}, is more than this machine's {:.2} GiB \
+                 (resampled grid {resampled:?}, {classes} classes); use a coarser resample_spacing, fewer \
+                 classes or a machine with more memory",
+                req.name,
+                gib(limit)
+            )));
+        }
+        if configured.is_some() && estimate.accumulators > budget {
+            return Err(SegmentError::InvalidRequest(format!(
+                "image {}: its stitching sums need {:.2} GiB even in float16, more than stitch_memory_gb = {:.2} \
+                 (resampled grid {resampled:?}, {classes} classes)",
+                req.name,
+                gib(estimate.accumulators),
+                gib(budget)
+            )));
+        }
+        Ok(accumulator)
+    }
+
+    /// Whether the stitching sums go to host memory: `stitch_device = cpu`, or `auto` on a GPU whose free
+    /// memory would not hold them.
+    fn stitch_on_host(
+        &self,
+        device: Device,
+        window: &WindowSettings,
+        classes: usize,
+        dims: [usize; 3],
+    ) -> bool {
+        match (device, self.config.stitch_device) {
+            (Device::Cpu, _) | (_, StitchDevice::Device) => false,
+            (_, StitchDevice::Cpu) => true,
+            (device, StitchDevice::Auto) => {
+                let shape = RequestShape {
+                    input_dims: dims,
+                    resampled_dims: dims,
+                    classes,
+                    as_labels: true,
+                    output_bytes: 1,
+                };
+                let sums = memory::estimate(&shape, window, window.accumulator, 0)
+                    .map_or(u64::MAX, |e| e.accumulators);
+                let free = memory::device_free_bytes(device).unwrap_or(0);
+                let on_host = sums > free / 10 * 8;
+                if on_host {
+                    log::info!(
+                        "stitching sums ({sums} bytes) do not fit the free memory of {device:?} ({free} bytes): \
+                         kept in host memory"
+                    );
+                }
+                on_host
+            }
+        }
+    }
+
     fn prepare_inner(&self, req: &Request<'_>) -> Result<Prepared, SegmentError> {
         let prompts = match &self.pipeline {
             Pipeline::Bundle => {
@@ -488,8 +627,11 @@ impl RequestPath {
         check_points(&prompts, req.image, req.name)?;
         transforms::validate_volume(req.image)
             .map_err(|e| SegmentError::invalid(e.context(format!("image {}", req.name))))?;
+        let method = req.precision.unwrap_or(self.config.precision);
+        let mut window = self.config.window();
         if let Pipeline::Bundle = &self.pipeline {
-            check_resampled_grid(req.image, &self.config, req.name)?;
+            let resampled = check_resampled_grid(req.image, &self.config, req.name)?;
+            window.accumulator = self.plan_memory(req, &prompts, resampled, method)?;
         }
         let t = Instant::now();
         let prepared = match &self.pipeline {
@@ -522,13 +664,19 @@ impl RequestPath {
                 )))
             }
         };
+        // The network's input as a tensor; the volume is dropped so that only one copy stays for the windows.
+        let image = volume_to_tensor(&processed).map_err(SegmentError::Failed)?;
+        let processed_dims = processed.dims();
+        drop(processed);
         Ok(Prepared {
             name: req.name.to_string(),
             prompts,
             net_prompts,
-            processed,
+            image,
+            processed_dims,
             trace,
-            method: req.precision.unwrap_or(self.config.precision),
+            method,
+            window,
             timings: vec![("preprocess", t.elapsed().as_secs_f64())],
         })
     }
@@ -542,12 +690,16 @@ impl RequestPath {
             name,
             prompts,
             net_prompts,
-            processed,
+            image,
+            processed_dims,
             trace,
             method,
+            mut window,
             mut timings,
         } = prepared;
-        let window = self.config.window();
+        let classes = net_prompts.label_prompt.as_ref().map_or(1, Vec::len);
+        window.stitch_on_host =
+            self.stitch_on_host(backend.input_device(), &window, classes, processed_dims);
         let (out, report) = backend.run_windows(method, &mut |net| {
             let t = Instant::now();
             if let Some(needle) = &self.test_panic {
@@ -555,16 +707,19 @@ impl RequestPath {
                     panic!("test hook {TEST_PANIC_ENV}: forced panic in {name}");
                 }
             }
-            let image = volume_to_tensor(&processed)
-                .map_err(SegmentError::Failed)?
-                .to_device(backend.input_device());
+            let image = image.to_device(backend.input_device());
             let progress = self
                 .progress
-                .then(|| WindowProgress::new(net, &processed.dims(), &window, &net_prompts));
+                .then(|| WindowProgress::new(net, &processed_dims, &window, &net_prompts));
             let net: &dyn WindowNetwork = match &progress {
                 Some(p) => p,
                 None => net,
             };
+            // Float16 sums where the network itself runs in 16-bit floats (known once its engine is chosen).
+            let mut window = window.clone();
+            if net.reduced_precision() {
+                window.accumulator = Accumulator::Float16;
+            }
             let labels = infer_labels(net, &image, &net_prompts, &window)
                 .with_context(|| format!("segmenting {name}"))
                 .map_err(SegmentError::Failed)?;
@@ -575,7 +730,7 @@ impl RequestPath {
             Ok(Computed {
                 labels,
                 timings: vec![("inference", t.elapsed().as_secs_f64())],
-                processed_shape: processed.dims(),
+                processed_shape: processed_dims,
             })
         })?;
         log::info!(
@@ -629,16 +784,20 @@ pub struct Prepared {
     name: String,
     prompts: Prompts,
     net_prompts: NetworkPrompts,
-    processed: Volume,
+    /// The network's input `[1, 1, X, Y, Z]` on the host.
+    image: Tensor,
+    processed_dims: [usize; 3],
     trace: Trace,
     method: Method,
+    /// Window settings with this request's stitching sums.
+    window: WindowSettings,
     timings: Vec<(&'static str, f64)>,
 }
 
 impl Prepared {
     /// The shape of the network's input grid.
     pub fn processed_shape(&self) -> [usize; 3] {
-        self.processed.dims()
+        self.processed_dims
     }
 }
 
@@ -704,6 +863,10 @@ impl WindowNetwork for WindowProgress<'_> {
             .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
         out
     }
+
+    fn reduced_precision(&self) -> bool {
+        self.inner.reduced_precision()
+    }
 }
 
 /// Fallbacks as one `; `-separated line.
@@ -760,7 +923,7 @@ fn check_resampled_grid(
     image: &Volume,
     config: &InferenceConfig,
     name: &str,
-) -> Result<(), SegmentError> {
+) -> Result<[usize; 3], SegmentError> {
     let plan = transforms::plan_spacing(&image.affine, image.dims(), config.resample_spacing)
         .map_err(|e| SegmentError::invalid(e.context(format!("image {name}"))))?;
     let voxels: u128 = plan.out_dims.iter().map(|&d| d as u128).product();
@@ -778,7 +941,7 @@ fn check_resampled_grid(
             config.max_resampled_voxels
         )));
     }
-    Ok(())
+    Ok(plan.out_dims)
 }
 
 /// Points must lie inside the image (voxel indices from 0 to size - 1).

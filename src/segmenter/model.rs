@@ -62,6 +62,15 @@ pub struct Model {
 }
 
 impl Model {
+    /// Bytes of the weights on their device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.vs
+            .variables()
+            .values()
+            .map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64)
+            .sum()
+    }
+
     /// Loads the weights on `device` (strict checkpoint loading). `cache_dir` holds the checkpoint identities
     /// and fingerprints computed before.
     pub fn load(source: &WeightsSource, device: Device, cache_dir: &Path) -> Result<Self> {

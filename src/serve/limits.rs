@@ -6,89 +6,47 @@
 //! many clients wait: requests that do not fit yet wait in the queue; one that could never fit fails with its
 //! estimate and the setting to change (`--memory-budget`).
 
-use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::config::InferenceConfig;
+use crate::inference::memory;
+use crate::inference::window::Accumulator;
 
-/// The memory this process may use: the cgroup limit if one is set, else the machine's total (bytes).
-pub fn memory_limit_bytes() -> Option<u64> {
-    cgroup_limit(Path::new("/proc/self/cgroup"), Path::new("/sys/fs/cgroup")).or_else(mem_total)
-}
-
-/// The cgroup memory limit of this process (`None` when unlimited or not found). `proc_cgroup` is
-/// `/proc/self/cgroup`, `root` the cgroup file system's mount (`/sys/fs/cgroup`).
-pub fn cgroup_limit(proc_cgroup: &Path, root: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(proc_cgroup).unwrap_or_default();
-    let mut candidates = Vec::new();
-    for line in text.lines() {
-        // "0::/path" (v2) or "N:memory:/path" / "N:cpu,memory:/path" (v1).
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), Some(c)) => (a, b, c),
-            _ => continue,
-        };
-        let rel = path.trim_start_matches('/');
-        if controllers.is_empty() {
-            candidates.push(root.join(rel).join("memory.max"));
-            candidates.push(root.join("memory.max"));
-        } else if controllers.split(',').any(|c| c == "memory") {
-            candidates.push(root.join("memory").join(rel).join("memory.limit_in_bytes"));
-            candidates.push(root.join("memory").join("memory.limit_in_bytes"));
-        }
-    }
-    candidates.into_iter().find_map(|p| {
-        let v = std::fs::read_to_string(p).ok()?;
-        let v = v.trim();
-        if v == "max" {
-            return None;
-        }
-        // cgroup v1 reports "no limit" as a huge number (page-rounded i64::MAX).
-        v.parse::<u64>().ok().filter(|&b| b < (1u64 << 60))
-    })
-}
-
-/// `MemTotal` of `/proc/meminfo` in bytes.
-fn mem_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use crate::inference::memory::{cgroup_limit, memory_limit_bytes};
 
 /// The default budget: 80% of [`memory_limit_bytes`] (8 GiB when nothing can be read).
 pub fn default_budget_bytes() -> u64 {
     memory_limit_bytes().map_or(8 << 30, |b| b / 10 * 8)
 }
 
-/// A conservative estimate of one request's peak memory (bytes) for an image of `dims` voxels of `spacing` mm
-/// with `classes` output channels, from what the request path holds at once:
-/// - on the input grid: the image (f32), the label map and the inverse resampling's buffers: 4 volumes;
-/// - on the processed grid (the input resampled to `resample_spacing`, before the foreground crop): the image,
-///   its padded copy, the label map and the blending weights: 4 volumes;
-/// - the stitcher's live band: every class's logits over one window depth along the first axis across the
-///   whole padded second and third axes, twice (accumulator and the window being added).
+/// One request's peak memory (bytes) for an image of `dims` voxels of `spacing` mm with `classes` output
+/// channels: [`crate::inference::memory::estimate`] on the grid resampled to `resample_spacing` (before the
+/// foreground crop, which only makes it smaller), float32 sums, without the network (shared by all requests).
 pub fn estimate_request_bytes(
     dims: [usize; 3],
     spacing: [f64; 3],
     config: &InferenceConfig,
     classes: usize,
 ) -> u64 {
-    let patch = config.patch_size.0;
-    let processed: [u64; 3] = std::array::from_fn(|a| {
+    let resampled: [usize; 3] = std::array::from_fn(|a| {
         let target = config.resample_spacing[a];
-        let s = if target > 0.0 && spacing[a].is_finite() && spacing[a] > 0.0 {
-            (dims[a] as f64 * spacing[a] / target).ceil()
+        if target > 0.0 && spacing[a].is_finite() && spacing[a] > 0.0 {
+            (dims[a] as f64 * spacing[a] / target).ceil() as usize
         } else {
-            dims[a] as f64
-        };
-        (s as u64).max(patch[a] as u64)
+            dims[a]
+        }
+        .max(1)
     });
-    let input: u64 = dims.iter().map(|&d| d as u64).product();
-    let grid: u64 = processed.iter().product();
-    let band = classes.max(1) as u64 * patch[0] as u64 * processed[1] * processed[2];
-    4 * (4 * input + 4 * grid + 2 * band)
+    let shape = memory::RequestShape {
+        input_dims: dims,
+        resampled_dims: resampled,
+        classes,
+        as_labels: true,
+        output_bytes: 4,
+    };
+    memory::estimate(&shape, &config.window(), Accumulator::Float32, 0)
+        .map_or(u64::MAX, |e| e.total() - memory::RUNTIME_BYTES)
 }
 
 /// Bytes shared by the running requests.
@@ -225,9 +183,9 @@ mod tests {
         let c = InferenceConfig::defaults();
         let one = estimate_request_bytes([333, 333, 603], [1.5; 3], &c, 1);
         let all = estimate_request_bytes([333, 333, 603], [1.5; 3], &c, 117);
-        assert!(all > 50 * one / 10, "{one} {all}");
-        // The bundle's "everything" on 333 x 333 x 603 peaked at 14.6 GiB (README): the estimate is above it.
-        assert!(all > 14 << 30 && all < 40 << 30, "{}", gib(all));
+        assert!(all > 3 * one, "{one} {all}");
+        // "Everything" on 333 x 333 x 603 with float32 sums: about 7 GiB (benches/RESULTS.md measures it).
+        assert!(all > 4 << 30 && all < 12 << 30, "{}", gib(all));
 
         let budget = MemoryBudget::new(100);
         assert_eq!(
