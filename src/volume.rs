@@ -16,6 +16,16 @@ pub const IDENTITY: Affine = [
     [0.0, 0.0, 0.0, 1.0],
 ];
 
+/// The six orders of the three axes, the identity first.
+pub const AXIS_PERMUTATIONS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [0, 2, 1],
+    [1, 0, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [2, 1, 0],
+];
+
 /// A scalar volume with its affine.
 #[derive(Debug, Clone)]
 pub struct Volume {

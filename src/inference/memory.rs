@@ -223,17 +223,20 @@ pub fn cgroup_limit(proc_cgroup: &Path, root: &Path) -> Option<u64> {
 
 /// `MemTotal` of `/proc/meminfo` in bytes.
 fn mem_total() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// The `/proc/meminfo` line starting with `key` (kB) in bytes.
+fn meminfo(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
 
 /// Memory this process can still take now: `MemAvailable`, capped by what the cgroup limit leaves (bytes).
 pub fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let available = line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    let available = meminfo("MemAvailable:")?;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

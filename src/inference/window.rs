@@ -15,6 +15,8 @@ use std::ops::Range;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::volume::AXIS_PERMUTATIONS;
+
 /// Blending of overlapping windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -347,17 +349,15 @@ impl StitchPlan {
         let largest_cell_x = largest[0];
         let mut candidates = vec![WindowOrder::Monai];
         if !monai_only {
-            const PERMUTATIONS: [[usize; 3]; 6] = [
-                [0, 1, 2],
-                [0, 2, 1],
-                [1, 0, 2],
-                [1, 2, 0],
-                [2, 0, 1],
-                [2, 1, 0],
-            ];
-            candidates.extend(PERMUTATIONS.iter().skip(1).map(|&a| WindowOrder::Rows(a)));
-            candidates.extend(PERMUTATIONS.iter().map(|&a| WindowOrder::Wavefront(a)));
-            candidates.extend(PERMUTATIONS.iter().map(|&a| WindowOrder::Grouped(a)));
+            // Rows in x, y, z order are MONAI's order.
+            candidates.extend(
+                AXIS_PERMUTATIONS
+                    .iter()
+                    .skip(1)
+                    .map(|&a| WindowOrder::Rows(a)),
+            );
+            candidates.extend(AXIS_PERMUTATIONS.iter().map(|&a| WindowOrder::Wavefront(a)));
+            candidates.extend(AXIS_PERMUTATIONS.iter().map(|&a| WindowOrder::Grouped(a)));
         }
         candidates
             .into_iter()
@@ -534,8 +534,7 @@ impl<'a> Stitcher<'a> {
 
     /// A copy of `t` in the accumulator type on the accumulator device (never a view of the window output).
     fn owned(&self, t: &Tensor) -> Tensor {
-        let out = Tensor::empty(t.size(), (self.accumulator.kind(), self.device));
-        let mut out = out;
+        let mut out = Tensor::empty(t.size(), (self.accumulator.kind(), self.device));
         out.copy_(t);
         out
     }

@@ -11,7 +11,7 @@
 //! the actual world direction of each screen axis (the dominant RAS component), so they are what the affine
 //! says, also for LPS, permuted or oblique files.
 
-use crate::volume::{spacing, Affine};
+use crate::volume::{spacing, Affine, AXIS_PERMUTATIONS};
 
 use super::PreviewError;
 
@@ -104,16 +104,8 @@ impl Orientation {
         }
         let direction: [[f64; 3]; 3] =
             std::array::from_fn(|k| std::array::from_fn(|w| a[w][k] / spacing[k]));
-        const PERMUTATIONS: [[usize; 3]; 6] = [
-            [0, 1, 2],
-            [0, 2, 1],
-            [1, 0, 2],
-            [1, 2, 0],
-            [2, 0, 1],
-            [2, 1, 0],
-        ];
         let score = |p: &[usize; 3]| (0..3).map(|w| direction[p[w]][w].abs()).sum::<f64>();
-        let voxel_axis = PERMUTATIONS
+        let voxel_axis = AXIS_PERMUTATIONS
             .iter()
             .copied()
             .max_by(|p, q| score(p).total_cmp(&score(q)))

@@ -36,7 +36,6 @@ use crate::inference::window::Accumulator;
 use crate::inference::{
     infer_labels, tensor_to_array, volume_to_tensor, NetworkPrompts, WindowNetwork, WindowSettings,
 };
-use crate::io::OutputDtype;
 use crate::prompts::{self, LabelTable, Prompts, RequestPrompts};
 use crate::runtime::torch_switches;
 use crate::transforms::{self, PreprocessConfig};
@@ -513,11 +512,7 @@ impl RequestPath {
             resampled_dims: resampled,
             classes,
             as_labels,
-            output_bytes: match self.config.output_dtype {
-                OutputDtype::Uint8 => 1,
-                OutputDtype::Int16 => 2,
-                OutputDtype::Float32 => 4,
-            },
+            output_bytes: self.config.output_dtype.size() as u64,
         };
         let estimate_with = |accumulator| {
             memory::estimate(
