@@ -4,8 +4,8 @@
 #   bash benches/memory_everything.sh [WIDTH=8] [THREADS=2] [PARTS="333 1024"]
 # - 333: a synthetic 333 x 333 x 603 CT at 1.5 mm (MONAI's bundle peaks at 32.7 GiB on this size, ../bench), body
 #   over the whole box so the foreground crop keeps it whole; `vista3d infer` with seeded random weights of WIDTH,
-#   128^3 windows: one label, everything with float32 sums (MONAI's results bit for bit) and everything with float16
-#   sums (stitch_memory_gb=2).
+#   128^3 windows: everything with float16 sums (stitch_memory_gb=2), one label, and everything with float32 sums
+#   (MONAI's results bit for bit).
 # - 1024: a synthetic 1024 x 1024 x 768 CT at 1.5 mm, everything through the whole request path with the network
 #   replaced by a cheap stand-in (benches/stitch_memory.rs; hours on a CPU with the real network).
 set -euo pipefail
@@ -46,9 +46,9 @@ if [[ " $parts " == *" 333 "* ]]; then
             --set output_dtype=uint8 "$@" 2> "$dir/$name.log" > /dev/null
         report "$name" "$dir/$name.log" "$dir/$name.log"
     }
+    run everything_f16 --set stitch_memory_gb=2
     run one_label --label-prompt 1
     run everything_f32
-    run everything_f16 --set stitch_memory_gb=2
 fi
 if [[ " $parts " == *" 1024 "* ]]; then
     [ -f "$dir/ct_1024x1024x768.nii.gz" ] || make_ct 1024,1024,768 "$dir/ct_1024x1024x768.nii.gz"

@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use vista3d::config::InferenceConfig;
 use vista3d::engines::runner::MethodReport;
 use vista3d::engines::Method;
+use vista3d::inference::network::{even_pieces, SlabSink, WindowSlab};
 use vista3d::inference::WindowNetwork;
 use vista3d::io::{read_image, write_nifti, OutputDtype};
 use vista3d::prompts::RequestPrompts;
@@ -32,6 +33,22 @@ impl WindowNetwork for StandIn {
         let k = Tensor::arange_start(1, classes + 1, (Kind::Float, input.device()))
             .view([1, classes, 1, 1, 1]);
         Ok((input * k / 200.0).sin())
+    }
+
+    /// In slabs along x, as the real network makes class prompts.
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &ForwardArgs,
+        slab_x: usize,
+        sink: &mut SlabSink<'_>,
+    ) -> Result<()> {
+        for x in even_pieces(input.size()[2] as usize, slab_x) {
+            let part = input.narrow(2, x.start as i64, x.len() as i64);
+            let logits = self.forward_window(&part, args)?;
+            sink(WindowSlab { x, logits })?;
+        }
+        Ok(())
     }
 }
 
@@ -94,12 +111,18 @@ fn main() -> Result<()> {
         image: &input.volume,
         prompts: RequestPrompts::default(),
         precision: Some(Method::Fp32),
+        image_kept: false,
     };
-    let seg = path.segment(&StandInBackend, &request)?;
+    // As `vista3d infer` runs an item: the voxels as read are released once the network's input is made.
+    let prepared = path.prepare(&request)?;
+    let dims = input.volume.dims();
+    let mut input = input;
+    input.volume.data = ndarray::Array3::zeros((0, 0, 0));
+    let inferred = path.infer(&StandInBackend, prepared)?;
+    let seg = path.finish(inferred)?;
     write_nifti(&out, &seg.labels, &input.header, OutputDtype::Uint8)?;
     println!(
-        "{name}: {:?} -> processed {:?}, stages {:?}, {:.1} s in all",
-        input.volume.dims(),
+        "{name}: {dims:?} -> processed {:?}, stages {:?}, {:.1} s in all",
         seg.processed_shape,
         seg.timings,
         t.elapsed().as_secs_f64()

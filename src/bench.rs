@@ -209,6 +209,7 @@ pub fn run(segmenter: &Segmenter, opts: &BenchOptions) -> Result<BenchReport> {
                     image: vol,
                     prompts: prompts.clone(),
                     precision: Some(method),
+                    image_kept: true,
                 })?;
                 synchronize(device);
                 e2e.push(t.elapsed().as_secs_f64());

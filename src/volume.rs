@@ -35,7 +35,22 @@ pub struct Volume {
     pub affine: Affine,
 }
 
+/// An image's shape and spacing, what records keep of it once its voxels are released.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputGeometry {
+    pub shape: [usize; 3],
+    pub spacing: [f64; 3],
+}
+
 impl Volume {
+    /// Its shape and spacing.
+    pub fn geometry(&self) -> InputGeometry {
+        InputGeometry {
+            shape: self.dims(),
+            spacing: self.spacing(),
+        }
+    }
+
     /// Spatial shape `[X, Y, Z]`.
     pub fn dims(&self) -> [usize; 3] {
         let s = self.data.shape();

@@ -6,7 +6,7 @@ mod common;
 use tch::Device;
 use vista3d::checkpoint::read_checkpoint;
 use vista3d::inference::window::BlendMode;
-use vista3d::inference::{infer_logits, NetworkPrompts, WindowSettings};
+use vista3d::inference::{infer_labels, infer_logits, NetworkPrompts, WindowSettings};
 use vista3d::model::to_tensor;
 
 #[test]
@@ -52,5 +52,16 @@ fn sliding_window_matches_monai_in_gaussian_and_batched_modes() {
         let err = common::rel_error(&logits, &expected).unwrap_or_else(|e| panic!("{name}: {e}"));
         println!("{name}: relative error {err:.1e}");
         assert!(err <= 1e-4, "{name}: relative error {err:e}");
+        // The network's output in slabs along x (as "everything" runs at 128^3), here one voxel thick: the same
+        // logits and labels bit for bit.
+        let slabs = WindowSettings {
+            window_output_bytes: 1,
+            ..settings.clone()
+        };
+        let sliced = infer_logits(&model.net, &input, &prompts, &slabs).unwrap();
+        assert!(sliced.equal(&logits), "{name}: logits made in slabs differ");
+        let labels = infer_labels(&model.net, &input, &prompts, &settings).unwrap();
+        let sliced = infer_labels(&model.net, &input, &prompts, &slabs).unwrap();
+        assert!(sliced.equal(&labels), "{name}: labels made in slabs differ");
     }
 }

@@ -44,6 +44,7 @@ pub use crate::segmenter::record::seg_path;
 use crate::segmenter::record::{self, build_record_for, file_identity};
 use crate::segmenter::record::{preview_path, write_preview_beside, ModelFacts};
 use crate::segmenter::{Inferred, Prepared, Request, RequestPath, SegmentError, Segmenter};
+use crate::volume::InputGeometry;
 use claims::Claimer;
 pub use shards::Shard;
 
@@ -447,8 +448,11 @@ pub struct ItemRun {
 
 /// An item's input as read, with what writing its outputs needs to know about the read.
 pub struct ReadInput {
-    /// The image (its header and DICOM series are needed to write the outputs).
+    /// The image (its header and DICOM series are needed to write the outputs). Its voxels are released after
+    /// preprocessing unless a preview draws them (`geometry` keeps what the record needs).
     pub image: InputImage,
+    /// The image's shape and spacing as read.
+    pub geometry: InputGeometry,
     /// Seconds spent reading it.
     pub seconds: f64,
     /// When reading started (the item's clock).
@@ -478,10 +482,18 @@ pub fn load_item(
         image: &image.volume,
         prompts: item.prompts.clone(),
         precision: item.precision,
+        image_kept: spec.preview,
     })?;
+    let geometry = image.volume.geometry();
+    let mut image = image;
+    if !spec.preview {
+        // The network's input is made: the voxels as read (float32, as large as the CT) are not needed again.
+        image.volume.data = ndarray::Array3::zeros((0, 0, 0));
+    }
     Ok((
         ReadInput {
             image,
+            geometry,
             seconds,
             started,
         },
@@ -511,7 +523,7 @@ pub fn write_item(
         path.config(),
         model,
         &seg,
-        &input.volume,
+        read.geometry,
         identity,
         out,
         &seconds,

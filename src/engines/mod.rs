@@ -53,6 +53,13 @@ pub trait WindowEngine: Send {
     /// Mapped features `[b, E, H, W, D]` (from [`WindowEngine::encode`]) and global class ids `[B, 1]` (i64) ->
     /// logits `[B, b, H, W, D]` (f32), as MONAI's `class_head` returns them ([`split::classify`]).
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError>;
+
+    /// Whether [`WindowEngine::classify`] takes features of any spatial size, such as a slab of a window along x
+    /// (ONNX Runtime: dynamic spatial dims), so that a window's logits for every class never exist at once. A
+    /// TensorRT engine is built for the window's shape and takes the window whole.
+    fn classifies_slabs(&self) -> bool {
+        false
+    }
 }
 
 /// Where engines live and what they must match, for opening one for a request.

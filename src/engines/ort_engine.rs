@@ -313,6 +313,10 @@ impl WindowEngine for OrtEngine {
         )
     }
 
+    fn classifies_slabs(&self) -> bool {
+        true
+    }
+
     fn classify(&mut self, features: &Tensor, class_ids: &Tensor) -> Result<Tensor, EngineError> {
         let (f, c) = (features.size(), class_ids.size());
         let embed_dim = self.manifest.embed_dim;

@@ -4,11 +4,15 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::{EngineChoice, EngineError, Fallback, Method, WindowEngine};
+use crate::inference::network::{
+    class_path_in_slabs, class_slabs, even_pieces, whole, SlabSink, WindowSlab,
+};
 use crate::inference::WindowNetwork;
 use crate::model::{ForwardArgs, Vista3d};
 use crate::runtime::torch_switches;
@@ -103,14 +107,15 @@ impl<'a> WindowRunner<'a> {
         (choice, report)
     }
 
-    fn engine_forward(
+    /// Logits `[B, b, H, W, D]` (f32) of an engine's class head for features from its encoder, checked
+    /// against the window `[b, 1, H, W, D]` they came from.
+    fn engine_logits(
         engine: &mut dyn WindowEngine,
-        input: &Tensor,
+        features: &Tensor,
         class_vector: &Tensor,
-        transpose: bool,
+        input: &Tensor,
     ) -> Result<Tensor, EngineError> {
-        let features = engine.encode(input)?;
-        let logits = engine.classify(&features, class_vector)?;
+        let logits = engine.classify(features, class_vector)?;
         let expected = [class_vector.size()[0], input.size()[0]];
         if !(logits.dim() == 5
             && logits.size()[..2] == expected
@@ -124,7 +129,17 @@ impl<'a> WindowRunner<'a> {
                 &input.size()[2..]
             )));
         }
-        let logits = logits.f_to_kind(Kind::Float)?;
+        Ok(logits.f_to_kind(Kind::Float)?)
+    }
+
+    fn engine_forward(
+        engine: &mut dyn WindowEngine,
+        input: &Tensor,
+        class_vector: &Tensor,
+        transpose: bool,
+    ) -> Result<Tensor, EngineError> {
+        let features = engine.encode(input)?;
+        let logits = Self::engine_logits(engine, &features, class_vector, input)?;
         Ok(if transpose {
             logits.f_transpose(1, 0)?
         } else {
@@ -132,21 +147,69 @@ impl<'a> WindowRunner<'a> {
         })
     }
 
-    fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
-        self.report.borrow_mut().mark_used(self.torch_method);
+    /// Runs `f` as this request's libtorch method computes (autocast for amp on CUDA and for bf16); float32
+    /// out.
+    fn in_torch_method(&self, f: &dyn Fn() -> Result<Tensor>) -> Result<Tensor> {
         let cuda = self.device.is_cuda();
         match self.torch_method {
-            Method::Amp if cuda => {
-                let out = torch_switches::with_cuda_autocast(|| self.net.forward(input, args))?;
-                Ok(out.to_kind(Kind::Float))
-            }
-            Method::Bf16 => {
-                let out =
-                    torch_switches::with_bf16_autocast(cuda, || self.net.forward(input, args))?;
-                Ok(out.to_kind(Kind::Float))
-            }
-            _ => self.net.forward(input, args),
+            Method::Amp if cuda => Ok(torch_switches::with_cuda_autocast(f)?.to_kind(Kind::Float)),
+            Method::Bf16 => Ok(torch_switches::with_bf16_autocast(cuda, f)?.to_kind(Kind::Float)),
+            _ => f(),
         }
+    }
+
+    fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        self.report.borrow_mut().mark_used(self.torch_method);
+        self.in_torch_method(&|| self.net.forward(input, args))
+    }
+
+    /// The engine's class head for `slabs` of the window's features, one after the other into `sink`; the number
+    /// of slabs handed over, and the engine's error if it failed before the last.
+    fn engine_slabs(
+        &self,
+        engine: &mut dyn WindowEngine,
+        input: &Tensor,
+        class_vector: &Tensor,
+        slabs: &[Range<usize>],
+        sink: &mut SlabSink<'_>,
+    ) -> Result<(usize, Option<EngineError>)> {
+        let features = match engine.encode(input) {
+            Ok(f) => f,
+            Err(e) => return Ok((0, Some(e))),
+        };
+        for (done, x) in slabs.iter().enumerate() {
+            let (start, len) = (x.start as i64, x.len() as i64);
+            let logits = features
+                .f_narrow(2, start, len)
+                .and_then(|f| f.f_contiguous())
+                .map_err(EngineError::from)
+                .and_then(|part| {
+                    Self::engine_logits(engine, &part, class_vector, &input.narrow(2, start, len))
+                })
+                .and_then(|l| Ok(l.f_transpose(1, 0)?));
+            match logits {
+                Ok(logits) => {
+                    self.report.borrow_mut().mark_used(engine.method());
+                    sink(WindowSlab {
+                        x: x.clone(),
+                        logits,
+                    })?;
+                }
+                Err(e) => return Ok((done, Some(e))),
+            }
+        }
+        Ok((slabs.len(), None))
+    }
+
+    /// Records an engine failure and drops the engine: libtorch runs the rest of the request.
+    fn engine_failed(&self, method: Method, e: &EngineError) {
+        let fallback = Fallback::new(method, e);
+        log::warn!(
+            "{fallback}; falling back to libtorch {} for the rest of the request",
+            self.torch_method
+        );
+        self.report.borrow_mut().fallbacks.push(fallback);
+        *self.engine.borrow_mut() = None;
     }
 }
 
@@ -163,18 +226,56 @@ impl WindowNetwork for WindowRunner<'_> {
                         return Ok(out);
                     }
                     Err(e) => {
-                        let fallback = Fallback::new(method, &e);
-                        log::warn!(
-                            "{fallback}; falling back to libtorch {} for the rest of the request",
-                            self.torch_method
-                        );
-                        self.report.borrow_mut().fallbacks.push(fallback);
-                        *slot = None;
+                        drop(slot);
+                        self.engine_failed(method, &e);
                     }
                 }
             }
         }
         self.torch_forward(input, args)
+    }
+
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &ForwardArgs,
+        slab_x: usize,
+        sink: &mut SlabSink<'_>,
+    ) -> Result<()> {
+        let Some(cv) = class_slabs(args, input, slab_x) else {
+            return whole(self.forward_window(input, args)?, sink);
+        };
+        let slabs = even_pieces(input.size()[2] as usize, slab_x);
+        let mut done = 0;
+        let engine = self.engine.borrow_mut().take();
+        if let Some(mut engine) = engine {
+            if !engine.classifies_slabs() {
+                // The engine makes the window whole.
+                *self.engine.borrow_mut() = Some(engine);
+                return whole(self.forward_window(input, args)?, sink);
+            }
+            let (handed, failure) = self.engine_slabs(engine.as_mut(), input, cv, &slabs, sink)?;
+            match failure {
+                None => {
+                    *self.engine.borrow_mut() = Some(engine);
+                    return Ok(());
+                }
+                // The slabs already handed over stay; libtorch makes the rest.
+                Some(e) => {
+                    done = handed;
+                    self.engine_failed(engine.method(), &e);
+                }
+            }
+        }
+        self.report.borrow_mut().mark_used(self.torch_method);
+        class_path_in_slabs(
+            self.net,
+            input,
+            cv,
+            &slabs[done..],
+            &|f| self.in_torch_method(f),
+            sink,
+        )
     }
 
     fn reduced_precision(&self) -> bool {
@@ -209,6 +310,10 @@ mod tests {
         _vs: nn::VarStore,
         calls: usize,
         fail_after: usize,
+        /// Whether it takes slabs of a window (as ONNX Runtime does), and from which class-head call on it fails.
+        slabs: bool,
+        classify_calls: usize,
+        classify_fail_after: usize,
     }
 
     impl WindowEngine for FakeEngine {
@@ -227,9 +332,16 @@ mod tests {
             features: &Tensor,
             class_ids: &Tensor,
         ) -> Result<Tensor, EngineError> {
+            self.classify_calls += 1;
+            if self.classify_calls > self.classify_fail_after {
+                return Err(EngineError::Runtime("simulated class head failure".into()));
+            }
             Ok(crate::engines::split::classify(
                 &self.net, features, class_ids,
             ))
+        }
+        fn classifies_slabs(&self) -> bool {
+            self.slabs
         }
     }
 
@@ -248,6 +360,9 @@ mod tests {
             _vs: copy_vs,
             calls: 0,
             fail_after,
+            slabs: false,
+            classify_calls: 0,
+            classify_fail_after: usize::MAX,
         };
         (net, engine)
     }
@@ -308,6 +423,100 @@ mod tests {
         let report = runner.report();
         assert_eq!(report.used, vec![Method::Fp32]);
         assert_eq!(report.fallbacks.len(), 1);
+    }
+
+    /// Runs `net` in slabs of at most `max` along x and puts the slabs back together.
+    fn in_slabs(net: &dyn WindowNetwork, input: &Tensor, args: &ForwardArgs, max: usize) -> Tensor {
+        let mut slabs = Vec::new();
+        tch::no_grad(|| {
+            net.forward_window_in_slabs(input, args, max, &mut |s| {
+                assert_eq!(s.logits.size()[2], s.x.len() as i64);
+                slabs.push((s.x.start, s.logits));
+                Ok(())
+            })
+        })
+        .unwrap();
+        slabs.sort_by_key(|s| s.0);
+        Tensor::cat(&slabs.into_iter().map(|s| s.1).collect::<Vec<_>>(), 2)
+    }
+
+    #[test]
+    fn class_slabs_are_the_whole_window_bit_for_bit() {
+        let (net, engine) = net_and_engine(usize::MAX);
+        let input = Tensor::randn([1, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let cv = Tensor::from_slice(&[3i64, 1, 14, 7, 22, 9]).view([6, 1]);
+        let args = ForwardArgs {
+            class_vector: Some(&cv),
+            transpose: true,
+            ..Default::default()
+        };
+        let whole = tch::no_grad(|| net.forward(&input, &args)).unwrap();
+        // The class head's product per slab of voxels gives the whole product's values bit for bit (unlike
+        // chunks of classes, whose matrix products may round differently), so float32 "everything" stays
+        // MONAI's.
+        for max in [1, 5, 16, 31, 32, 100] {
+            let slabs = in_slabs(net, &input, &args, max);
+            assert!(slabs.equal(&whole), "slabs of {max} differ");
+            let runner = WindowRunner::torch(net, Device::Cpu);
+            assert!(in_slabs(&runner, &input, &args, max).equal(&whole));
+        }
+        // A batch of windows.
+        let batch = Tensor::randn([3, 1, 32, 32, 32], (Kind::Float, Device::Cpu));
+        let whole = tch::no_grad(|| net.forward(&batch, &args)).unwrap();
+        let one = Tensor::from_slice(&[3i64]).view([1, 1]);
+        let args_one = ForwardArgs {
+            class_vector: Some(&one),
+            transpose: true,
+            ..Default::default()
+        };
+        let whole1 = tch::no_grad(|| net.forward(&batch, &args_one)).unwrap();
+        let slabs1 = in_slabs(net, &batch, &args_one, 1);
+        assert!(slabs1.equal(&whole1), "one class in slabs differs");
+        for max in [1, 7] {
+            let slabs = in_slabs(net, &batch, &args, max);
+            assert!(slabs.equal(&whole), "a batch in slabs of {max} differs");
+        }
+        // An engine built for the window's shape (TensorRT) makes the window whole.
+        let runner = WindowRunner::new(
+            net,
+            Device::Cpu,
+            Method::TrtFp16,
+            with_engine(engine, Method::Fp32, Vec::new()),
+        );
+        let mut calls = 0;
+        tch::no_grad(|| {
+            runner.forward_window_in_slabs(&input, &args, 4, &mut |s| {
+                calls += 1;
+                assert_eq!(s.x, 0..32);
+                Ok(())
+            })
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
+        assert_eq!(runner.report().used, vec![Method::TrtFp16]);
+
+        // An engine that takes slabs (ONNX Runtime) makes them; failing on the second, it hands over to libtorch,
+        // which makes that slab and the rest.
+        let (net, mut engine) = net_and_engine(usize::MAX);
+        engine.slabs = true;
+        engine.classify_fail_after = 1;
+        let runner = WindowRunner::new(
+            net,
+            Device::Cpu,
+            Method::TrtFp16,
+            with_engine(engine, Method::Fp32, Vec::new()),
+        );
+        let whole = tch::no_grad(|| net.forward(&input, &args)).unwrap();
+        let slabs = in_slabs(&runner, &input, &args, 8);
+        let diff = (&slabs - &whole).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "diff {diff}");
+        let (next, report) = runner.into_parts();
+        assert!(next.engine.is_none(), "a failed engine is dropped");
+        assert_eq!(report.used, vec![Method::TrtFp16, Method::Fp32]);
+        assert_eq!(report.fallbacks.len(), 1);
+        assert!(report.fallbacks[0]
+            .to_string()
+            .contains("simulated class head failure"));
     }
 
     #[test]

@@ -2,16 +2,18 @@
 //! window plan and the network, so that a request too large for the machine is refused with a plain message
 //! instead of being killed part-way, and the stitching sums are kept in float16 when float32 would not fit.
 //!
-//! The request goes through three phases, each holding the image as read (float32) and the network:
-//! - preprocessing: the resampled grid and its intensity-scaled and cropped copies;
+//! The request goes through three phases, each holding the network:
+//! - preprocessing: the image as read (float32), the resampled grid and its intensity-scaled and cropped copies;
 //! - the windows: the network input (and its replicate-padded copy), the label map being filled, the live
-//!   stitching sums ([`StitchPlan::peak_voxels`] x classes) and one batch of window logits;
+//!   stitching sums ([`StitchPlan::peak_voxels`] x classes) and one chunk of window logits;
 //! - inversion: the labels on the processed grid and on the image's grid.
+//!
+//! The image as read counts in the last two only when the caller keeps its voxels ([`RequestShape::image_kept`]).
 
 use std::path::Path;
 
 use super::window::{Accumulator, StitchPlan, WindowGrid, FINISH_SLAB};
-use super::WindowSettings;
+use super::{slab_thickness, WindowSettings};
 
 /// Where the stitching sums live when the network runs on a GPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +77,8 @@ pub struct MemoryEstimate {
     /// Blending and labelling the largest cell.
     pub finishing: u64,
     pub inversion: u64,
+    /// Whether `input` stays beyond preprocessing.
+    pub image_kept: bool,
     /// The element type the sums were estimated in.
     pub accumulator: Accumulator,
     /// Live accumulator voxels per channel at the peak (from the window plan).
@@ -94,6 +98,8 @@ pub struct RequestShape {
     pub as_labels: bool,
     /// Bytes per voxel of the written label map.
     pub output_bytes: u64,
+    /// Whether the image as read stays in memory while the windows run.
+    pub image_kept: bool,
 }
 
 impl MemoryEstimate {
@@ -104,10 +110,12 @@ impl MemoryEstimate {
             + self.accumulators
             + self.window_output
             + self.finishing;
+        let kept = if self.image_kept { self.input } else { 0 };
         RUNTIME_BYTES
-            + self.input
             + self.network
-            + self.preprocessing.max(windows).max(self.inversion)
+            + (self.input + self.preprocessing)
+                .max(kept + windows)
+                .max(kept + self.inversion)
     }
 }
 
@@ -147,9 +155,15 @@ pub fn estimate(
     let processed = voxels(&shape.resampled_dims);
     let padded = voxels(&grid.padded);
     let batch = settings.sw_batch_size.max(1) as u64;
-    let plan = StitchPlan::new(&grid, accumulator, batch > 1);
+    let plan = StitchPlan::new(&grid, accumulator, batch as usize);
     let classes = shape.classes.max(1) as u64;
-    let roi_voxels = voxels(&grid.roi);
+    let slab_voxels = slab_thickness(
+        settings.window_output_bytes,
+        batch as usize,
+        classes as usize,
+        &grid.roi,
+    ) as u64
+        * (grid.roi[1] * grid.roi[2]) as u64;
     let padding = if padded > processed { 4 * padded } else { 0 };
     let (labels, accumulators) = if shape.as_labels {
         (processed, plan.peak_voxels * classes * accumulator.bytes())
@@ -164,9 +178,8 @@ pub fn estimate(
         network_input: 4 * processed + padding,
         labels,
         accumulators,
-        // The network's output batch and two temporaries of its size while it is made (the class head's masks
-        // and their mapping into the prompt order; measured: 3.0 GB beyond one label for 117 classes at 128^3).
-        window_output: 3 * 4 * batch * classes * roi_voxels,
+        // One slab of the network's output and a copy of its size (weighted, or converted for float16 sums).
+        window_output: 2 * 4 * batch * classes * slab_voxels,
         // A blended float32 slab of the largest cell (4 bytes), its clamped copy (4) and two masks (1 + 1).
         finishing: if shape.as_labels {
             let slab = plan.largest_cell / plan.largest_cell_x.max(1)
@@ -179,6 +192,7 @@ pub fn estimate(
         inversion: 4 * processed
             + 4 * voxels(&shape.input_dims)
             + shape.output_bytes * voxels(&shape.input_dims),
+        image_kept: shape.image_kept,
         accumulator,
         peak_voxels: plan.peak_voxels,
     })
@@ -269,6 +283,7 @@ mod tests {
             classes,
             as_labels: true,
             output_bytes: 1,
+            image_kept: false,
         }
     }
 
@@ -302,5 +317,23 @@ mod tests {
         // The live band is bounded by the smallest cross-section: well under a full row of windows across it.
         let row = 128 * 333 * 603;
         assert!(one.peak_voxels < row / 2, "{} live voxels", one.peak_voxels);
+    }
+
+    #[test]
+    fn window_output_is_one_slab_and_a_released_image_leaves_the_windows() {
+        let settings = WindowSettings::default();
+        let dims = [333, 333, 603];
+        let at = |classes, kept| {
+            let mut s = shape(dims, classes);
+            s.image_kept = kept;
+            estimate(&s, &settings, Accumulator::Float16, 0).unwrap()
+        };
+        // Every class's logits of a whole 128^3 window would be 0.98 GB; a slab stays within the bound.
+        let everything = at(117, false);
+        assert!(everything.window_output <= 2 * super::super::WINDOW_OUTPUT_BYTES);
+        assert!(at(2, false).window_output < everything.window_output);
+        let kept = at(117, true);
+        assert!(kept.total() > everything.total());
+        assert!(kept.total() - everything.total() <= kept.input);
     }
 }

@@ -2,7 +2,7 @@
 //! point-window inference, postprocessing, and inversion to the original grid.
 
 pub mod memory;
-mod network;
+pub mod network;
 pub mod point_window;
 pub mod postprocess;
 pub mod window;
@@ -34,6 +34,8 @@ pub struct WindowSettings {
     pub accumulator: Accumulator,
     /// Keep the stitching sums in host memory even when the network runs on a GPU.
     pub stitch_on_host: bool,
+    /// Bytes of logits one network call hands over at a time ([`WINDOW_OUTPUT_BYTES`]).
+    pub window_output_bytes: u64,
 }
 
 impl Default for WindowSettings {
@@ -46,6 +48,7 @@ impl Default for WindowSettings {
             use_point_window: true,
             accumulator: Accumulator::Float32,
             stitch_on_host: false,
+            window_output_bytes: WINDOW_OUTPUT_BYTES,
         }
     }
 }
@@ -160,8 +163,8 @@ impl CellSink for FullSink<'_> {
         if self.as_labels {
             src = postprocess::logits_to_labels(&src, self.labels).unsqueeze(0);
         }
-        // copy_ converts to the output's type (labels are whole numbers, exact in uint8 when they fit).
-        dst.copy_(&src.to_device(Device::Cpu));
+        // copy_ converts to the output's type (labels are whole numbers, exact in uint8 when they fit) and device.
+        dst.copy_(&src);
         Ok(())
     }
 }
@@ -173,6 +176,17 @@ fn label_kind(labels: Option<&[i64]>) -> Kind {
         Some(ids) if ids.iter().all(|&i| (0..=255).contains(&i)) => Kind::Uint8,
         _ => Kind::Float,
     }
+}
+
+/// Bytes of float32 window logits one network call hands over at a time: class prompts beyond it come in slabs
+/// along x (a window's 117 "everything" classes at 128^3 would be 0.98 GB at once).
+pub const WINDOW_OUTPUT_BYTES: u64 = 256 << 20;
+
+/// Voxels along x of the slabs in which a call on `batch` windows of `roi` with `channels` outputs hands over its
+/// logits: at most `bytes` of float32 (at least one voxel; the whole window when it fits).
+pub fn slab_thickness(bytes: u64, batch: usize, channels: usize, roi: &[usize; 3]) -> usize {
+    let per_x = 4 * (batch.max(1) * channels.max(1) * roi[1] * roi[2]) as u64;
+    ((bytes / per_x.max(1)) as usize).clamp(1, roi[0].max(1))
 }
 
 /// MONAI's sliding-window inference over `image` `[1, 1, X, Y, Z]`. With `as_labels`, cells are
@@ -214,8 +228,20 @@ pub fn sliding_window(
     } else {
         (f64::NAN, Kind::Float)
     };
+    let stitch_device = if settings.stitch_on_host {
+        Device::Cpu
+    } else {
+        device
+    };
+    // A label map stays beside the sums (on a GPU: written there, copied to the host once at the end, never
+    // stalling the device per cell); logits go to the host as they finish.
+    let out_device = if as_labels {
+        stitch_device
+    } else {
+        Device::Cpu
+    };
     let mut sink = FullSink {
-        out: Tensor::full(out_shape.as_slice(), fill, (out_kind, Device::Cpu)),
+        out: Tensor::full(out_shape.as_slice(), fill, (out_kind, out_device)),
         pad: p,
         size,
         labels: prompts.label_prompt.as_deref(),
@@ -231,12 +257,7 @@ pub fn sliding_window(
         settings.sw_batch_size.max(1)
     };
     // Batches of several windows keep MONAI's order, so that each batch holds the windows MONAI's does.
-    let plan = StitchPlan::new(&grid, settings.accumulator, batch > 1);
-    let stitch_device = if settings.stitch_on_host {
-        Device::Cpu
-    } else {
-        device
-    };
+    let plan = StitchPlan::new(&grid, settings.accumulator, batch);
     let mut stitcher = Stitcher::new(&grid, settings.mode, settings.accumulator, stitch_device);
     let windows = plan.windows;
     log::debug!(
@@ -250,8 +271,14 @@ pub fn sliding_window(
         settings.accumulator,
         plan.peak_voxels
     );
-    for chunk in windows.chunks(batch) {
-        let inputs: Vec<Tensor> = chunk
+    let slab_x = slab_thickness(
+        settings.window_output_bytes,
+        batch,
+        n_out as usize,
+        &grid.roi,
+    );
+    for windows_of_call in windows.chunks(batch) {
+        let inputs: Vec<Tensor> = windows_of_call
             .iter()
             .map(|&index| {
                 let r = grid.ranges(index);
@@ -262,7 +289,7 @@ pub fn sliding_window(
             })
             .collect();
         let input = Tensor::cat(&inputs, 0);
-        let r = grid.ranges(chunk[0]);
+        let r = grid.ranges(windows_of_call[0]);
         let args = crate::model::ForwardArgs {
             point_coords: point_coords.as_ref(),
             point_labels: point_labels.as_ref(),
@@ -273,23 +300,35 @@ pub fn sliding_window(
             radius: None,
             transpose: true,
         };
+        // Class prompts come from the network in slabs along x, each added to the sums as it comes, so that a
+        // window's logits for every class never exist at once (a call's windows at different x come whole).
         let t = std::time::Instant::now();
-        let out = tch::no_grad(|| net.forward_window(&input, &args))?;
-        let t_net = t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        let out = out.to_kind(Kind::Float).to_device(stitch_device);
-        for (i, &index) in chunk.iter().enumerate() {
-            stitcher.add(index, &out.get(i as i64), &mut sink)?;
+        let call_slab_x = if Stitcher::slabs_allowed(windows_of_call) {
+            slab_x
+        } else {
+            grid.roi[0]
+        };
+        tch::no_grad(|| {
+            net.forward_window_in_slabs(&input, &args, call_slab_x, &mut |slab| {
+                let logits = slab.logits.to_kind(Kind::Float).to_device(stitch_device);
+                for (i, &index) in windows_of_call.iter().enumerate() {
+                    stitcher.add_slab(index, slab.x.clone(), &logits.get(i as i64))?;
+                }
+                Ok(())
+            })
+        })?;
+        for &index in windows_of_call {
+            stitcher.end(index, &mut sink)?;
         }
         log::trace!(
-            "window {:?}: network {t_net:.3} s, stitching {:.3} s",
-            chunk[0],
+            "windows from {:?}: network and stitching {:.3} s",
+            windows_of_call[0],
             t.elapsed().as_secs_f64()
         );
     }
     let peak = stitcher.peak_voxels();
     let out = if as_labels {
-        sink.out.squeeze_dim(0)
+        sink.out.squeeze_dim(0).to_device(Device::Cpu)
     } else {
         sink.out
     };

@@ -333,22 +333,12 @@ pub struct StitchPlan {
 }
 
 impl StitchPlan {
-    /// The window order with the fewest live voxels (MONAI's own on ties) for sums in `accumulator`. With
-    /// `monai_only`, MONAI's order (a batch of several windows must hold the same windows as MONAI's batches).
-    pub fn new(grid: &WindowGrid, accumulator: Accumulator, monai_only: bool) -> Self {
-        let exact = accumulator == Accumulator::Float32;
-        let cells = CellGrid::new(grid);
-        let largest: [u64; 3] = std::array::from_fn(|a| {
-            let axis = &cells.axes[a];
-            (0..axis.len())
-                .map(|c| axis.cell(c).len() as u64)
-                .max()
-                .unwrap_or(0)
-        });
-        let largest_cell = largest.iter().product();
-        let largest_cell_x = largest[0];
+    /// The window order with the fewest live voxels (MONAI's own on ties) for sums in `accumulator`, running
+    /// `batch` windows per network call. Batches of several windows keep MONAI's order, so that each holds the
+    /// windows MONAI's does.
+    pub fn new(grid: &WindowGrid, accumulator: Accumulator, batch: usize) -> Self {
         let mut candidates = vec![WindowOrder::Monai];
-        if !monai_only {
+        if batch <= 1 {
             // Rows in x, y, z order are MONAI's order.
             candidates.extend(
                 AXIS_PERMUTATIONS
@@ -359,17 +349,40 @@ impl StitchPlan {
             candidates.extend(AXIS_PERMUTATIONS.iter().map(|&a| WindowOrder::Wavefront(a)));
             candidates.extend(AXIS_PERMUTATIONS.iter().map(|&a| WindowOrder::Grouped(a)));
         }
+        Self::best_of(grid, accumulator, batch, &candidates)
+    }
+
+    /// MONAI's order, whatever it keeps live.
+    pub fn monai(grid: &WindowGrid, accumulator: Accumulator, batch: usize) -> Self {
+        Self::best_of(grid, accumulator, batch, &[WindowOrder::Monai])
+    }
+
+    fn best_of(
+        grid: &WindowGrid,
+        accumulator: Accumulator,
+        batch: usize,
+        candidates: &[WindowOrder],
+    ) -> Self {
+        let exact = accumulator == Accumulator::Float32;
+        let cells = CellGrid::new(grid);
+        let largest: [u64; 3] = std::array::from_fn(|a| {
+            let axis = &cells.axes[a];
+            (0..axis.len())
+                .map(|c| axis.cell(c).len() as u64)
+                .max()
+                .unwrap_or(0)
+        });
         candidates
-            .into_iter()
-            .map(|order| {
+            .iter()
+            .map(|&order| {
                 let windows = grid.ordered(order);
-                let peak_voxels = simulate(&cells, &windows, exact);
+                let peak_voxels = simulate(&cells, &windows, exact, batch);
                 Self {
                     order,
                     windows,
                     peak_voxels,
-                    largest_cell,
-                    largest_cell_x,
+                    largest_cell: largest.iter().product(),
+                    largest_cell_x: largest[0],
                 }
             })
             .min_by_key(|p| p.peak_voxels)
@@ -384,43 +397,117 @@ fn foldable(rank: u32, folded: u32) -> bool {
     rank == folded || (folded < 2 && rank < 2)
 }
 
-/// Whether a contribution must wait: only float32 sums keep MONAI's order (float16 sums differ from MONAI's
-/// anyway, so they add everything as it comes and hold nothing back).
-fn must_wait(exact: bool, rank: u32, folded: u32) -> bool {
-    exact && !foldable(rank, folded)
+/// What happens to a window's contribution to one cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// It came before its turn in MONAI's order: held as a copy.
+    Wait { rank: u32 },
+    /// Added now (`first`: it starts the sum), then the held contributions of the `absorbed` ranks in that order;
+    /// `finished` when no later window covers the cell.
+    Fold {
+        first: bool,
+        absorbed: Vec<u32>,
+        finished: bool,
+    },
 }
 
-/// The peak live voxels of stitching `windows` in that order (what [`Stitcher`] holds, without tensors).
-fn simulate(cells: &CellGrid, windows: &[[usize; 3]], exact: bool) -> u64 {
-    let n = cells.count();
-    let mut folded = vec![0u32; n];
-    let mut waiting: Vec<Vec<u32>> = vec![Vec::new(); n];
-    let (mut live, mut peak) = (0u64, 0u64);
-    for &w in windows {
-        for c in cells.cells_of(w) {
-            let i = cells.flatten(c);
-            let voxels = cells.voxels(c);
-            let rank = cells.monai_rank(c, w);
-            if must_wait(exact, rank, folded[i]) {
-                waiting[i].push(rank);
-                live += voxels;
-                peak = peak.max(live);
-                continue;
-            }
-            if folded[i] == 0 {
-                live += voxels;
-                peak = peak.max(live);
-            }
-            folded[i] += 1;
-            while let Some(k) = waiting[i].iter().position(|&r| r == folded[i]) {
-                waiting[i].swap_remove(k);
-                live -= voxels;
-                folded[i] += 1;
-            }
-            if folded[i] == cells.cover(c) {
-                live -= voxels;
-            }
+/// One cell a window covers, and what its contribution does there.
+#[derive(Debug, Clone)]
+struct CellStep {
+    cell: [usize; 3],
+    /// [`CellGrid::flatten`] of `cell`.
+    index: usize,
+    voxels: u64,
+    step: Step,
+}
+
+/// Where every cell's sum stands: how many contributions it holds and the MONAI ranks of those waiting for
+/// their turn. The plan's simulation and the stitcher step through one alike, so that the plan counts exactly
+/// what the stitcher holds.
+struct Ledger {
+    folded: Vec<u32>,
+    waiting: Vec<Vec<u32>>,
+    /// Float32 sums keep MONAI's order; float16 sums differ from MONAI's anyway, so they add everything as it
+    /// comes and hold nothing back.
+    exact: bool,
+}
+
+impl Ledger {
+    fn new(cells: &CellGrid, exact: bool) -> Self {
+        let n = cells.count();
+        Self {
+            folded: vec![0; n],
+            waiting: vec![Vec::new(); n],
+            exact,
         }
+    }
+
+    /// Window `w` arrives: the step of its contribution to each cell it covers.
+    fn arrive(&mut self, cells: &CellGrid, w: [usize; 3]) -> Vec<CellStep> {
+        cells
+            .cells_of(w)
+            .map(|cell| {
+                let i = cells.flatten(cell);
+                let rank = cells.monai_rank(cell, w);
+                let step = if self.exact && !foldable(rank, self.folded[i]) {
+                    self.waiting[i].push(rank);
+                    Step::Wait { rank }
+                } else {
+                    let first = self.folded[i] == 0;
+                    self.folded[i] += 1;
+                    let mut absorbed = Vec::new();
+                    while let Some(k) = self.waiting[i].iter().position(|&r| r == self.folded[i]) {
+                        absorbed.push(self.waiting[i].swap_remove(k));
+                        self.folded[i] += 1;
+                    }
+                    Step::Fold {
+                        first,
+                        absorbed,
+                        finished: self.folded[i] == cells.cover(cell),
+                    }
+                };
+                CellStep {
+                    cell,
+                    index: i,
+                    voxels: cells.voxels(cell),
+                    step,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Voxels (per channel) a window's steps make live when it starts (new sums, held copies) and free when it ends
+/// (absorbed copies, finished cells). A window's output comes in channel chunks, so everything it starts is
+/// live before anything it ends is freed.
+fn live_change(steps: &[CellStep]) -> (u64, u64) {
+    steps.iter().fold((0, 0), |(grow, free), s| match &s.step {
+        Step::Wait { .. } => (grow + s.voxels, free),
+        Step::Fold {
+            first,
+            absorbed,
+            finished,
+        } => (
+            grow + if *first { s.voxels } else { 0 },
+            free + s.voxels * (absorbed.len() as u64 + u64::from(*finished)),
+        ),
+    })
+}
+
+/// The peak live voxels of stitching `windows` in that order, `batch` per network call (what [`Stitcher`]
+/// holds, without tensors: every window of a call is open before any ends).
+fn simulate(cells: &CellGrid, windows: &[[usize; 3]], exact: bool, batch: usize) -> u64 {
+    let mut ledger = Ledger::new(cells, exact);
+    let (mut live, mut peak) = (0u64, 0u64);
+    for call in windows.chunks(batch.max(1)) {
+        let mut freed = 0;
+        for &w in call {
+            let (grow, free) = live_change(&ledger.arrive(cells, w));
+            live += grow;
+            freed += free;
+        }
+        peak = peak.max(live);
+        live -= freed;
     }
     peak
 }
@@ -477,19 +564,39 @@ struct Waiting {
 /// One cell being summed.
 #[derive(Default)]
 struct CellSum {
-    /// Contributions added so far (the MONAI rank of the next one).
-    folded: u32,
     logits: Option<Tensor>,
     /// Gaussian mode: the summed importance (constant mode divides by the window count).
     weight: Option<Tensor>,
     waiting: Vec<Waiting>,
 }
 
-/// Streams window outputs into cells and hands each finished cell to a sink.
+impl CellSum {
+    fn held(&self, rank: u32) -> Result<&Waiting> {
+        self.waiting
+            .iter()
+            .find(|w| w.rank == rank)
+            .ok_or_else(|| anyhow::anyhow!("internal: no held contribution of rank {rank}"))
+    }
+}
+
+/// A window whose output is coming in slabs along x.
+struct OpenWindow {
+    index: [usize; 3],
+    steps: Vec<CellStep>,
+    channels: i64,
+    /// Voxels along x received so far.
+    received: usize,
+}
+
+/// Streams window outputs into cells and hands each finished cell to a sink. A window's output may come whole
+/// ([`Stitcher::add`]) or in slabs along x ([`Stitcher::add_slab`] then [`Stitcher::end`]), so that a window's
+/// logits for every class never need to exist at once.
 pub struct Stitcher<'a> {
     grid: &'a WindowGrid,
     cells: CellGrid,
+    ledger: Ledger,
     sums: Vec<CellSum>,
+    open: Vec<OpenWindow>,
     /// Gaussian mode: the importance map `[rx, ry, rz]` on `device` (constant mode multiplies by nothing).
     importance: Option<Tensor>,
     accumulator: Accumulator,
@@ -513,7 +620,9 @@ impl<'a> Stitcher<'a> {
         Self {
             grid,
             sums: (0..cells.count()).map(|_| CellSum::default()).collect(),
+            ledger: Ledger::new(&cells, accumulator == Accumulator::Float32),
             cells,
+            open: Vec::new(),
             importance,
             accumulator,
             device,
@@ -527,16 +636,20 @@ impl<'a> Stitcher<'a> {
         self.peak_voxels
     }
 
-    fn grow(&mut self, voxels: u64) {
-        self.live_voxels += voxels;
-        self.peak_voxels = self.peak_voxels.max(self.live_voxels);
-    }
-
-    /// A copy of `t` in the accumulator type on the accumulator device (never a view of the window output).
-    fn owned(&self, t: &Tensor) -> Tensor {
-        let mut out = Tensor::empty(t.size(), (self.accumulator.kind(), self.device));
-        out.copy_(t);
-        out
+    /// The part of `t` (whose dims from `first_dim` on are window-sized) that lies in `cell` of the window
+    /// with per-axis indices `index`.
+    fn local(&self, t: &Tensor, first_dim: i64, index: [usize; 3], cell: [usize; 3]) -> Tensor {
+        let region = self.cells.region(cell);
+        let mut t = t.shallow_clone();
+        for (a, r) in region.iter().enumerate() {
+            let start = self.grid.starts[a][index[a]];
+            t = t.narrow(
+                first_dim + a as i64,
+                (r.start - start) as i64,
+                r.len() as i64,
+            );
+        }
+        t
     }
 
     /// Adds one window's logits `[B, rx, ry, rz]` (float32) for the window with per-axis indices `index` (into
@@ -547,109 +660,235 @@ impl<'a> Stitcher<'a> {
         logits: &Tensor,
         sink: &mut dyn CellSink,
     ) -> Result<()> {
-        let start: [usize; 3] = std::array::from_fn(|a| self.grid.starts[a][index[a]]);
+        self.add_slab(index, 0..self.grid.roi[0], logits)?;
+        self.end(index, sink)
+    }
+
+    /// Whether the windows of one network call may come in slabs: only when they all start at the same x, so that
+    /// a slab is the same voxels in each and every voxel still sees the call's windows in their order (with
+    /// windows at other x, a later window's slab would reach a voxel before an earlier window's).
+    pub fn slabs_allowed(call: &[[usize; 3]]) -> bool {
+        call.iter().all(|w| w[0] == call[0][0])
+    }
+
+    /// Adds the slab `x` (window coordinates along x) of window `index`'s logits, `[B, x.len(), ry, rz]`
+    /// (float32). The first slab of a window opens it: its new sums and held copies are made whole. Slabs come
+    /// in any order; [`Stitcher::end`] closes the window once all have come. Each voxel still adds its
+    /// contributions in MONAI's order: slabs only split the voxels (see [`Stitcher::slabs_allowed`] for the
+    /// windows open at once).
+    pub fn add_slab(&mut self, index: [usize; 3], x: Range<usize>, logits: &Tensor) -> Result<()> {
+        let size = logits.size();
+        let roi = self.grid.roi;
+        ensure!(
+            size.len() == 4
+                && x.start < x.end
+                && x.end <= roi[0]
+                && size[1..] == [x.len() as i64, roi[1] as i64, roi[2] as i64],
+            "window logits of shape {size:?} are not the slab {x:?} of a {roi:?} window"
+        );
+        let whole = x == (0..roi[0]);
+        ensure!(
+            whole || self.open.iter().all(|o| o.index[0] == index[0]),
+            "window {index:?} came in slabs while a window at another x is open"
+        );
+        let k = match self.open.iter().position(|o| o.index == index) {
+            Some(k) => k,
+            None => self.open_window(index, size[0]),
+        };
+        let open = &self.open[k];
+        ensure!(
+            open.channels == size[0],
+            "window {index:?} has {} channels, not {}",
+            open.channels,
+            size[0]
+        );
         // MONAI multiplies every window by the importance map before adding; by ones in constant mode, which
         // changes nothing and is skipped.
         let weighted = match &self.importance {
-            Some(map) => logits * map,
+            Some(map) => logits * map.narrow(0, x.start as i64, x.len() as i64),
             None => logits.shallow_clone(),
         };
-        let cells: Vec<[usize; 3]> = self.cells.cells_of(index).collect();
-        for cell in cells {
-            let region = self.cells.region(cell);
-            let local = |t: &Tensor, first_dim: i64| {
-                let mut t = t.shallow_clone();
-                for (a, r) in region.iter().enumerate() {
-                    t = t.narrow(
-                        first_dim + a as i64,
-                        (r.start - start[a]) as i64,
-                        r.len() as i64,
-                    );
-                }
-                t
-            };
-            let part = local(&weighted, 1);
-            let weight = self.importance.as_ref().map(|m| local(m, 0));
-            let i = self.cells.flatten(cell);
-            let voxels = self.cells.voxels(cell);
-            let rank = self.cells.monai_rank(cell, index);
-            let exact = self.accumulator == Accumulator::Float32;
-            if must_wait(exact, rank, self.sums[i].folded) {
-                let waiting = Waiting {
-                    rank,
-                    logits: self.owned(&part),
-                    weight,
-                };
-                self.sums[i].waiting.push(waiting);
-                self.grow(voxels);
+        let window_x = self.grid.starts[0][index[0]];
+        let (kind, device) = (self.accumulator.kind(), self.device);
+        for s in &open.steps {
+            // The cell's voxels along x that lie in the slab: their offsets in the cell and in the slab.
+            let cell_x = self.cells.region(s.cell)[0].clone();
+            let lo = cell_x.start.max(window_x + x.start);
+            let hi = cell_x.end.min(window_x + x.end);
+            if lo >= hi {
                 continue;
             }
-            if self.sums[i].folded == 0 {
-                self.grow(voxels);
+            let (in_cell, in_slab, len) = (
+                (lo - cell_x.start) as i64,
+                (lo - window_x - x.start) as i64,
+                (hi - lo) as i64,
+            );
+            let region = self.cells.region(s.cell);
+            let mut part = weighted.narrow(1, in_slab, len);
+            for a in 1..3 {
+                let start = self.grid.starts[a][index[a]];
+                part = part.narrow(
+                    1 + a as i64,
+                    (region[a].start - start) as i64,
+                    region[a].len() as i64,
+                );
             }
-            self.fold(i, &part, weight.as_ref())?;
-            while let Some(k) = self.sums[i]
-                .waiting
-                .iter()
-                .position(|w| w.rank == self.sums[i].folded)
-            {
-                let w = self.sums[i].waiting.swap_remove(k);
-                self.live_voxels -= voxels;
-                self.fold(i, &w.logits, w.weight.as_ref())?;
-            }
-            let cover = self.cells.cover(cell);
-            if self.sums[i].folded == cover {
-                let sum = std::mem::take(&mut self.sums[i]);
-                self.live_voxels -= voxels;
-                let logits = sum.logits.expect("a finished cell has a sum");
-                // MONAI divides by its count map, which holds exactly `cover` here; a 0-dim tensor (not a host
-                // scalar) so that every device divides rather than multiplying by a reciprocal.
-                let count = Tensor::from(cover as f32).to_device(self.device);
-                // Blended and handed over in slabs along x, so that finishing a large cell never needs a float32
-                // copy of it whole.
-                let mut x = region[0].start;
-                while x < region[0].end {
-                    let len = FINISH_SLAB.min(region[0].end - x);
-                    let offset = (x - region[0].start) as i64;
-                    let slab = logits.narrow(1, offset, len as i64).to_kind(Kind::Float);
-                    let blended = match &sum.weight {
-                        Some(weight) => slab / weight.narrow(0, offset, len as i64),
-                        None => slab / &count,
-                    };
-                    let slab_region = [x..x + len, region[1].clone(), region[2].clone()];
-                    sink.finish(slab_region, blended)?;
-                    x += len;
+            let part = if part.kind() == kind && part.device() == device {
+                part
+            } else {
+                part.to_device(device).to_kind(kind)
+            };
+            let sum = &self.sums[s.index];
+            let slice = |t: &Tensor| t.narrow(1, in_cell, len);
+            match &s.step {
+                Step::Wait { rank } => {
+                    slice(&sum.held(*rank)?.logits).copy_(&part);
+                }
+                Step::Fold {
+                    first, absorbed, ..
+                } => {
+                    let mut acc = slice(sum.logits.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!("internal: cell {:?} has no sum", s.cell)
+                    })?);
+                    // MONAI's sums start from zeros: the first contribution is `part + 0` (which turns -0 into
+                    // +0 as `0 + part` does), in one pass.
+                    if *first {
+                        let _ = part.f_add_scalar_out(&acc, 0.0)?;
+                    } else {
+                        let _ = acc.f_add_(&part)?;
+                    }
+                    for &rank in absorbed {
+                        let _ = acc.f_add_(&slice(&sum.held(rank)?.logits))?;
+                    }
                 }
             }
         }
+        self.open[k].received += x.len();
         Ok(())
     }
 
-    /// Adds the next contribution in MONAI's order into cell `i` (MONAI's sums start from zeros: the first is
-    /// `part + 0`, which is `0 + part` bit for bit, in one pass).
-    fn fold(&mut self, i: usize, part: &Tensor, weight: Option<&Tensor>) -> Result<()> {
-        let (kind, device) = (self.accumulator.kind(), self.device);
-        let part = if part.kind() == kind && part.device() == device {
-            part.shallow_clone()
-        } else {
-            part.to_device(device).to_kind(kind)
-        };
-        let sum = &mut self.sums[i];
-        match &mut sum.logits {
-            Some(acc) => {
-                let _ = acc.f_add_(&part)?;
+    /// Opens window `index`: steps it through the ledger and makes its new sums and held copies.
+    fn open_window(&mut self, index: [usize; 3], channels: i64) -> usize {
+        let steps = self.ledger.arrive(&self.cells, index);
+        let (grow, _) = live_change(&steps);
+        self.live_voxels += grow;
+        self.peak_voxels = self.peak_voxels.max(self.live_voxels);
+        let options = (self.accumulator.kind(), self.device);
+        for s in &steps {
+            let region = self.cells.region(s.cell);
+            let shape = [
+                channels,
+                region[0].len() as i64,
+                region[1].len() as i64,
+                region[2].len() as i64,
+            ];
+            match &s.step {
+                Step::Wait { rank } => {
+                    let weight = self
+                        .importance
+                        .as_ref()
+                        .map(|m| self.local(m, 0, index, s.cell));
+                    self.sums[s.index].waiting.push(Waiting {
+                        rank: *rank,
+                        logits: Tensor::empty(shape, options),
+                        weight,
+                    });
+                }
+                Step::Fold { first: true, .. } => {
+                    self.sums[s.index].logits = Some(Tensor::empty(shape, options));
+                }
+                Step::Fold { .. } => {}
             }
-            None => sum.logits = Some(part.f_add_scalar(0.0)?),
         }
-        if let Some(w) = weight {
-            match &mut sum.weight {
-                Some(acc) => {
+        self.open.push(OpenWindow {
+            index,
+            steps,
+            channels,
+            received: 0,
+        });
+        self.open.len() - 1
+    }
+
+    /// Closes window `index` once all its slabs have come: sums its importance (gaussian mode), frees the
+    /// copies it absorbed and finishes the cells no later window covers.
+    pub fn end(&mut self, index: [usize; 3], sink: &mut dyn CellSink) -> Result<()> {
+        let k = self
+            .open
+            .iter()
+            .position(|o| o.index == index)
+            .ok_or_else(|| {
+                anyhow::anyhow!("window {index:?} ended before any of its logits came")
+            })?;
+        ensure!(
+            self.open[k].received == self.grid.roi[0],
+            "window {index:?} ended with {} of its {} voxels along x",
+            self.open[k].received,
+            self.grid.roi[0]
+        );
+        let open = self.open.swap_remove(k);
+        let (_, free) = live_change(&open.steps);
+        for s in open.steps {
+            let Step::Fold {
+                first,
+                absorbed,
+                finished,
+            } = s.step
+            else {
+                continue;
+            };
+            let weight = self
+                .importance
+                .as_ref()
+                .map(|m| self.local(m, 0, index, s.cell));
+            let sum = &mut self.sums[s.index];
+            if let Some(w) = weight {
+                if first {
+                    sum.weight = Some(w.f_add_scalar(0.0)?);
+                } else if let Some(acc) = &mut sum.weight {
+                    let _ = acc.f_add_(&w)?;
+                }
+            }
+            for rank in absorbed {
+                let k = sum.waiting.iter().position(|w| w.rank == rank);
+                let held = k.map(|k| sum.waiting.swap_remove(k));
+                if let (Some(acc), Some(w)) = (
+                    &mut sum.weight,
+                    held.as_ref().and_then(|h| h.weight.as_ref()),
+                ) {
                     let _ = acc.f_add_(w)?;
                 }
-                None => sum.weight = Some(w.f_add_scalar(0.0)?),
+            }
+            if finished {
+                let sum = std::mem::take(&mut self.sums[s.index]);
+                self.finish(s.cell, sum, sink)?;
             }
         }
-        sum.folded += 1;
+        self.live_voxels -= free;
+        Ok(())
+    }
+
+    /// Blends a finished cell and hands it to `sink` in slabs along x, so that finishing a large cell never
+    /// needs a float32 copy of it whole.
+    fn finish(&self, cell: [usize; 3], sum: CellSum, sink: &mut dyn CellSink) -> Result<()> {
+        let region = self.cells.region(cell);
+        let logits = sum
+            .logits
+            .ok_or_else(|| anyhow::anyhow!("internal: finished cell {cell:?} has no sum"))?;
+        // MONAI divides by its count map, which holds exactly `cover` here; a 0-dim tensor (not a host scalar) so
+        // that every device divides rather than multiplying by a reciprocal.
+        let count = Tensor::from(self.cells.cover(cell) as f32).to_device(self.device);
+        let mut x = region[0].start;
+        while x < region[0].end {
+            let len = FINISH_SLAB.min(region[0].end - x);
+            let offset = (x - region[0].start) as i64;
+            let slab = logits.narrow(1, offset, len as i64).to_kind(Kind::Float);
+            let blended = match &sum.weight {
+                Some(weight) => slab / weight.narrow(0, offset, len as i64),
+                None => slab / &count,
+            };
+            sink.finish([x..x + len, region[1].clone(), region[2].clone()], blended)?;
+            x += len;
+        }
         Ok(())
     }
 }
@@ -780,6 +1019,106 @@ mod tests {
     }
 
     #[test]
+    fn windows_in_slabs_stitch_as_monai_bit_for_bit() {
+        for (size, roi, overlap) in cases() {
+            let grid = WindowGrid::new(size, roi, overlap).unwrap();
+            let out = outputs(&grid, 3, 11);
+            let monai = grid.windows();
+            // Slabs along x, out of order: a third, the rest, the first voxel (or the whole window if thin).
+            let r = roi[0];
+            let slabs: Vec<Range<usize>> = (0..r).map(|x| x..x + 1).collect();
+            for mode in [BlendMode::Constant, BlendMode::Gaussian] {
+                let expected = monai_stitch(&grid, mode, &out);
+                for batch in [1, 2, 3] {
+                    let plan = StitchPlan::new(&grid, Accumulator::Float32, batch);
+                    let p = grid.padded.map(|v| v as i64);
+                    let mut sink = Collect {
+                        out: Tensor::full(
+                            [3, p[0], p[1], p[2]],
+                            f64::NAN,
+                            (Kind::Float, Device::Cpu),
+                        ),
+                        finished: Tensor::zeros([p[0], p[1], p[2]], (Kind::Int, Device::Cpu)),
+                    };
+                    let mut stitcher =
+                        Stitcher::new(&grid, mode, Accumulator::Float32, Device::Cpu);
+                    // A batch of windows is open at once, each slab going to all of them in turn.
+                    for call in plan.windows.chunks(batch) {
+                        let whole: Vec<Range<usize>> = std::iter::once(0..r).collect();
+                        let slabs = if Stitcher::slabs_allowed(call) {
+                            &slabs
+                        } else {
+                            &whole
+                        };
+                        for x in slabs {
+                            for w in call {
+                                let k = monai.iter().position(|m| m == w).unwrap();
+                                let part = out[k].narrow(1, x.start as i64, x.len() as i64);
+                                stitcher.add_slab(*w, x.clone(), &part).unwrap();
+                            }
+                        }
+                        for w in call {
+                            stitcher.end(*w, &mut sink).unwrap();
+                        }
+                    }
+                    assert!(
+                        sink.out.equal(&expected),
+                        "{size:?} roi {roi:?} {mode:?} batch {batch} ({}): slabs differ from MONAI's sums",
+                        plan.order
+                    );
+                    assert!(sink.finished.eq(1).all().int64_value(&[]) == 1);
+                    assert_eq!(stitcher.peak_voxels(), plan.peak_voxels);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_must_come_whole_before_it_ends() {
+        let grid = WindowGrid::new([40, 20, 20], [16, 16, 16], 0.25).unwrap();
+        let out = outputs(&grid, 4, 2);
+        let mut stitcher = Stitcher::new(
+            &grid,
+            BlendMode::Constant,
+            Accumulator::Float32,
+            Device::Cpu,
+        );
+        let mut sink = Collect {
+            out: Tensor::zeros([4, 40, 32, 32], (Kind::Float, Device::Cpu)),
+            finished: Tensor::zeros([40, 32, 32], (Kind::Int, Device::Cpu)),
+        };
+        let w = grid.windows()[0];
+        assert!(stitcher.end(w, &mut sink).is_err(), "nothing came");
+        stitcher.add_slab(w, 0..6, &out[0].narrow(1, 0, 6)).unwrap();
+        let err = stitcher.end(w, &mut sink).unwrap_err().to_string();
+        assert!(err.contains("6 of its 16 voxels"), "{err}");
+        // A slab whose size does not match, one beyond the window, and one with another channel count.
+        assert!(stitcher
+            .add_slab(w, 6..10, &out[0].narrow(1, 6, 5))
+            .is_err());
+        assert!(stitcher
+            .add_slab(w, 10..20, &out[0].narrow(1, 6, 10))
+            .is_err());
+        assert!(stitcher
+            .add_slab(w, 6..16, &out[0].narrow(0, 0, 2).narrow(1, 6, 10))
+            .is_err());
+        stitcher
+            .add_slab(w, 6..16, &out[0].narrow(1, 6, 10))
+            .unwrap();
+        stitcher.end(w, &mut sink).unwrap();
+        // Windows at different x open at once may not come in slabs.
+        let all = grid.windows();
+        let a = all[1];
+        let b = *all.iter().find(|w| w[0] != a[0]).unwrap();
+        assert!(!Stitcher::slabs_allowed(&[a, b]));
+        stitcher.add_slab(a, 0..16, &out[1]).unwrap();
+        let err = stitcher
+            .add_slab(b, 0..4, &out[2].narrow(1, 0, 4))
+            .unwrap_err();
+        assert!(err.to_string().contains("another x"), "{err}");
+    }
+
+    #[test]
     fn summing_in_run_order_would_differ_from_monai() {
         // The check above can fail: adding contributions as they come (no waiting for MONAI's turn) changes
         // the float32 rounding of cells covered by three or more windows.
@@ -811,14 +1150,14 @@ mod tests {
             let grid = WindowGrid::new(size, roi, overlap).unwrap();
             let out = outputs(&grid, 1, 1);
             for acc in [Accumulator::Float32, Accumulator::Float16] {
-                let plan = StitchPlan::new(&grid, acc, false);
+                let plan = StitchPlan::new(&grid, acc, 1);
                 let (_, _, peak) = stitch(&grid, BlendMode::Constant, acc, &out, &plan.windows);
                 assert_eq!(
                     peak, plan.peak_voxels,
                     "{size:?} roi {roi:?} {acc} {}",
                     plan.order
                 );
-                let monai = StitchPlan::new(&grid, acc, true);
+                let monai = StitchPlan::monai(&grid, acc, 1);
                 assert_eq!(monai.order, WindowOrder::Monai);
                 assert!(plan.peak_voxels <= monai.peak_voxels);
             }
@@ -831,13 +1170,13 @@ mod tests {
         // windows along x and y overlap their neighbours by 115 voxels. MONAI's order keeps that overlap live
         // across the whole y-z cross-section.
         let grid = WindowGrid::new([333, 333, 603], [128; 3], 0.25).unwrap();
-        let monai = StitchPlan::new(&grid, Accumulator::Float32, true);
-        let exact = StitchPlan::new(&grid, Accumulator::Float32, false);
-        let half = StitchPlan::new(&grid, Accumulator::Float16, false);
+        let monai = StitchPlan::monai(&grid, Accumulator::Float32, 1);
+        let exact = StitchPlan::new(&grid, Accumulator::Float32, 1);
+        let half = StitchPlan::new(&grid, Accumulator::Float16, 1);
         for size in [[333, 333, 603], [1024, 1024, 768]] {
             let g = WindowGrid::new(size, [128; 3], 0.25).unwrap();
             for acc in [Accumulator::Float32, Accumulator::Float16] {
-                let p = StitchPlan::new(&g, acc, false);
+                let p = StitchPlan::new(&g, acc, 1);
                 println!(
                     "{size:?} {acc}: {} keeps {} voxels live",
                     p.order, p.peak_voxels
@@ -863,7 +1202,7 @@ mod tests {
             .iter()
             .map(|t| t.clamp(-1e3, 1e3))
             .collect();
-        let plan = StitchPlan::new(&grid, Accumulator::Float16, false);
+        let plan = StitchPlan::new(&grid, Accumulator::Float16, 1);
         let mode = BlendMode::Constant;
         let (f32_sums, ..) = stitch(&grid, mode, Accumulator::Float32, &out, &plan.windows);
         let (f16_sums, ..) = stitch(&grid, mode, Accumulator::Float16, &out, &plan.windows);

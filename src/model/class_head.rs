@@ -57,9 +57,14 @@ impl ClassHead {
     /// through [`ClassHead::post_mapping`] (what engines split off: the post mapping runs once per window,
     /// this once per prompt chunk).
     pub fn logits(&self, src: &Tensor, class_vector: &Tensor) -> Tensor {
+        self.masks(src, &self.class_embedding(class_vector))
+    }
+
+    /// Logits `[B, b, H, W, D]` from post-mapped features `[b, C, H, W, D]` and class embeddings `[B, 1, C]`
+    /// (from [`ClassHead::class_embedding`]; any slice of its rows gives those rows of the whole product).
+    pub fn masks(&self, src: &Tensor, embedding: &Tensor) -> Tensor {
         let (b, c, h, w, d) = src.size5().expect("class head features must be 5-D");
-        let emb = self.class_embedding(class_vector);
-        let masks = emb.squeeze().matmul(&src.view([b, c, h * w * d]));
+        let masks = embedding.squeeze().matmul(&src.view([b, c, h * w * d]));
         masks.view([b, -1, h, w, d]).transpose(0, 1)
     }
 }

@@ -122,9 +122,8 @@ impl Vista3d {
         })
     }
 
-    /// MONAI `VISTA3D.forward`: logits `[B, 1, H, W, D]` (or `[1, B, H, W, D]` with `transpose`) for one
-    /// image patch `[1, C, H, W, D]` whose spatial dims are multiples of 16.
-    pub fn forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+    /// Checks an image patch `[1, C, H, W, D]` and returns its spatial dims.
+    fn check_input(&self, input: &Tensor) -> Result<[i64; 3]> {
         let size = input.size();
         ensure!(
             size.len() == 5,
@@ -141,7 +140,24 @@ impl Vista3d {
             "network input spatial dims {:?} must be positive multiples of {SHAPE_FACTOR}",
             &size[2..]
         );
-        let spatial = [size[2], size[3], size[4]];
+        Ok([size[2], size[3], size[4]])
+    }
+
+    /// The class path up to where prompts start to matter: the encoder, the automatic decoder and the class
+    /// head's post mapping, `[b, C, H, W, D]` for an image patch `[b, 1, H, W, D]` (then
+    /// [`ClassHead::masks`] per chunk of class embeddings).
+    pub fn class_features(&self, input: &Tensor) -> Result<Tensor> {
+        self.check_input(input)?;
+        let (_, auto) = self.image_encoder.forward(input, false, true);
+        let auto =
+            auto.ok_or_else(|| anyhow::anyhow!("internal: the encoder made no class features"))?;
+        Ok(self.class_head.post_mapping(&auto))
+    }
+
+    /// MONAI `VISTA3D.forward`: logits `[B, 1, H, W, D]` (or `[1, B, H, W, D]` with `transpose`) for one
+    /// image patch `[1, C, H, W, D]` whose spatial dims are multiples of 16.
+    pub fn forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        let spatial = self.check_input(input)?;
         let device = input.device();
         if args.point_coords.is_some() != args.point_labels.is_some() {
             bail!("point_coords and point_labels must be given together");

@@ -67,6 +67,9 @@ pub struct Request<'a> {
     pub prompts: RequestPrompts,
     /// Method of this request (the configuration's `precision` when `None`).
     pub precision: Option<Method>,
+    /// Whether the caller keeps `image`'s voxels while the windows run (for a preview, or because it borrows
+    /// them throughout, as [`RequestPath::segment`] does); they count in the memory estimate only then.
+    pub image_kept: bool,
 }
 
 /// What one request produced.
@@ -513,6 +516,7 @@ impl RequestPath {
             classes,
             as_labels,
             output_bytes: self.config.output_dtype.size() as u64,
+            image_kept: req.image_kept,
         };
         let estimate_with = |accumulator| {
             memory::estimate(
@@ -592,6 +596,7 @@ impl RequestPath {
                     classes,
                     as_labels: true,
                     output_bytes: 1,
+                    image_kept: false,
                 };
                 let sums = memory::estimate(&shape, window, window.accumulator, 0)
                     .map_or(u64::MAX, |e| e.accumulators);
@@ -695,6 +700,8 @@ impl RequestPath {
         let classes = net_prompts.label_prompt.as_ref().map_or(1, Vec::len);
         window.stitch_on_host =
             self.stitch_on_host(backend.input_device(), &window, classes, processed_dims);
+        // Taken by the windows and dropped after them, before the labels are converted.
+        let mut image = Some(image);
         let (out, report) = backend.run_windows(method, &mut |net| {
             let t = Instant::now();
             if let Some(needle) = &self.test_panic {
@@ -702,7 +709,10 @@ impl RequestPath {
                     panic!("test hook {TEST_PANIC_ENV}: forced panic in {name}");
                 }
             }
-            let image = image.to_device(backend.input_device());
+            let image = image
+                .take()
+                .ok_or_else(|| SegmentError::Failed(anyhow!("internal: the windows ran twice")))?
+                .to_device(backend.input_device());
             let progress = self
                 .progress
                 .then(|| WindowProgress::new(net, &processed_dims, &window, &net_prompts));
@@ -721,6 +731,7 @@ impl RequestPath {
             if let Some(p) = progress {
                 p.bar.finish_and_clear();
             }
+            drop(image);
             let labels = tensor_to_array(&labels).map_err(SegmentError::Failed)?;
             Ok(Computed {
                 labels,
@@ -854,6 +865,21 @@ impl WindowNetwork for WindowProgress<'_> {
         args: &crate::model::ForwardArgs,
     ) -> anyhow::Result<Tensor> {
         let out = self.inner.forward_window(input, args);
+        self.bar
+            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
+        out
+    }
+
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &crate::model::ForwardArgs,
+        slab_x: usize,
+        sink: &mut crate::inference::network::SlabSink<'_>,
+    ) -> anyhow::Result<()> {
+        let out = self
+            .inner
+            .forward_window_in_slabs(input, args, slab_x, sink);
         self.bar
             .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
         out

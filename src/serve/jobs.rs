@@ -290,6 +290,7 @@ impl Worker {
                     image: &input.volume,
                     prompts: job.request.prompts.clone(),
                     precision: job.request.precision,
+                    image_kept: true,
                 },
             )
             .map_err(|e| {
@@ -326,7 +327,7 @@ impl Worker {
             config,
             &self.facts,
             &seg,
-            &input.volume,
+            input.volume.geometry(),
             identity,
             Path::new(&label_name),
             &seconds,

@@ -44,6 +44,8 @@ pub fn estimate_request_bytes(
         classes,
         as_labels: true,
         output_bytes: 4,
+        // The server keeps the image for the record and a preview.
+        image_kept: true,
     };
     memory::estimate(&shape, &config.window(), Accumulator::Float32, 0)
         .map_or(u64::MAX, |e| e.total() - memory::RUNTIME_BYTES)

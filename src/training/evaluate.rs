@@ -161,6 +161,7 @@ pub fn evaluate_item(
         image: &input.volume,
         prompts: Default::default(),
         precision: None,
+        image_kept: true,
     };
     let seg = segmenter
         .segment(&request)
