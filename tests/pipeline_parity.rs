@@ -3,8 +3,9 @@
 //! seeded width-16 weights and 64^3 windows.
 //!
 //! Tolerances: preprocessed input max abs error <= 1e-5; logits max |rust - monai| / max |monai| <= 1e-4 with
-//! identical NaN positions; final label maps (original grid) equal on >= 99.99% of voxels; for "everything",
-//! labels from float16 stitching sums equal to those from float32 sums on >= 99.99% of voxels.
+//! identical NaN positions; final label maps (original grid) equal on >= 99.99% of voxels. Float16 stitching sums:
+//! "everything" labels equal to those of float32 sums on >= 99.99% of voxels with the trained demo model on real CTs
+//! (>= 99.8% with the random parity weights, whose 117 logits often tie within float16's rounding).
 
 use serde_json::Value;
 use tch::{Device, Kind};
@@ -166,8 +167,8 @@ fn bundle_inference_matches_monai_on_real_cts() {
             let labels =
                 inference::infer_labels(&model.net, &input, &net_prompts, settings).unwrap();
             if everything {
-                // Float16 sums (reduced-precision networks, or float32 sums over the memory budget) agree with
-                // float32 sums on >= 99.99% of voxels.
+                // Float16 sums (reduced-precision networks, or float32 sums over the memory budget) against
+                // float32 sums.
                 let half = WindowSettings {
                     accumulator: Accumulator::Float16,
                     ..settings.clone()
@@ -183,7 +184,10 @@ fn bundle_inference_matches_monai_on_real_cts() {
                     "{name}: float16 sums agree with float32 sums on {:.5}% of voxels",
                     100.0 * agree
                 );
-                if agree < 0.9999 {
+                // Random weights leave many of the 117 classes' logits within float16's rounding of each other
+                // (measured 99.91%); the trained model's agreement is asserted in
+                // `float16_sums_agree_with_float32_with_trained_weights`.
+                if agree < 0.998 {
                     failures.push(format!(
                         "{name}: float16 sums agree with float32 on only {:.4}% of voxels",
                         100.0 * agree
@@ -249,4 +253,61 @@ fn bundle_inference_matches_monai_on_real_cts() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Float16 stitching sums (used for reduced-precision networks and when float32 sums would not fit the memory
+/// budget) against float32 sums: "everything" on TotalSegmentator's example CTs with the trained demo model, label
+/// maps on the network's grid equal on >= 99.99% of voxels.
+#[test]
+fn float16_sums_agree_with_float32_with_trained_weights() {
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo_e8.safetensors");
+    let model = vista3d::load_model(&demo, Device::Cpu, &Default::default()).unwrap();
+    let table = LabelTable::bundle();
+    let prompts = prompts::resolve(
+        &RequestPrompts::default(),
+        &table,
+        &prompts::default_subclass(),
+        &prompts::everything_labels(),
+    )
+    .unwrap();
+    let mut failures = Vec::new();
+    for (ct, spacing) in [("example_ct_sm", 1.5), ("example_ct", 3.0)] {
+        let image = read_nifti(&common::data(&format!("totalsegmentator/{ct}.nii.gz"))).unwrap();
+        let config = PreprocessConfig {
+            spacing: [spacing; 3],
+            ..PreprocessConfig::default()
+        };
+        let (processed, trace) = transforms::preprocess(&image.volume, &config).unwrap();
+        let input = inference::volume_to_tensor(&processed).unwrap();
+        let net_prompts = NetworkPrompts::new(&prompts, &trace);
+        let settings = WindowSettings {
+            patch_size: [64; 3],
+            ..WindowSettings::default()
+        };
+        let half = WindowSettings {
+            accumulator: Accumulator::Float16,
+            ..settings.clone()
+        };
+        let full = inference::infer_labels(&model.net, &input, &net_prompts, &settings).unwrap();
+        let half = inference::infer_labels(&model.net, &input, &net_prompts, &half).unwrap();
+        let agree = full
+            .eq_tensor(&half)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        let classes = full
+            .flatten(0, -1)
+            .unique_dim(0, false, false, false)
+            .0
+            .size()[0];
+        println!(
+            "{ct} at {spacing} mm ({:?}, {classes} label values): float16 sums agree with float32 on {:.5}%",
+            full.size(),
+            100.0 * agree
+        );
+        if agree < 0.9999 {
+            failures.push(format!("{ct}: {:.4}%", 100.0 * agree));
+        }
+    }
+    assert!(failures.is_empty(), "float16 sums disagree: {failures:?}");
 }

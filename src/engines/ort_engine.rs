@@ -6,8 +6,10 @@
 //! classifies every refusal as an [`EngineError`] kind.
 //!
 //! Sessions are tuned for the one-window-at-a-time workload ([`session_options`]): all graph optimisations,
-//! `threads` intra-op threads and one inter-op thread (sequential execution), the CPU memory arena and memory
-//! patterns (every window has the same shape, so buffers are planned once and reused).
+//! `threads` intra-op threads and one inter-op thread (sequential execution), and neither the CPU memory arena nor
+//! memory patterns: both keep the largest window's activations reserved for the process's life (measured on one
+//! 128^3 window of "everything" at width 8: 3.27 GB peak with them, 1.90 GB without, 21.5 s vs 22.4 s), which
+//! would sit on top of the stitching sums of a large CT.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -97,8 +99,8 @@ pub fn ort_environment() -> Result<Environment, EngineError> {
 
 /// The session options of every engine session: all graph optimisations (constant folding, node fusions, layout
 /// transformations), `threads` intra-op threads (0: ONNX Runtime's default, one per core) with one inter-op
-/// thread and sequential execution (the graphs are chains), the CPU memory arena and memory-pattern planning
-/// (windows all have the same shape, so activations are planned once and reused).
+/// thread and sequential execution (the graphs are chains); no CPU memory arena and no memory-pattern planning, so
+/// that activations are returned after each window instead of staying reserved (see the module's note).
 fn session_options(
     env: &Environment,
     threads: usize,
@@ -107,7 +109,8 @@ fn session_options(
         .with_optimization_level(GraphOptimizationLevel::All)?
         .with_parallel_execution(false)?
         .with_inter_threads(1)?
-        .with_memory_pattern(true)?;
+        .with_memory_pattern(false)?
+        .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?;
     if threads > 0 {
         builder = builder.with_intra_threads(threads)?;
     }
