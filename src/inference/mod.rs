@@ -189,6 +189,21 @@ pub fn slab_thickness(bytes: u64, batch: usize, channels: usize, roi: &[usize; 3
     ((bytes / per_x.max(1)) as usize).clamp(1, roi[0].max(1))
 }
 
+/// A slab of window logits as float32 on the stitching device. From a GPU to host sums it goes through pinned
+/// memory (libtorch's caching host allocator, reused from slab to slab) by an asynchronous copy, rather than a
+/// pageable copy staged by the driver; the host then waits for the device once per slab before adding it.
+fn to_stitch_device(logits: &Tensor, stitch_device: Device) -> Result<Tensor> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    Ok(match (logits.device(), stitch_device) {
+        (Device::Cuda(index), Device::Cpu) => {
+            let host = logits.f_to_device_(Device::Cpu, Kind::Float, true, false)?;
+            tch::Cuda::synchronize(index as i64);
+            host
+        }
+        _ => logits.f_to_device(stitch_device)?,
+    })
+}
+
 /// MONAI's sliding-window inference over `image` `[1, 1, X, Y, Z]`. With `as_labels`, cells are
 /// postprocessed as they finish and only the label map `[X, Y, Z]` is kept (bounded memory); otherwise the
 /// logits `[B, X, Y, Z]` are returned. Returns the result and the peak accumulator voxels (per channel) live.
@@ -310,7 +325,7 @@ pub fn sliding_window(
         };
         tch::no_grad(|| {
             net.forward_window_in_slabs(&input, &args, call_slab_x, &mut |slab| {
-                let logits = slab.logits.to_kind(Kind::Float).to_device(stitch_device);
+                let logits = to_stitch_device(&slab.logits, stitch_device)?;
                 for (i, &index) in windows_of_call.iter().enumerate() {
                     stitcher.add_slab(index, slab.x.clone(), &logits.get(i as i64))?;
                 }
