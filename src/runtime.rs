@@ -195,23 +195,59 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
+/// Lets libtorch back CPU tensors of 2 MiB and more with transparent huge pages (its `THP_MEM_ALLOC_ENABLE`,
+/// read at its first allocation), unless the environment already sets that variable (`0` turns it off) or the
+/// kernel has no transparent huge pages. Without them each new large tensor costs a page fault per 4 KiB, and
+/// the windows of a request make thousands of such tensors (measured with `/usr/bin/time -v`, `benches/RESULTS.md`:
+/// one 128^3 window of everything 9.1-11.5 s -> 6.1-7.2 s, peak memory +2-11%). Call it first in `main`, before
+/// any thread starts and any tensor is made.
+pub fn enable_huge_page_tensors() {
+    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok();
+    if std::env::var_os(VAR).is_none() && thp.as_deref().is_some_and(thp_can_advise) {
+        std::env::set_var(VAR, "1");
+    }
+}
+
+/// Whether the kernel's `transparent_hugepage/enabled` (e.g. `always [madvise] never`) lets a process ask for huge
+/// pages: any mode but `never`.
+fn thp_can_advise(enabled: &str) -> bool {
+    enabled.contains('[') && !enabled.contains("[never]")
+}
+
 /// Whether this CPU computes bfloat16 natively (x86: `avx512_bf16` or `amx_bf16`; Arm: `bf16`), from
 /// `/proc/cpuinfo` (read once). Without it libtorch emulates bf16 and the `bf16` method is slower than fp32.
 pub fn cpu_has_native_bf16() -> bool {
     static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *NATIVE.get_or_init(|| {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .map(|info| cpuinfo_has_bf16(&info))
-            .unwrap_or(false)
-    })
+    *NATIVE.get_or_init(|| cpuinfo().is_some_and(|info| cpuinfo_has_bf16(&info)))
+}
+
+/// Whether this CPU has AVX-512 (`avx512f` in `/proc/cpuinfo`, read once): where `auto` prefers ONNX Runtime
+/// (see [`crate::engines::AutoCpu`]).
+pub fn cpu_has_avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| cpuinfo().is_some_and(|info| cpuinfo_has_avx512(&info)))
+}
+
+fn cpuinfo() -> Option<String> {
+    std::fs::read_to_string("/proc/cpuinfo").ok()
+}
+
+/// The CPU feature flags listed in the text of `/proc/cpuinfo` (x86 `flags`, Arm `Features`).
+fn cpuinfo_flags(info: &str) -> impl Iterator<Item = &str> {
+    info.lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
 }
 
 /// [`cpu_has_native_bf16`] on the text of `/proc/cpuinfo`.
 pub fn cpuinfo_has_bf16(info: &str) -> bool {
-    info.lines()
-        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
-        .flat_map(|l| l.split_whitespace())
-        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
+    cpuinfo_flags(info).any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
+}
+
+/// [`cpu_has_avx512`] on the text of `/proc/cpuinfo`.
+pub fn cpuinfo_has_avx512(info: &str) -> bool {
+    cpuinfo_flags(info).any(|f| f == "avx512f")
 }
 
 /// libtorch's global numeric switches that tch does not expose (TF32, cuDNN autotuning, autocast), reached
@@ -401,6 +437,26 @@ pub mod torch_switches {
             assert!(!crate::runtime::cpuinfo_has_bf16(
                 "flags\t\t: fpu avx2 avx512f avx512_vnni\nmodel name : bf16 in a name\n"
             ));
+        }
+
+        #[test]
+        fn huge_pages_are_asked_for_unless_the_kernel_says_never() {
+            assert!(crate::runtime::thp_can_advise("always [madvise] never\n"));
+            assert!(crate::runtime::thp_can_advise("[always] madvise never\n"));
+            assert!(!crate::runtime::thp_can_advise("always madvise [never]\n"));
+            assert!(!crate::runtime::thp_can_advise(""));
+        }
+
+        #[test]
+        fn avx512_is_read_from_the_cpu_flags() {
+            assert!(crate::runtime::cpuinfo_has_avx512(
+                "flags\t\t: fpu avx2 avx512f avx512_vnni\n"
+            ));
+            // avx512vl alone, or the word in another field, is not avx512f.
+            assert!(!crate::runtime::cpuinfo_has_avx512(
+                "flags\t\t: fpu fma avx2 avx512vl\nmodel name\t: avx512f edition\n"
+            ));
+            assert!(!crate::runtime::cpuinfo_has_avx512(""));
         }
 
         #[test]

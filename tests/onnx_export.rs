@@ -636,11 +636,15 @@ fn auto_on_a_cpu_exports_into_the_cache_on_first_use_and_runs_onnx_runtime() {
     let ct = common::data("totalsegmentator/example_ct_sm.nii.gz");
     let work = tmp("auto_first_use");
     let cache = work.join("cache");
-    let run = |out: &str, precision: &str| {
+    // `auto_cpu = ort` makes auto take ONNX Runtime whatever the CPU (detect takes it only with AVX-512).
+    let run_with = |out: &str, precision: &str, auto_cpu: &str| {
         let out = work.join(out);
+        let auto_cpu = format!("auto_cpu={auto_cpu}");
         let o = vista3d_cli(
             &[
                 "infer",
+                "--set",
+                &auto_cpu,
                 "--image",
                 ct.to_str().unwrap(),
                 "--label-prompt",
@@ -670,6 +674,7 @@ fn auto_on_a_cpu_exports_into_the_cache_on_first_use_and_runs_onnx_runtime() {
         .unwrap();
         (rec, log)
     };
+    let run = |out: &str, precision: &str| run_with(out, precision, "ort");
     let (rec, log) = run("first", "auto");
     assert_eq!(
         rec["precision"]["used"],
@@ -703,4 +708,22 @@ fn auto_on_a_cpu_exports_into_the_cache_on_first_use_and_runs_onnx_runtime() {
     );
     assert!(log.contains("replacing the cached ONNX export"), "{log}");
     assert_eq!(OnnxManifest::read(&dir).unwrap().format_version, 2);
+    // auto_cpu = fp32: libtorch, though the export is there; detect: as the CPU's flags say.
+    let (rec, log) = run_with("fourth", "auto", "fp32");
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!(["fp32"]),
+        "{log}"
+    );
+    let (rec, log) = run_with("fifth", "auto", "detect");
+    let detected = if vista3d::runtime::cpu_has_avx512() {
+        "ort"
+    } else {
+        "fp32"
+    };
+    assert_eq!(
+        rec["precision"]["used"],
+        serde_json::json!([detected]),
+        "{log}"
+    );
 }

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{ConfigError, Origin};
-use crate::engines::Method;
+use crate::engines::{AutoCpu, Method};
 use crate::inference::memory::StitchDevice;
 use crate::inference::window::BlendMode;
 use crate::inference::WindowSettings;
@@ -219,6 +219,10 @@ pub struct InferenceConfig {
     /// `allow` (default) or `deny`: whether a method that cannot run may fall back to libtorch.
     #[serde(default, deserialize_with = "from_str")]
     pub precision_fallback: FallbackPolicy,
+    /// What `auto` runs on a CPU: `detect` (default: ONNX Runtime where the CPU has AVX-512, else libtorch fp32),
+    /// `ort` or `fp32` (see [`AutoCpu`]).
+    #[serde(default, deserialize_with = "from_str")]
+    pub auto_cpu: AutoCpu,
     /// Cache of generated artefacts (ONNX exports, TensorRT engines, fingerprints); default
     /// `$XDG_CACHE_HOME/vista3d`, else `~/.cache/vista3d`.
     #[serde(default)]
@@ -435,6 +439,7 @@ mod tests {
         assert_eq!(c.output_dtype, OutputDtype::Float32);
         assert_eq!(c.max_prompt_size, 4);
         assert!(c.cudnn_benchmark);
+        assert_eq!(c.auto_cpu, AutoCpu::Detect);
         assert_eq!(c.window().sw_batch_size, 1);
     }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{ort_engine, tensorrt, EngineError, Method};
+use super::{ort_engine, tensorrt, AutoCpu, EngineError, Method};
 
 /// The facts [`assess`] judges, gathered by [`probe`].
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct Probes {
     pub tensorrt: Result<String, EngineError>,
     /// Whether this binary compiled the TensorRT shim.
     pub shim_compiled: bool,
+    /// Whether the CPU has AVX-512 (where `auto` prefers ONNX Runtime: [`AutoCpu`]).
+    pub cpu_avx512: bool,
 }
 
 /// One method: whether it runs here, and the reason or the library it uses.
@@ -38,8 +40,10 @@ pub struct EngineReport {
     pub cuda_devices: usize,
     pub tensorrt_shim_compiled: bool,
     pub methods: Vec<MethodAvailability>,
-    /// What `auto` runs on the CPU here.
+    /// What `auto` runs on the CPU here (with the default `auto_cpu = detect`).
     pub auto_cpu: Method,
+    /// Whether the CPU has AVX-512.
+    pub cpu_avx512: bool,
     /// What `auto` tries on a GPU here, in order (empty without a GPU).
     pub auto_gpu: Vec<Method>,
 }
@@ -60,6 +64,7 @@ pub fn probe() -> Probes {
         ort,
         tensorrt,
         shim_compiled: tensorrt::shim_compiled(),
+        cpu_avx512: crate::runtime::cpu_has_avx512(),
     }
 }
 
@@ -135,13 +140,13 @@ pub fn assess(p: &Probes) -> EngineReport {
         detail: "libtorch fp32 (the reference), CPU and CUDA".into(),
     });
     let runs = |m: Method| methods.iter().any(|a| a.method == m && a.available);
-    let auto_cpu = Method::auto_order(false)
+    let auto_cpu = Method::auto_order(false, AutoCpu::Detect.prefers_ort(p.cpu_avx512))
         .iter()
         .copied()
         .find(|m| runs(*m) || !m.uses_engine())
         .unwrap_or(Method::Fp32);
     let auto_gpu = if gpu {
-        Method::auto_order(true)
+        Method::auto_order(true, false)
             .iter()
             .copied()
             .filter(|m| runs(*m))
@@ -154,6 +159,7 @@ pub fn assess(p: &Probes) -> EngineReport {
         tensorrt_shim_compiled: p.shim_compiled,
         methods,
         auto_cpu,
+        cpu_avx512: p.cpu_avx512,
         auto_gpu,
     }
 }
@@ -179,7 +185,12 @@ impl std::fmt::Display for EngineReport {
                 m.detail
             )?;
         }
-        write!(f, "auto on the CPU: {}", self.auto_cpu)?;
+        write!(
+            f,
+            "auto on the CPU: {} (auto_cpu = detect: ONNX Runtime only with AVX-512, which this CPU {})",
+            self.auto_cpu,
+            if self.cpu_avx512 { "has" } else { "lacks" }
+        )?;
         if !self.auto_gpu.is_empty() {
             let order: Vec<&str> = self.auto_gpu.iter().map(|m| m.name()).collect();
             write!(f, "; auto on a GPU tries: {}", order.join(", "))?;
@@ -194,6 +205,7 @@ mod tests {
 
     fn facts(cuda_devices: usize, ort: bool, trt: bool) -> Probes {
         Probes {
+            cpu_avx512: true,
             cuda_devices,
             ort: if ort {
                 Ok(PathBuf::from("/x/libonnxruntime.so.1.31.1"))
@@ -242,7 +254,15 @@ mod tests {
             text.contains("ort       no  ONNX Runtime not found"),
             "{text}"
         );
-        assert!(text.ends_with("auto on the CPU: fp32"), "{text}");
+        assert!(text.contains("auto on the CPU: fp32 ("), "{text}");
+        // ONNX Runtime found, but a CPU without AVX-512: libtorch fp32, and the report says why.
+        let r = assess(&Probes {
+            cpu_avx512: false,
+            ..facts(0, true, false)
+        });
+        assert_eq!(r.auto_cpu, Method::Fp32);
+        assert!(line(&r, Method::Ort).available);
+        assert!(r.to_string().ends_with("which this CPU lacks)"), "{r}");
         // TensorRT installed but no GPU: named as such.
         let r = assess(&facts(0, true, true));
         assert!(!line(&r, Method::TrtFp16).available);

@@ -17,7 +17,8 @@ use std::sync::Mutex;
 
 use super::onnx::MANIFEST_FILE;
 use super::{
-    ort_engine, tensorrt, EngineContext, EngineError, EngineErrorKind, Method, WindowEngine,
+    ort_engine, tensorrt, AutoCpu, EngineContext, EngineError, EngineErrorKind, Method,
+    WindowEngine,
 };
 
 /// One step down from what a request asked for: the method that did not run, why (its kind and message).
@@ -154,9 +155,10 @@ pub fn artifacts_present(
 pub fn choose(
     requested: Method,
     cuda: bool,
+    auto_cpu: AutoCpu,
     ctx: &mut dyn FnMut(Method) -> Result<EngineContext, EngineError>,
 ) -> EngineChoice {
-    choose_with(requested, cuda, &mut |m| {
+    choose_with(requested, cuda, auto_cpu, &mut |m| {
         ctx(m).and_then(|c| open_engine(m, &c))
     })
 }
@@ -165,11 +167,15 @@ pub fn choose(
 fn choose_with(
     requested: Method,
     cuda: bool,
+    auto_cpu: AutoCpu,
     open: &mut dyn FnMut(Method) -> Result<Box<dyn WindowEngine>, EngineError>,
 ) -> EngineChoice {
     let mut fallbacks = Vec::new();
     let candidates: Vec<Method> = match requested {
-        Method::Auto => Method::auto_order(cuda).to_vec(),
+        Method::Auto => {
+            Method::auto_order(cuda, auto_cpu.prefers_ort(crate::runtime::cpu_has_avx512()))
+                .to_vec()
+        }
         m => vec![m],
     };
     for m in candidates {
@@ -299,6 +305,7 @@ mod tests {
         let c = choose_with(
             Method::Auto,
             true,
+            AutoCpu::Ort,
             &mut opener(all_fail(EngineError::Unavailable), &mut tried),
         );
         assert!(c.engine.is_none());
@@ -310,10 +317,30 @@ mod tests {
         let c = choose_with(
             Method::Auto,
             false,
+            AutoCpu::Ort,
             &mut opener(all_fail(EngineError::Unavailable), &mut tried),
         );
         assert_eq!((c.torch, c.fallbacks.len()), (Method::Fp32, 0));
         assert_eq!(tried, vec![Method::Ort]);
+        // With auto_cpu = fp32 (or detect on a CPU without AVX-512) no engine is asked for.
+        let mut tried = Vec::new();
+        let c = choose_with(
+            Method::Auto,
+            false,
+            AutoCpu::Fp32,
+            &mut opener(Vec::new(), &mut tried),
+        );
+        assert!(c.engine.is_none());
+        assert_eq!((c.torch, c.fallbacks.len()), (Method::Fp32, 0));
+        assert!(tried.is_empty());
+        // An explicit `ort` is tried whatever auto_cpu says.
+        let c = choose_with(
+            Method::Ort,
+            false,
+            AutoCpu::Fp32,
+            &mut opener(Vec::new(), &mut tried),
+        );
+        assert_eq!(c.method(), Method::Ort);
     }
 
     #[test]
@@ -324,7 +351,12 @@ mod tests {
             EngineError::Runtime,
         ] {
             let mut tried = Vec::new();
-            let c = choose_with(Method::Auto, true, &mut opener(all_fail(kind), &mut tried));
+            let c = choose_with(
+                Method::Auto,
+                true,
+                AutoCpu::Ort,
+                &mut opener(all_fail(kind), &mut tried),
+            );
             assert_eq!(c.torch, Method::Amp);
             let expected = kind(String::new()).kind();
             assert_eq!(
@@ -344,6 +376,7 @@ mod tests {
         let c = choose_with(
             Method::Auto,
             true,
+            AutoCpu::Ort,
             &mut opener(
                 vec![(Method::TrtFp16, EngineError::Stale("other weights".into()))],
                 &mut tried,
@@ -358,6 +391,7 @@ mod tests {
         let c = choose_with(
             Method::Auto,
             true,
+            AutoCpu::Ort,
             &mut opener(
                 vec![
                     (
@@ -390,6 +424,7 @@ mod tests {
             let c = choose_with(
                 Method::TrtFp16,
                 true,
+                AutoCpu::Ort,
                 &mut opener(all_fail(kind), &mut tried),
             );
             assert!(c.engine.is_none());
@@ -397,22 +432,42 @@ mod tests {
             assert_eq!(c.fallbacks.len(), 1);
             assert_eq!(c.fallbacks[0].kind, kind(String::new()).kind());
             let mut tried = Vec::new();
-            let c = choose_with(Method::Ort, false, &mut opener(all_fail(kind), &mut tried));
+            let c = choose_with(
+                Method::Ort,
+                false,
+                AutoCpu::Ort,
+                &mut opener(all_fail(kind), &mut tried),
+            );
             assert_eq!((c.torch, c.fallbacks.len()), (Method::Fp32, 1));
             assert_eq!(tried, vec![Method::Ort]);
         }
         // An engine that opens: no fallbacks, its libtorch partner for point prompts.
         let mut tried = Vec::new();
-        let c = choose_with(Method::TrtTf32, true, &mut opener(Vec::new(), &mut tried));
+        let c = choose_with(
+            Method::TrtTf32,
+            true,
+            AutoCpu::Ort,
+            &mut opener(Vec::new(), &mut tried),
+        );
         assert_eq!(c.method(), Method::TrtTf32);
         assert_eq!((c.torch, c.fallbacks.len()), (Method::Tf32, 0));
         // amp on a CPU runs fp32 and says so; no engine is asked for.
         let mut tried = Vec::new();
-        let c = choose_with(Method::Amp, false, &mut opener(Vec::new(), &mut tried));
+        let c = choose_with(
+            Method::Amp,
+            false,
+            AutoCpu::Ort,
+            &mut opener(Vec::new(), &mut tried),
+        );
         assert_eq!((c.torch, c.fallbacks.len()), (Method::Fp32, 1));
         assert!(c.fallbacks[0].to_string().contains("only on CUDA"));
         assert!(tried.is_empty());
-        let c = choose_with(Method::Fp32, true, &mut opener(Vec::new(), &mut tried));
+        let c = choose_with(
+            Method::Fp32,
+            true,
+            AutoCpu::Ort,
+            &mut opener(Vec::new(), &mut tried),
+        );
         assert_eq!((c.torch, c.fallbacks.len()), (Method::Fp32, 0));
         assert!(tried.is_empty());
     }
@@ -424,13 +479,13 @@ mod tests {
             asked.push(m);
             Err(EngineError::Unavailable("no ONNX export in onnx/".into()))
         };
-        let c = choose(Method::TrtFp16, true, &mut ctx);
+        let c = choose(Method::TrtFp16, true, AutoCpu::Ort, &mut ctx);
         assert!(c.engine.is_none());
         assert_eq!(c.torch, Method::Amp);
         assert!(c.fallbacks[0]
             .to_string()
             .starts_with("trt_fp16 unavailable: no ONNX export"));
-        let c = choose(Method::Tf32, true, &mut ctx);
+        let c = choose(Method::Tf32, true, AutoCpu::Ort, &mut ctx);
         assert_eq!((c.torch, c.fallbacks.len()), (Method::Tf32, 0));
         assert_eq!(asked, vec![Method::TrtFp16]);
         // A real context on the CPU: TensorRT is unavailable there, whatever is installed.
@@ -444,7 +499,9 @@ mod tests {
             max_prompt_size: 4,
             sw_batch_size: 1,
         };
-        let c = choose(Method::TrtTf32, false, &mut |_| Ok(real.clone()));
+        let c = choose(Method::TrtTf32, false, AutoCpu::Ort, &mut |_| {
+            Ok(real.clone())
+        });
         assert_eq!(c.torch, Method::Fp32);
         assert_eq!(c.fallbacks[0].kind, EngineErrorKind::Unavailable);
         let err = open_engine(Method::Amp, &real)

@@ -80,15 +80,78 @@ impl Method {
         }
     }
 
-    /// The candidates `auto` tries, fastest first: TensorRT FP16, TensorRT TF32, then libtorch amp on a GPU;
-    /// on a CPU ONNX Runtime (about 2x libtorch there, benches/RESULTS.md) when an export of the same weights
-    /// exists, then libtorch fp32 (amp and TF32 act only on CUDA).
-    pub fn auto_order(cuda: bool) -> &'static [Method] {
+    /// The candidates `auto` tries, fastest first: TensorRT FP16, TensorRT TF32, then libtorch amp on a GPU; on a
+    /// CPU ONNX Runtime then libtorch fp32 when `cpu_ort_first` (see [`AutoCpu::prefers_ort`]), else libtorch fp32
+    /// alone (amp and TF32 act only on CUDA).
+    pub fn auto_order(cuda: bool, cpu_ort_first: bool) -> &'static [Method] {
         if cuda {
             &[Method::TrtFp16, Method::TrtTf32, Method::Amp]
-        } else {
+        } else if cpu_ort_first {
             &[Method::Ort, Method::Fp32]
+        } else {
+            &[Method::Fp32]
         }
+    }
+}
+
+/// What `auto` runs on a CPU (`auto_cpu`): ONNX Runtime or libtorch fp32. Which is faster depends on the CPU
+/// (`benches/RESULTS.md`, "Which engine `auto` runs on a CPU"): ONNX Runtime was 1.1-1.9x faster than libtorch on
+/// an AVX-512 VM and 0.62-0.79x as fast on an AVX2-only one (AMD EPYC), so `detect` takes
+/// ONNX Runtime only where `/proc/cpuinfo` lists `avx512f`. The choice depends on the machine, never on its load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoCpu {
+    /// ONNX Runtime on CPUs with AVX-512, libtorch fp32 elsewhere.
+    #[default]
+    Detect,
+    /// ONNX Runtime (its export is made in the cache on first use), libtorch fp32 when it cannot run.
+    Ort,
+    /// libtorch fp32.
+    Fp32,
+}
+
+impl AutoCpu {
+    /// Whether `auto` tries ONNX Runtime first on a CPU that has (`avx512`) or lacks AVX-512.
+    pub fn prefers_ort(self, avx512: bool) -> bool {
+        match self {
+            AutoCpu::Detect => avx512,
+            AutoCpu::Ort => true,
+            AutoCpu::Fp32 => false,
+        }
+    }
+
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoCpu::Detect => "detect",
+            AutoCpu::Ort => "ort",
+            AutoCpu::Fp32 => "fp32",
+        }
+    }
+}
+
+impl FromStr for AutoCpu {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "detect" => Ok(AutoCpu::Detect),
+            "ort" | "onnxruntime" => Ok(AutoCpu::Ort),
+            "fp32" | "torch_fp32" => Ok(AutoCpu::Fp32),
+            other => Err(format!(
+                "unknown auto_cpu '{other}': use detect, ort or fp32"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AutoCpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for AutoCpu {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -167,5 +230,22 @@ mod tests {
         }
         assert_eq!(Method::TrtFp16.torch_fallback(false), Method::Fp32);
         assert_eq!(Method::TrtFp16.torch_fallback(true), Method::Amp);
+    }
+
+    #[test]
+    fn auto_on_a_cpu_takes_onnx_runtime_only_where_asked_or_with_avx512() {
+        assert!(AutoCpu::Detect.prefers_ort(true));
+        assert!(!AutoCpu::Detect.prefers_ort(false));
+        assert!(AutoCpu::Ort.prefers_ort(false));
+        assert!(!AutoCpu::Fp32.prefers_ort(true));
+        assert_eq!(Method::auto_order(false, true), [Method::Ort, Method::Fp32]);
+        assert_eq!(Method::auto_order(false, false), [Method::Fp32]);
+        let gpu = [Method::TrtFp16, Method::TrtTf32, Method::Amp];
+        assert_eq!(Method::auto_order(true, false), gpu);
+        for a in [AutoCpu::Detect, AutoCpu::Ort, AutoCpu::Fp32] {
+            assert_eq!(a.name().parse::<AutoCpu>().unwrap(), a);
+        }
+        let err = "gpu".parse::<AutoCpu>().unwrap_err();
+        assert!(err.contains("'gpu'") && err.contains("detect"), "{err}");
     }
 }

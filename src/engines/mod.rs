@@ -30,7 +30,7 @@ pub mod tensorrt;
 
 pub use choice::{artifacts_present, choose, open_engine, EngineChoice, Fallback};
 pub use error::{EngineError, EngineErrorKind};
-pub use method::Method;
+pub use method::{AutoCpu, Method};
 
 use std::path::PathBuf;
 

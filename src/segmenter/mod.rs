@@ -318,7 +318,8 @@ impl Segmenter {
 
     /// Opens the engine of `method` (or records why it cannot run).
     fn open(&self, method: Method) -> EngineChoice {
-        engines::choose(method, self.model.device.is_cuda(), &mut |m| {
+        let cuda = self.model.device.is_cuda();
+        engines::choose(method, cuda, self.config().auto_cpu, &mut |m| {
             self.engine_context(m)
         })
     }

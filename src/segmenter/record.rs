@@ -89,7 +89,7 @@ pub fn request_identity_for(
         Some(sha256) => json!({"sha256": sha256}),
         None => model.weights.clone(),
     };
-    json!({
+    let mut identity = json!({
         "input": input,
         "prompts": {
             "label_prompt": prompts.label_prompt,
@@ -109,7 +109,12 @@ pub fn request_identity_for(
             "subclass": c.subclass,
             "output_dtype": output_dtype.name(),
         },
-    })
+    });
+    // What `auto` runs on a CPU is a setting too (an explicit method ignores it).
+    if method == crate::engines::Method::Auto {
+        identity["settings"]["auto_cpu"] = json!(c.auto_cpu);
+    }
+    identity
 }
 
 /// The record of one segmentation written to `output`.
