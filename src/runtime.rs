@@ -203,8 +203,11 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
 /// any thread starts and any tensor is made.
 pub fn enable_huge_page_tensors() {
     const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok();
-    if std::env::var_os(VAR).is_none() && thp.as_deref().is_some_and(thp_can_advise) {
+    if thp.as_deref().is_some_and(thp_can_advise) {
         std::env::set_var(VAR, "1");
     }
 }
