@@ -4,12 +4,13 @@
 # settings: PAIRED runs (MONAI then vista3d, repeated), so machine load affects both sides alike; prints each pair,
 # the medians and the load averages. The first vista3d run (export into a fresh cache) is timed apart.
 #   bash benches/auto_vs_monai.sh [CT=$VISTA3D_DATA/totalsegmentator/example_ct.nii.gz] [LABELS=1,3,4,6] \
-#       [WIDTH=24] [PATCH=64] [THREADS=2] [PAIRS=3]
+#       [WIDTH=24] [PATCH=64] [THREADS=2] [PAIRS=3] [more vista3d infer arguments, e.g. --set window_workers=2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh test > /dev/null
 ct="${1:-${VISTA3D_DATA:-target/data}/totalsegmentator/example_ct.nii.gz}"
 labels="${2:-1,3,4,6}" width="${3:-24}" patch="${4:-64}" threads="${5:-2}" pairs="${6:-3}"
+extra=("${@:7}")
 dir=target/bench/auto_vs_monai_e${width}_p${patch}
 rm -rf "$dir" && mkdir -p "$dir"
 "$VISTA3D_PYTHON" tests/fixtures/monai_reference.py --only-save-weights --weights random:0 --embed-dim "$width" \
@@ -23,7 +24,7 @@ monai() {
 rust() {
     "$bin" infer --image "$ct" --checkpoint "$dir/weights.pt" --label-prompt "$labels" --precision auto \
         --cache-dir "$dir/cache" --output-dir "$dir/rust" --threads "$threads" \
-        --set "patch_size=[$patch,$patch,$patch]" > /dev/null 2>&1
+        --set "patch_size=[$patch,$patch,$patch]" "${extra[@]}" > /dev/null 2>&1
 }
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(now); rust; t1=$(now)

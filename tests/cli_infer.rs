@@ -68,6 +68,62 @@ fn infer_writes_the_label_map_with_the_input_geometry() {
     let p8 = out8.join("example_ct_sm/example_ct_sm_trans.nii.gz");
     assert_eq!(read_nifti(&p8).unwrap().volume.data, labels.volume.data);
     assert!(std::fs::metadata(&p8).unwrap().len() <= std::fs::metadata(&label_path).unwrap().len());
+    assert!(record["request"]["settings"]
+        .get("window_workers")
+        .is_none());
+
+    // Two windows at once on the CPU: the same labels within the parity tolerance, and the setting recorded in the
+    // request's identity (a window on one thread rounds differently from one on two).
+    let out_ww = tmp("infer_window_workers");
+    let mut args = vec![
+        "infer",
+        "--image",
+        ct.to_str().unwrap(),
+        "--label-prompt",
+        "3,1",
+        "--output-dir",
+        out_ww.to_str().unwrap(),
+        "--set",
+        "window_workers=2",
+    ];
+    args.extend(FAST);
+    let o = vista3d(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let ww = read_nifti(&out_ww.join("example_ct_sm/example_ct_sm_trans.nii.gz")).unwrap();
+    let same = ww
+        .volume
+        .data
+        .iter()
+        .zip(labels.volume.data.iter())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.9999 * labels.volume.data.len() as f64,
+        "{same} of {} voxels equal",
+        labels.volume.data.len()
+    );
+    let rec = crate::record(&out_ww, "example_ct_sm");
+    assert_eq!(rec["request"]["settings"]["window_workers"], 2);
+    assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
+
+    // Out of range: refused before any work, naming the key.
+    let out_bad = tmp("infer_window_workers_0");
+    let mut args = vec![
+        "infer",
+        "--image",
+        ct.to_str().unwrap(),
+        "--label-prompt",
+        "3",
+        "--output-dir",
+        out_bad.to_str().unwrap(),
+        "--set",
+        "window_workers=0",
+    ];
+    args.extend(FAST);
+    let o = vista3d(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("window_workers"), "{}", text(&o));
+    assert!(!out_bad.join("example_ct_sm").exists());
 }
 
 #[test]

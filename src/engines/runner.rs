@@ -278,6 +278,19 @@ impl WindowNetwork for WindowRunner<'_> {
         )
     }
 
+    /// libtorch fp32 on the CPU without an engine: the windows may run on several threads at once.
+    fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
+        if self.device.is_cuda()
+            || self.torch_method != Method::Fp32
+            || self.engine.borrow().is_some()
+        {
+            return None;
+        }
+        let shared = self.net.concurrent()?;
+        self.report.borrow_mut().mark_used(self.torch_method);
+        Some(shared)
+    }
+
     fn reduced_precision(&self) -> bool {
         match self.engine.borrow().as_ref() {
             Some(engine) => engine.method().reduced_precision(),

@@ -63,6 +63,15 @@ pub fn network_bytes(weight_bytes: u64, width: usize, roi: [usize; 3], batch: us
     weight_bytes + (per_window * batch as f64) as u64
 }
 
+/// Slabs of window output alive at once with `workers` window workers: the one being stitched and its copy, and
+/// with several workers each one's slab in the making and one waiting.
+fn window_output_slabs(workers: usize) -> u64 {
+    match workers {
+        0 | 1 => 2,
+        w => 2 * w as u64 + 1,
+    }
+}
+
 /// A request's estimated peak, by part (bytes).
 #[derive(Debug, Clone)]
 pub struct MemoryEstimate {
@@ -178,8 +187,13 @@ pub fn estimate(
         network_input: 4 * processed + padding,
         labels,
         accumulators,
-        // One slab of the network's output and a copy of its size (weighted, or converted for float16 sums).
-        window_output: 2 * 4 * batch * classes * slab_voxels,
+        // One slab of the network's output and a copy of its size (weighted, or converted for float16 sums); with
+        // window workers, also each worker's slab in the making and one waiting for the stitching.
+        window_output: window_output_slabs(settings.window_workers)
+            * 4
+            * batch
+            * classes
+            * slab_voxels,
         // A blended float32 slab of the largest cell (4 bytes), its clamped copy (4) and two masks (1 + 1).
         finishing: if shape.as_labels {
             let slab = plan.largest_cell / plan.largest_cell_x.max(1)
@@ -335,5 +349,12 @@ mod tests {
         let kept = at(117, true);
         assert!(kept.total() > everything.total());
         assert!(kept.total() - everything.total() <= kept.input);
+        // Two window workers: each one's slab in the making and one waiting, besides the one being stitched.
+        let two = WindowSettings {
+            window_workers: 2,
+            ..settings.clone()
+        };
+        let with_workers = estimate(&shape(dims, 117), &two, Accumulator::Float16, 0).unwrap();
+        assert_eq!(2 * with_workers.window_output, 5 * everything.window_output);
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::prompts::{Prompts, LAST_SUPPORTED};
 use crate::transforms::SpatialTrace;
 use crate::volume::Volume;
-pub use network::WindowNetwork;
+pub use network::{WindowNetwork, WindowSlab};
 use point_window::{point_window_inference, PointWindowPrompts};
 use window::{Accumulator, BlendMode, CellSink, StitchPlan, Stitcher, WindowGrid};
 
@@ -36,6 +36,9 @@ pub struct WindowSettings {
     pub stitch_on_host: bool,
     /// Bytes of logits one network call hands over at a time ([`WINDOW_OUTPUT_BYTES`]).
     pub window_output_bytes: u64,
+    /// Network calls computed at once where the network allows it ([`WindowNetwork::concurrent`]), each on its
+    /// share of libtorch's threads; 1 runs them one at a time.
+    pub window_workers: usize,
 }
 
 impl Default for WindowSettings {
@@ -49,6 +52,7 @@ impl Default for WindowSettings {
             accumulator: Accumulator::Float32,
             stitch_on_host: false,
             window_output_bytes: WINDOW_OUTPUT_BYTES,
+            window_workers: 1,
         }
     }
 }
@@ -292,8 +296,9 @@ pub fn sliding_window(
         n_out as usize,
         &grid.roi,
     );
-    for windows_of_call in windows.chunks(batch) {
-        let inputs: Vec<Tensor> = windows_of_call
+    let calls: Vec<&[[usize; 3]]> = windows.chunks(batch).collect();
+    let window_inputs = |call: &[[usize; 3]]| -> Tensor {
+        let inputs: Vec<Tensor> = call
             .iter()
             .map(|&index| {
                 let r = grid.ranges(index);
@@ -303,43 +308,85 @@ pub fn sliding_window(
                     .narrow(4, r[2].start as i64, grid.roi[2] as i64)
             })
             .collect();
-        let input = Tensor::cat(&inputs, 0);
-        let r = grid.ranges(windows_of_call[0]);
-        let args = crate::model::ForwardArgs {
-            point_coords: point_coords.as_ref(),
-            point_labels: point_labels.as_ref(),
-            class_vector: class_vector.as_ref(),
-            prompt_class: prompt_class.as_ref(),
-            patch_coords: Some(r.map(|r| r.start as i64..r.end as i64)),
-            prev_mask: None,
-            radius: None,
-            transpose: true,
-        };
-        // Class prompts come from the network in slabs along x, each added to the sums as it comes, so that a
-        // window's logits for every class never exist at once (a call's windows at different x come whole).
-        let t = std::time::Instant::now();
-        let call_slab_x = if Stitcher::slabs_allowed(windows_of_call) {
+        Tensor::cat(&inputs, 0)
+    };
+    // Class prompts come from the network in slabs along x, each added to the sums as it comes, so that a
+    // window's logits for every class never exist at once (a call's windows at different x come whole).
+    let call_slab_x = |call: &[[usize; 3]]| {
+        if Stitcher::slabs_allowed(call) {
             slab_x
         } else {
             grid.roi[0]
-        };
-        tch::no_grad(|| {
-            net.forward_window_in_slabs(&input, &args, call_slab_x, &mut |slab| {
-                let logits = to_stitch_device(&slab.logits, stitch_device)?;
-                for (i, &index) in windows_of_call.iter().enumerate() {
-                    stitcher.add_slab(index, slab.x.clone(), &logits.get(i as i64))?;
-                }
-                Ok(())
-            })
-        })?;
-        for &index in windows_of_call {
-            stitcher.end(index, &mut sink)?;
         }
-        log::trace!(
-            "windows from {:?}: network and stitching {:.3} s",
-            windows_of_call[0],
-            t.elapsed().as_secs_f64()
-        );
+    };
+    let call_prompts = CallPrompts {
+        point_coords,
+        point_labels,
+        class_vector,
+        prompt_class,
+    };
+    let stitch_slab =
+        |stitcher: &mut Stitcher, call: &[[usize; 3]], slab: WindowSlab| -> Result<()> {
+            let logits = to_stitch_device(&slab.logits, stitch_device)?;
+            for (i, &index) in call.iter().enumerate() {
+                stitcher.add_slab(index, slab.x.clone(), &logits.get(i as i64))?;
+            }
+            Ok(())
+        };
+    let threads = tch::get_num_threads().max(1) as usize;
+    let workers = settings.window_workers.min(calls.len());
+    let shared = if workers > 1 { net.concurrent() } else { None };
+    match shared {
+        Some(shared) => {
+            log::debug!(
+                "{workers} window workers with {} threads each",
+                (threads / workers).max(1)
+            );
+            let ran = concurrent_calls(
+                &*shared,
+                &calls,
+                workers,
+                (threads / workers).max(1) as i32,
+                &ConcurrentCalls {
+                    grid: &grid,
+                    prompts: &call_prompts,
+                    slab_x: &call_slab_x,
+                },
+                &window_inputs,
+                &mut |call, message| match message {
+                    Some(slab) => stitch_slab(&mut stitcher, call, slab),
+                    None => call
+                        .iter()
+                        .try_for_each(|&index| stitcher.end(index, &mut sink)),
+                },
+            );
+            // Setting a thread's count also sets libtorch's process-wide default, which threads made later
+            // start from: back to this thread's.
+            tch::set_num_threads(threads as i32);
+            ran?;
+        }
+        None => {
+            for &call in &calls {
+                let input = window_inputs(call);
+                let t = std::time::Instant::now();
+                tch::no_grad(|| {
+                    net.forward_window_in_slabs(
+                        &input,
+                        &call_prompts.args(&grid, call),
+                        call_slab_x(call),
+                        &mut |slab| stitch_slab(&mut stitcher, call, slab),
+                    )
+                })?;
+                for &index in call {
+                    stitcher.end(index, &mut sink)?;
+                }
+                log::trace!(
+                    "windows from {:?}: network and stitching {:.3} s",
+                    call[0],
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
     let peak = stitcher.peak_voxels();
     let out = if as_labels {
@@ -355,6 +402,141 @@ pub fn sliding_window(
         },
         peak,
     ))
+}
+
+/// The prompts of every network call of a sliding window, on the network's device.
+struct CallPrompts {
+    point_coords: Option<Tensor>,
+    point_labels: Option<Tensor>,
+    class_vector: Option<Tensor>,
+    prompt_class: Option<Tensor>,
+}
+
+impl CallPrompts {
+    /// The network's arguments for `call` (its first window's position localises points, as in MONAI).
+    fn args(&self, grid: &WindowGrid, call: &[[usize; 3]]) -> crate::model::ForwardArgs<'_> {
+        let r = grid.ranges(call[0]);
+        crate::model::ForwardArgs {
+            point_coords: self.point_coords.as_ref(),
+            point_labels: self.point_labels.as_ref(),
+            class_vector: self.class_vector.as_ref(),
+            prompt_class: self.prompt_class.as_ref(),
+            patch_coords: Some(r.map(|r| r.start as i64..r.end as i64)),
+            prev_mask: None,
+            radius: None,
+            transpose: true,
+        }
+    }
+
+    /// A copy for another thread (the same storage).
+    fn shallow_clone(&self) -> Self {
+        let c = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        Self {
+            point_coords: c(&self.point_coords),
+            point_labels: c(&self.point_labels),
+            class_vector: c(&self.class_vector),
+            prompt_class: c(&self.prompt_class),
+        }
+    }
+}
+
+/// What the threads of [`concurrent_calls`] share.
+struct ConcurrentCalls<'c> {
+    grid: &'c WindowGrid,
+    prompts: &'c CallPrompts,
+    slab_x: &'c (dyn Fn(&[[usize; 3]]) -> usize + Sync),
+}
+
+/// What a window worker hands back: a slab of its call's logits, the end of the call, or the call's error.
+enum WorkerMessage {
+    Slab(WindowSlab),
+    End,
+    Failed(anyhow::Error),
+}
+
+/// Receives a call's output on the stitching thread: `Some(slab)` for each slab, then `None` when it has ended.
+type CallStitch<'s> = dyn FnMut(&[[usize; 3]], Option<WindowSlab>) -> Result<()> + 's;
+
+/// Runs `calls` on `workers` threads of `threads` libtorch threads each (call `i` on worker `i % workers`, its
+/// input made at most two calls ahead of the stitching) and hands their output to `stitch` on this thread in the
+/// calls' order. The stitched result is the one of running the calls one after the other with `threads` threads
+/// each. Stops at the first error; the workers end before it returns.
+fn concurrent_calls(
+    net: &(dyn WindowNetwork + Sync),
+    calls: &[&[[usize; 3]]],
+    workers: usize,
+    threads: i32,
+    shared: &ConcurrentCalls<'_>,
+    inputs: &dyn Fn(&[[usize; 3]]) -> Tensor,
+    stitch: &mut CallStitch<'_>,
+) -> Result<()> {
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+    /// Calls given to a worker before the stitching asks for them.
+    const AHEAD: usize = 2;
+    std::thread::scope(|scope| {
+        let mut jobs: Vec<SyncSender<(usize, Tensor)>> = Vec::with_capacity(workers);
+        let mut results: Vec<Receiver<WorkerMessage>> = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (job_tx, job_rx) = sync_channel::<(usize, Tensor)>(AHEAD);
+            // One slab waits for the stitching while the worker makes the next (the memory estimate counts both).
+            let (out_tx, out_rx) = sync_channel::<WorkerMessage>(1);
+            let prompts = shared.prompts.shallow_clone();
+            let (grid, slab_x) = (shared.grid, shared.slab_x);
+            scope.spawn(move || {
+                // libtorch's thread count and grad mode are per thread.
+                tch::set_num_threads(threads);
+                let _no_grad = tch::no_grad_guard();
+                for (i, input) in job_rx {
+                    let call = calls[i];
+                    let ran = net.forward_window_in_slabs(
+                        &input,
+                        &prompts.args(grid, call),
+                        slab_x(call),
+                        &mut |slab| {
+                            out_tx
+                                .send(WorkerMessage::Slab(slab))
+                                .map_err(|_| anyhow::anyhow!("the stitching stopped"))
+                        },
+                    );
+                    let last = match ran {
+                        Ok(()) => WorkerMessage::End,
+                        Err(e) => WorkerMessage::Failed(e),
+                    };
+                    if out_tx.send(last).is_err() {
+                        break;
+                    }
+                }
+            });
+            jobs.push(job_tx);
+            results.push(out_rx);
+        }
+        // Dropping `jobs` and `results` on return (error or not) lets every worker end.
+        let give = |jobs: &[SyncSender<(usize, Tensor)>], i: usize| -> Result<()> {
+            jobs[i % workers]
+                .send((i, inputs(calls[i])))
+                .map_err(|_| anyhow::anyhow!("internal: window worker {} stopped", i % workers))
+        };
+        for i in 0..calls.len().min(AHEAD * workers) {
+            give(&jobs, i)?;
+        }
+        for (i, &call) in calls.iter().enumerate() {
+            loop {
+                let message = results[i % workers].recv().map_err(|_| {
+                    anyhow::anyhow!("internal: window worker {} stopped", i % workers)
+                })?;
+                match message {
+                    WorkerMessage::Slab(slab) => stitch(call, Some(slab))?,
+                    WorkerMessage::End => break,
+                    WorkerMessage::Failed(e) => return Err(e),
+                }
+            }
+            stitch(call, None)?;
+            if i + AHEAD * workers < calls.len() {
+                give(&jobs, i + AHEAD * workers)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Runs the network on a preprocessed image `[1, 1, X, Y, Z]` as the bundle's inferer does and returns
@@ -457,4 +639,273 @@ pub fn tensor_to_array(t: &Tensor) -> Result<Array3<f32>> {
         (s[0] as usize, s[1] as usize, s[2] as usize),
         data,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
+    use super::network::{even_pieces, SlabSink};
+    use super::*;
+    use crate::model::{ForwardArgs, Vista3d, Vista3dConfig};
+
+    /// A network whose logits depend on the whole window (as instance norm makes them), so that stitching in
+    /// another order would show; it notes the threads it ran on and can fail at one call.
+    struct Fake {
+        threads: Mutex<HashSet<ThreadId>>,
+        calls: AtomicUsize,
+        fail_at: Option<usize>,
+        concurrent: bool,
+    }
+
+    impl Fake {
+        fn new(fail_at: Option<usize>, concurrent: bool) -> Self {
+            Self {
+                threads: Mutex::new(HashSet::new()),
+                calls: AtomicUsize::new(0),
+                fail_at,
+                concurrent,
+            }
+        }
+    }
+
+    impl WindowNetwork for Fake {
+        fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.threads
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
+            anyhow::ensure!(
+                self.fail_at != Some(call),
+                "simulated failure at call {call}"
+            );
+            let classes = args.class_vector.map_or(1, |c| c.size()[0]);
+            let scale =
+                Tensor::arange(classes, (Kind::Float, Device::Cpu)).view([1, -1, 1, 1, 1]) + 1.0;
+            let mean = input.mean_dim(&[2i64, 3, 4][..], true, Kind::Float);
+            let logits = ((input * &scale).sin() + mean * 0.37 - 0.1).to_kind(Kind::Float);
+            // `[b, C, ...]` is the transposed layout (windows first); the network's own is classes first.
+            Ok(if args.transpose {
+                logits
+            } else {
+                logits.transpose(1, 0)
+            })
+        }
+
+        fn forward_window_in_slabs(
+            &self,
+            input: &Tensor,
+            args: &ForwardArgs,
+            slab_x: usize,
+            sink: &mut SlabSink<'_>,
+        ) -> Result<()> {
+            let whole = self.forward_window(input, args)?;
+            for x in even_pieces(input.size()[2] as usize, slab_x) {
+                let logits = whole.narrow(2, x.start as i64, x.len() as i64).contiguous();
+                sink(WindowSlab { x, logits })?;
+            }
+            Ok(())
+        }
+
+        fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
+            struct Shared<'a>(&'a Fake);
+            impl WindowNetwork for Shared<'_> {
+                fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+                    self.0.forward_window(input, args)
+                }
+                fn forward_window_in_slabs(
+                    &self,
+                    input: &Tensor,
+                    args: &ForwardArgs,
+                    slab_x: usize,
+                    sink: &mut SlabSink<'_>,
+                ) -> Result<()> {
+                    self.0.forward_window_in_slabs(input, args, slab_x, sink)
+                }
+            }
+            self.concurrent
+                .then(|| Box::new(Shared(self)) as Box<dyn WindowNetwork + Sync + '_>)
+        }
+    }
+
+    fn image(size: [i64; 3]) -> Tensor {
+        tch::manual_seed(11);
+        Tensor::randn(
+            [1, 1, size[0], size[1], size[2]],
+            (Kind::Float, Device::Cpu),
+        )
+    }
+
+    fn settings(workers: usize, batch: usize, slab_bytes: u64, mode: BlendMode) -> WindowSettings {
+        WindowSettings {
+            patch_size: [16, 16, 16],
+            overlap: 0.5,
+            mode,
+            sw_batch_size: batch,
+            window_workers: workers,
+            window_output_bytes: slab_bytes,
+            ..WindowSettings::default()
+        }
+    }
+
+    fn logits(net: &dyn WindowNetwork, image: &Tensor, settings: &WindowSettings) -> Tensor {
+        let prompts = NetworkPrompts::from_labels(&[1, 3, 5]);
+        match sliding_window(net, image, &prompts, settings, false)
+            .unwrap()
+            .0
+        {
+            Stitched::Logits(l) => l,
+            Stitched::Labels(_) => unreachable!("asked for logits"),
+        }
+    }
+
+    #[test]
+    fn window_workers_stitch_what_one_thread_does_bit_for_bit() {
+        let image = image([40, 33, 29]);
+        for mode in [BlendMode::Constant, BlendMode::Gaussian] {
+            for batch in [1, 2] {
+                // Whole windows, and slabs of one voxel along x (several messages per call).
+                for slab_bytes in [WINDOW_OUTPUT_BYTES, 1] {
+                    let one = Fake::new(None, true);
+                    let expected = logits(&one, &image, &settings(1, batch, slab_bytes, mode));
+                    assert_eq!(
+                        one.threads.lock().unwrap().len(),
+                        1,
+                        "one worker: this thread"
+                    );
+                    for workers in [2, 3] {
+                        let many = Fake::new(None, true);
+                        let got =
+                            logits(&many, &image, &settings(workers, batch, slab_bytes, mode));
+                        assert!(
+                            got.equal(&expected),
+                            "{mode:?}, batch {batch}, slab bytes {slab_bytes}, {workers} workers differ"
+                        );
+                        let threads = many.threads.lock().unwrap();
+                        assert_eq!(
+                            threads.len(),
+                            workers,
+                            "windows ran on {} threads",
+                            threads.len()
+                        );
+                        assert!(!threads.contains(&std::thread::current().id()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_workers_stream_labels_as_one_thread_does() {
+        let image = image([37, 30, 34]);
+        let prompts = NetworkPrompts::from_labels(&[2, 7]);
+        let labels = |workers| {
+            let net = Fake::new(None, true);
+            match sliding_window(
+                &net,
+                &image,
+                &prompts,
+                &settings(workers, 1, 1, BlendMode::Gaussian),
+                true,
+            )
+            .unwrap()
+            .0
+            {
+                Stitched::Labels(l) => l,
+                Stitched::Logits(_) => unreachable!("asked for labels"),
+            }
+        };
+        let (one, two) = (labels(1), labels(2));
+        assert!(one.equal(&two));
+        // Not a trivial map: both classes and the background occur.
+        let (lo, hi) = (
+            f64::try_from(one.min()).unwrap(),
+            f64::try_from(one.max()).unwrap(),
+        );
+        assert!(lo < hi, "labels from {lo} to {hi}");
+    }
+
+    #[test]
+    fn a_failing_window_fails_the_request_and_stops_the_workers() {
+        let image = image([40, 33, 29]);
+        for fail_at in [0, 5] {
+            let net = Fake::new(Some(fail_at), true);
+            let prompts = NetworkPrompts::from_labels(&[1]);
+            let err = sliding_window(
+                &net,
+                &image,
+                &prompts,
+                &settings(2, 1, 1, BlendMode::Constant),
+                true,
+            )
+            .err()
+            .expect("the failure reaches the caller");
+            assert!(
+                format!("{err:#}").contains(&format!("simulated failure at call {fail_at}")),
+                "{err:#}"
+            );
+            // The workers stopped at most a few calls after the failure instead of running every window.
+            let windows = WindowGrid::new([40, 33, 29], [16; 3], 0.5)
+                .unwrap()
+                .windows()
+                .len();
+            let calls = net.calls.load(Ordering::SeqCst);
+            assert!(
+                calls <= fail_at + 2 * 2 + 2 && calls < windows,
+                "{calls} calls of {windows}"
+            );
+        }
+    }
+
+    #[test]
+    fn networks_that_cannot_share_run_windows_on_this_thread() {
+        let image = image([40, 33, 29]);
+        let net = Fake::new(None, false);
+        let _ = logits(
+            &net,
+            &image,
+            &settings(3, 1, WINDOW_OUTPUT_BYTES, BlendMode::Constant),
+        );
+        let threads = net.threads.lock().unwrap();
+        assert_eq!(threads.len(), 1);
+        assert!(threads.contains(&std::thread::current().id()));
+    }
+
+    #[test]
+    fn the_network_on_window_workers_matches_one_thread() {
+        tch::manual_seed(5);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = Vista3d::new(&vs.root(), Vista3dConfig::with_width(8)).unwrap();
+        assert!(
+            net.concurrent().is_some(),
+            "libtorch on the CPU shares its windows"
+        );
+        let image = image([40, 36, 34]);
+        let settings = |workers| WindowSettings {
+            patch_size: [32, 32, 32],
+            overlap: 0.25,
+            window_workers: workers,
+            ..WindowSettings::default()
+        };
+        let threads = tch::get_num_threads();
+        let one = logits(&net, &image, &settings(1));
+        let two = logits(&net, &image, &settings(2));
+        // The workers' thread counts leave neither this thread's nor that of threads made later changed.
+        assert_eq!(tch::get_num_threads(), threads);
+        let later = std::thread::spawn(tch::get_num_threads).join().unwrap();
+        assert_eq!(later, threads, "a thread made after the workers");
+        // Each window on a share of the threads rounds a little differently: within the parity tolerance.
+        let err = f64::try_from((&two - &one).abs().max()).unwrap()
+            / f64::try_from(one.abs().max()).unwrap();
+        assert!(err <= 1e-5, "relative error {err:e}");
+        // The engine runner shares its libtorch fp32 path, and says it ran.
+        let runner = crate::engines::runner::WindowRunner::torch(&net, Device::Cpu);
+        let again = logits(&runner, &image, &settings(2));
+        assert!(again.equal(&two));
+        assert_eq!(runner.report().used, vec![crate::engines::Method::Fp32]);
+    }
 }

@@ -44,6 +44,38 @@ pub trait WindowNetwork {
     fn reduced_precision(&self) -> bool {
         false
     }
+
+    /// This network as one that several threads may run windows on at once (libtorch fp32 on the CPU: the
+    /// `window_workers` setting), or `None` where windows run one at a time on the calling thread (engines, GPUs,
+    /// autocast, a server's batching).
+    fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
+        None
+    }
+}
+
+/// [`Vista3d`] on the CPU, shared by the threads of [`WindowNetwork::concurrent`].
+struct SharedCpuNetwork<'a>(&'a Vista3d);
+
+// SAFETY: `Vista3d` is not `Sync` only because `tch::Tensor` is not (tch leaves it to the caller). A forward
+// pass only reads the weights (no interior mutability in the model, no autograd under `no_grad`), and libtorch's
+// CPU kernels may read one tensor from several threads at once (its reference counts are atomic), as
+// PyTorch's own multi-threaded inference does with a shared module.
+unsafe impl Sync for SharedCpuNetwork<'_> {}
+
+impl WindowNetwork for SharedCpuNetwork<'_> {
+    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        self.0.forward_window(input, args)
+    }
+
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &ForwardArgs,
+        slab_x: usize,
+        sink: &mut SlabSink<'_>,
+    ) -> Result<()> {
+        self.0.forward_window_in_slabs(input, args, slab_x, sink)
+    }
 }
 
 /// Hands `logits` `[b, C, H, W, D]` to `sink` as one slab.
@@ -124,6 +156,11 @@ impl WindowNetwork for Vista3d {
             }
             None => whole(self.forward(input, args)?, sink),
         }
+    }
+
+    fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
+        (self.device() == tch::Device::Cpu)
+            .then(|| Box::new(SharedCpuNetwork(self)) as Box<dyn WindowNetwork + Sync + '_>)
     }
 }
 

@@ -44,6 +44,11 @@ impl SegResEncoder {
         Self { conv_init, levels }
     }
 
+    /// Where the weights are.
+    pub fn device(&self) -> tch::Device {
+        self.conv_init.ws.device()
+    }
+
     /// Output of every level's blocks, before its downsample: full resolution first.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
         let mut x = self.conv_init.forward(x);

@@ -143,6 +143,11 @@ impl Vista3d {
         Ok([size[2], size[3], size[4]])
     }
 
+    /// Where the weights are.
+    pub fn device(&self) -> Device {
+        self.image_encoder.encoder.device()
+    }
+
     /// The class path up to where prompts start to matter: the encoder, the automatic decoder and the class
     /// head's post mapping, `[b, C, H, W, D]` for an image patch `[b, 1, H, W, D]` (then
     /// [`ClassHead::masks`] per chunk of class embeddings).

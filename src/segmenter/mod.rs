@@ -181,7 +181,13 @@ impl Segmenter {
             model.weight_bytes(),
             model.width().max(0) as usize,
             patch,
-            path.config.sw_batch_size,
+            // Window workers (CPU only) hold a call's activations each.
+            path.config.sw_batch_size
+                * if model.device.is_cuda() {
+                    1
+                } else {
+                    path.config.window_workers
+                },
         ));
         Self {
             path,
@@ -888,6 +894,48 @@ impl WindowNetwork for WindowProgress<'_> {
 
     fn reduced_precision(&self) -> bool {
         self.inner.reduced_precision()
+    }
+
+    fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
+        let inner = self.inner.concurrent()?;
+        Some(Box::new(ConcurrentProgress {
+            inner,
+            bar: &self.bar,
+        }))
+    }
+}
+
+/// [`WindowProgress`] for windows that run on several threads at once.
+struct ConcurrentProgress<'a> {
+    inner: Box<dyn WindowNetwork + Sync + 'a>,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl WindowNetwork for ConcurrentProgress<'_> {
+    fn forward_window(
+        &self,
+        input: &Tensor,
+        args: &crate::model::ForwardArgs,
+    ) -> anyhow::Result<Tensor> {
+        let out = self.inner.forward_window(input, args);
+        self.bar
+            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
+        out
+    }
+
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &crate::model::ForwardArgs,
+        slab_x: usize,
+        sink: &mut crate::inference::network::SlabSink<'_>,
+    ) -> anyhow::Result<()> {
+        let out = self
+            .inner
+            .forward_window_in_slabs(input, args, slab_x, sink);
+        self.bar
+            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
+        out
     }
 }
 

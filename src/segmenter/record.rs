@@ -110,6 +110,11 @@ pub fn request_identity_for(
             "output_dtype": output_dtype.name(),
         },
     });
+    // Window workers compute each window on a share of the threads, which rounds differently (recorded only
+    // when set, so that earlier records keep their identity).
+    if w.window_workers > 1 {
+        identity["settings"]["window_workers"] = json!(w.window_workers);
+    }
     // What `auto` runs on a CPU is a setting too (an explicit method ignores it).
     if method == crate::engines::Method::Auto {
         identity["settings"]["auto_cpu"] = json!(c.auto_cpu);
