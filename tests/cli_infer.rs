@@ -51,19 +51,23 @@ fn infer_writes_the_label_map_with_the_input_geometry() {
 
     // uint8 output: same labels, smaller file.
     let out8 = tmp("infer_u8");
-    let mut args = vec![
-        "infer",
-        "--image",
-        ct.to_str().unwrap(),
-        "--label-prompt",
-        "3,1",
-        "--output-dir",
-        out8.to_str().unwrap(),
-        "--set",
-        "output_dtype=uint8",
-    ];
-    args.extend(FAST);
-    let o = vista3d(&args);
+    // The same request with one setting more.
+    let infer_with = |labels: &str, out: &Path, set: &str| {
+        let mut args = vec![
+            "infer",
+            "--image",
+            ct.to_str().unwrap(),
+            "--label-prompt",
+            labels,
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--set",
+            set,
+        ];
+        args.extend(FAST);
+        vista3d(&args)
+    };
+    let o = infer_with("3,1", &out8, "output_dtype=uint8");
     assert!(o.status.success(), "{}", text(&o));
     let p8 = out8.join("example_ct_sm/example_ct_sm_trans.nii.gz");
     assert_eq!(read_nifti(&p8).unwrap().volume.data, labels.volume.data);
@@ -75,19 +79,7 @@ fn infer_writes_the_label_map_with_the_input_geometry() {
     // Two windows at once on the CPU: the same labels within the parity tolerance, and the setting recorded in the
     // request's identity (a window on one thread rounds differently from one on two).
     let out_ww = tmp("infer_window_workers");
-    let mut args = vec![
-        "infer",
-        "--image",
-        ct.to_str().unwrap(),
-        "--label-prompt",
-        "3,1",
-        "--output-dir",
-        out_ww.to_str().unwrap(),
-        "--set",
-        "window_workers=2",
-    ];
-    args.extend(FAST);
-    let o = vista3d(&args);
+    let o = infer_with("3,1", &out_ww, "window_workers=2");
     assert!(o.status.success(), "{}", text(&o));
     let ww = read_nifti(&out_ww.join("example_ct_sm/example_ct_sm_trans.nii.gz")).unwrap();
     let same = ww
@@ -108,19 +100,7 @@ fn infer_writes_the_label_map_with_the_input_geometry() {
 
     // Out of range: refused before any work, naming the key.
     let out_bad = tmp("infer_window_workers_0");
-    let mut args = vec![
-        "infer",
-        "--image",
-        ct.to_str().unwrap(),
-        "--label-prompt",
-        "3",
-        "--output-dir",
-        out_bad.to_str().unwrap(),
-        "--set",
-        "window_workers=0",
-    ];
-    args.extend(FAST);
-    let o = vista3d(&args);
+    let o = infer_with("3", &out_bad, "window_workers=0");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("window_workers"), "{}", text(&o));
     assert!(!out_bad.join("example_ct_sm").exists());

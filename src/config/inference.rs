@@ -268,8 +268,9 @@ pub struct InferenceConfig {
     pub cudnn_benchmark: bool,
     /// Windows computed at once on the CPU (libtorch fp32), each with an equal share of the threads; their
     /// logits are stitched one window after another in the plan's order. 1 (the default) runs one window at a
-    /// time on every thread; 2 was measured 1.12x faster on a 2-core CPU (README, "Performance on a CPU"), at the
-    /// price of a second window's activations. Engines, GPUs and `vista3d serve` run one window at a time.
+    /// time on every thread; 2 was measured 1.03-1.07x faster on a 2-core CPU (README, "Speed and memory"), at
+    /// the price of a second window's activations. Engines, GPUs, bf16 and `vista3d serve` run one window at a
+    /// time.
     #[serde(default = "default_window_workers")]
     pub window_workers: usize,
     /// `vista3d serve`: the most windows of concurrent requests gathered into one network call (same method and

@@ -338,15 +338,13 @@ pub fn sliding_window(
     let shared = if workers > 1 { net.concurrent() } else { None };
     match shared {
         Some(shared) => {
-            log::debug!(
-                "{workers} window workers with {} threads each",
-                (threads / workers).max(1)
-            );
+            let worker_threads = (threads / workers).max(1);
+            log::debug!("{workers} window workers with {worker_threads} threads each");
             let ran = concurrent_calls(
                 &*shared,
                 &calls,
                 workers,
-                (threads / workers).max(1) as i32,
+                worker_threads as i32,
                 &ConcurrentCalls {
                     grid: &grid,
                     prompts: &call_prompts,

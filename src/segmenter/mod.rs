@@ -833,13 +833,14 @@ impl Inferred {
 }
 
 /// A network that ticks a progress bar for every window it runs (the bar's length is the sliding-window count;
-/// point windows run without a known total).
-struct WindowProgress<'a> {
-    inner: &'a dyn WindowNetwork,
+/// point windows run without a known total). `N` is a reference to the network, or its shared form when the
+/// windows run on several threads ([`WindowNetwork::concurrent`]).
+struct WindowProgress<N> {
+    inner: N,
     bar: indicatif::ProgressBar,
 }
 
-impl<'a> WindowProgress<'a> {
+impl<'a> WindowProgress<&'a dyn WindowNetwork> {
     fn new(
         inner: &'a dyn WindowNetwork,
         dims: &[usize; 3],
@@ -865,7 +866,11 @@ impl<'a> WindowProgress<'a> {
     }
 }
 
-impl WindowNetwork for WindowProgress<'_> {
+impl<N> WindowNetwork for WindowProgress<N>
+where
+    N: std::ops::Deref,
+    N::Target: WindowNetwork,
+{
     fn forward_window(
         &self,
         input: &Tensor,
@@ -896,46 +901,13 @@ impl WindowNetwork for WindowProgress<'_> {
         self.inner.reduced_precision()
     }
 
+    /// The shared form of the inner network, ticking the same bar.
     fn concurrent(&self) -> Option<Box<dyn WindowNetwork + Sync + '_>> {
         let inner = self.inner.concurrent()?;
-        Some(Box::new(ConcurrentProgress {
+        Some(Box::new(WindowProgress {
             inner,
-            bar: &self.bar,
+            bar: self.bar.clone(),
         }))
-    }
-}
-
-/// [`WindowProgress`] for windows that run on several threads at once.
-struct ConcurrentProgress<'a> {
-    inner: Box<dyn WindowNetwork + Sync + 'a>,
-    bar: &'a indicatif::ProgressBar,
-}
-
-impl WindowNetwork for ConcurrentProgress<'_> {
-    fn forward_window(
-        &self,
-        input: &Tensor,
-        args: &crate::model::ForwardArgs,
-    ) -> anyhow::Result<Tensor> {
-        let out = self.inner.forward_window(input, args);
-        self.bar
-            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
-        out
-    }
-
-    fn forward_window_in_slabs(
-        &self,
-        input: &Tensor,
-        args: &crate::model::ForwardArgs,
-        slab_x: usize,
-        sink: &mut crate::inference::network::SlabSink<'_>,
-    ) -> anyhow::Result<()> {
-        let out = self
-            .inner
-            .forward_window_in_slabs(input, args, slab_x, sink);
-        self.bar
-            .inc(input.size().first().copied().unwrap_or(1).max(1) as u64);
-        out
     }
 }
 
