@@ -3,7 +3,8 @@
     $VISTA3D_PYTHON benches/channels_last_cpu.py [WIDTH=24] [THREADS=1]
 
 Times single 3x3x3 convolutions and instance norms in both formats, then the whole MONAI network (seeded random
-weights of WIDTH, one 64^3 window, 4 class prompts), and the largest relative logit difference between formats.
+weights of WIDTH, one 64^3 window, 4 class prompts), and the largest relative logit difference between formats;
+last, the whole network in channels_last_3d with an instance norm of its own that keeps that format.
 """
 import sys, time
 from pathlib import Path
@@ -54,3 +55,31 @@ x_cl = x.to(memory_format=CL)
 b, yb = timed(lambda: net(x_cl, class_vector=cv, transpose=True), reps=2)
 rel = ((ya - yb).abs().max() / ya.abs().max()).item()
 print(f"whole network, width {width}, 64^3, 4 labels: {a:.2f} -> {b:.2f} s (x{a / b:.2f}), rel diff {rel:.1e}")
+
+
+aten_instance_norm = torch.nn.functional.instance_norm
+
+
+def channels_last_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                                use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Instance norm of a channels_last_3d tensor computed as [N, DHW, C] (libtorch's own makes it contiguous)."""
+    if input.is_contiguous() or not input.is_contiguous(memory_format=CL):
+        return aten_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    n, c = input.shape[:2]
+    flat = input.permute(0, 2, 3, 4, 1).reshape(n, -1, c)
+    var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight)
+    shift = -mean * scale + (0 if bias is None else bias)
+    return (flat * scale + shift).reshape(n, *input.shape[2:], c).permute(0, 4, 1, 2, 3)
+
+
+torch.nn.functional.instance_norm = torch.nn.modules.instancenorm.F.instance_norm = channels_last_instance_norm
+for c, s in [(24, 64), (48, 64)]:
+    x_norm = torch.randn(1, c, s, s, s).to(memory_format=CL)
+    n_a, _ = timed(lambda: aten_instance_norm(x_norm))
+    n_b, _ = timed(lambda: channels_last_instance_norm(x_norm))
+    print(f"instance norm, {c} channels at {s}^3, channels_last_3d: libtorch {n_a * 1e3:.0f} ms, own {n_b * 1e3:.0f} ms")
+c_, yc = timed(lambda: net(x_cl, class_vector=cv, transpose=True), reps=2)
+rel = ((ya - yc).abs().max() / ya.abs().max()).item()
+print(f"whole network, channels_last_3d with its own instance norm: {a:.2f} -> {c_:.2f} s (x{a / c_:.2f}), "
+      f"rel diff {rel:.1e}")

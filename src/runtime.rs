@@ -535,3 +535,12 @@ pub mod torch_switches {
         }
     }
 }
+
+/// The message of a caught panic (tch reports libtorch's errors from its infallible calls as panics).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -468,13 +468,14 @@ fn concurrent_calls(
     inputs: &dyn Fn(&[[usize; 3]]) -> Tensor,
     stitch: &mut CallStitch<'_>,
 ) -> Result<()> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
     /// Calls given to a worker before the stitching asks for them.
     const AHEAD: usize = 2;
     std::thread::scope(|scope| {
         let mut jobs: Vec<SyncSender<(usize, Tensor)>> = Vec::with_capacity(workers);
         let mut results: Vec<Receiver<WorkerMessage>> = Vec::with_capacity(workers);
-        for _ in 0..workers {
+        for worker in 0..workers {
             let (job_tx, job_rx) = sync_channel::<(usize, Tensor)>(AHEAD);
             // One slab waits for the stitching while the worker makes the next (the memory estimate counts both).
             let (out_tx, out_rx) = sync_channel::<WorkerMessage>(1);
@@ -486,16 +487,26 @@ fn concurrent_calls(
                 let _no_grad = tch::no_grad_guard();
                 for (i, input) in job_rx {
                     let call = calls[i];
-                    let ran = net.forward_window_in_slabs(
-                        &input,
-                        &prompts.args(grid, call),
-                        slab_x(call),
-                        &mut |slab| {
-                            out_tx
-                                .send(WorkerMessage::Slab(slab))
-                                .map_err(|_| anyhow::anyhow!("the stitching stopped"))
-                        },
-                    );
+                    // A panic (libtorch's errors in tch's infallible calls) fails this request with its message
+                    // instead of ending the worker silently.
+                    let ran = catch_unwind(AssertUnwindSafe(|| {
+                        net.forward_window_in_slabs(
+                            &input,
+                            &prompts.args(grid, call),
+                            slab_x(call),
+                            &mut |slab| {
+                                out_tx
+                                    .send(WorkerMessage::Slab(slab))
+                                    .map_err(|_| anyhow::anyhow!("the stitching stopped"))
+                            },
+                        )
+                    }))
+                    .unwrap_or_else(|payload| {
+                        Err(anyhow::anyhow!(
+                            "window worker {worker} panicked: {}",
+                            crate::runtime::panic_message(payload.as_ref())
+                        ))
+                    });
                     let last = match ran {
                         Ok(()) => WorkerMessage::End,
                         Err(e) => WorkerMessage::Failed(e),
@@ -656,6 +667,8 @@ mod tests {
         threads: Mutex<HashSet<ThreadId>>,
         calls: AtomicUsize,
         fail_at: Option<usize>,
+        /// Fail by panicking (as tch does on libtorch's errors) rather than by returning an error.
+        panics: bool,
         concurrent: bool,
     }
 
@@ -665,6 +678,7 @@ mod tests {
                 threads: Mutex::new(HashSet::new()),
                 calls: AtomicUsize::new(0),
                 fail_at,
+                panics: false,
                 concurrent,
             }
         }
@@ -677,10 +691,12 @@ mod tests {
                 .lock()
                 .unwrap()
                 .insert(std::thread::current().id());
-            anyhow::ensure!(
-                self.fail_at != Some(call),
-                "simulated failure at call {call}"
-            );
+            if self.fail_at == Some(call) {
+                if self.panics {
+                    panic!("simulated panic at call {call}");
+                }
+                anyhow::bail!("simulated failure at call {call}");
+            }
             let classes = args.class_vector.map_or(1, |c| c.size()[0]);
             let scale =
                 Tensor::arange(classes, (Kind::Float, Device::Cpu)).view([1, -1, 1, 1, 1]) + 1.0;
@@ -857,6 +873,30 @@ mod tests {
                 "{calls} calls of {windows}"
             );
         }
+    }
+
+    #[test]
+    fn a_panicking_window_fails_the_request_with_its_message() {
+        let image = image([40, 33, 29]);
+        let mut net = Fake::new(Some(3), true);
+        net.panics = true;
+        let prompts = NetworkPrompts::from_labels(&[1]);
+        let err = sliding_window(
+            &net,
+            &image,
+            &prompts,
+            &settings(2, 1, 1, BlendMode::Constant),
+            true,
+        )
+        .err()
+        .expect("the panic reaches the caller as an error");
+        let message = format!("{err:#}");
+        // Which worker starts the fourth call depends on timing.
+        assert!(
+            message.contains("window worker ")
+                && message.contains(" panicked: simulated panic at call 3"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -928,11 +928,7 @@ pub fn guard<T>(
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let message = crate::runtime::panic_message(payload.as_ref());
             log::error!("{name}: panic caught at the request boundary: {message}");
             Err(SegmentError::Panic {
                 name: name.to_string(),
