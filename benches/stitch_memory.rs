@@ -69,7 +69,7 @@ impl WindowBackend for StandInBackend {
         let report = MethodReport {
             requested: Some(method),
             used: vec![Method::Fp32],
-            fallbacks: Vec::new(),
+            ..Default::default()
         };
         Ok((computed, report))
     }

@@ -98,6 +98,41 @@ fn infer_writes_the_label_map_with_the_input_geometry() {
     assert_eq!(rec["request"]["settings"]["window_workers"], 2);
     assert_eq!(rec["precision"]["used"], serde_json::json!(["fp32"]));
 
+    // Winograd's convolutions (what `auto` takes on a CPU with AVX2 and no AVX-512) against libtorch's: labels
+    // within the parity tolerance, and the choice recorded in the report and the request's identity.
+    let out_fp32 = tmp("infer_auto_cpu_fp32");
+    let o = infer_with("3,1", &out_fp32, "auto_cpu=fp32");
+    assert!(o.status.success(), "{}", text(&o));
+    let out_wg = tmp("infer_auto_cpu_winograd");
+    let o = infer_with("3,1", &out_wg, "auto_cpu=winograd");
+    assert!(o.status.success(), "{}", text(&o));
+    let path = |out: &Path| out.join("example_ct_sm/example_ct_sm_trans.nii.gz");
+    let (fp32, wg) = (
+        read_nifti(&path(&out_fp32)).unwrap().volume.data,
+        read_nifti(&path(&out_wg)).unwrap().volume.data,
+    );
+    let same = fp32.iter().zip(wg.iter()).filter(|(a, b)| a == b).count();
+    assert!(
+        same as f64 >= 0.9999 * fp32.len() as f64,
+        "{same} of {} voxels equal",
+        fp32.len()
+    );
+    let (rec_fp32, rec_wg) = (
+        crate::record(&out_fp32, "example_ct_sm"),
+        crate::record(&out_wg, "example_ct_sm"),
+    );
+    assert!(
+        rec_fp32["precision"].get("winograd").is_none(),
+        "{rec_fp32}"
+    );
+    assert!(rec_fp32["request"]["settings"]
+        .get("convolutions")
+        .is_none());
+    if vista3d::model::winograd::available() {
+        assert_eq!(rec_wg["precision"]["winograd"], true, "{rec_wg}");
+        assert_eq!(rec_wg["request"]["settings"]["convolutions"], "winograd");
+    }
+
     // Out of range: refused before any work, naming the key.
     let out_bad = tmp("infer_window_workers_0");
     let o = infer_with("3", &out_bad, "window_workers=0");

@@ -219,8 +219,9 @@ pub struct InferenceConfig {
     /// `allow` (default) or `deny`: whether a method that cannot run may fall back to libtorch.
     #[serde(default, deserialize_with = "from_str")]
     pub precision_fallback: FallbackPolicy,
-    /// What `auto` runs on a CPU: `detect` (default: ONNX Runtime where the CPU has AVX-512, else libtorch fp32),
-    /// `ort` or `fp32` (see [`AutoCpu`]).
+    /// What `auto` runs on a CPU: `detect` (default: ONNX Runtime where the CPU has AVX-512, else libtorch fp32
+    /// with Winograd's 3x3x3 convolutions where it has AVX2 and FMA), `ort`, `fp32` (libtorch's own convolutions)
+    /// or `winograd` (see [`AutoCpu`]).
     #[serde(default, deserialize_with = "from_str")]
     pub auto_cpu: AutoCpu,
     /// Cache of generated artefacts (ONNX exports, TensorRT engines, fingerprints); default

@@ -24,6 +24,8 @@ pub struct Probes {
     pub shim_compiled: bool,
     /// Whether the CPU has AVX-512 (where `auto` prefers ONNX Runtime: [`AutoCpu`]).
     pub cpu_avx512: bool,
+    /// Whether the CPU runs Winograd's convolutions (AVX2 and FMA: [`crate::model::winograd::available`]).
+    pub cpu_winograd: bool,
 }
 
 /// One method: whether it runs here, and the reason or the library it uses.
@@ -44,6 +46,8 @@ pub struct EngineReport {
     pub auto_cpu: Method,
     /// Whether the CPU has AVX-512.
     pub cpu_avx512: bool,
+    /// Whether `auto`'s libtorch fp32 on the CPU uses Winograd's convolutions here.
+    pub auto_cpu_winograd: bool,
     /// What `auto` tries on a GPU here, in order (empty without a GPU).
     pub auto_gpu: Vec<Method>,
 }
@@ -65,6 +69,7 @@ pub fn probe() -> Probes {
         tensorrt,
         shim_compiled: tensorrt::shim_compiled(),
         cpu_avx512: crate::runtime::cpu_has_avx512(),
+        cpu_winograd: crate::model::winograd::available(),
     }
 }
 
@@ -160,6 +165,7 @@ pub fn assess(p: &Probes) -> EngineReport {
         methods,
         auto_cpu,
         cpu_avx512: p.cpu_avx512,
+        auto_cpu_winograd: auto_cpu == Method::Fp32 && !p.cpu_avx512 && p.cpu_winograd,
         auto_gpu,
     }
 }
@@ -187,8 +193,13 @@ impl std::fmt::Display for EngineReport {
         }
         write!(
             f,
-            "auto on the CPU: {} (auto_cpu = detect: ONNX Runtime only with AVX-512, which this CPU {})",
+            "auto on the CPU: {}{} (auto_cpu = detect: ONNX Runtime only with AVX-512, which this CPU {})",
             self.auto_cpu,
+            if self.auto_cpu_winograd {
+                " with Winograd's 3x3x3 convolutions (AVX2 and FMA)"
+            } else {
+                ""
+            },
             if self.cpu_avx512 { "has" } else { "lacks" }
         )?;
         if !self.auto_gpu.is_empty() {
@@ -206,6 +217,7 @@ mod tests {
     fn facts(cuda_devices: usize, ort: bool, trt: bool) -> Probes {
         Probes {
             cpu_avx512: true,
+            cpu_winograd: true,
             cuda_devices,
             ort: if ort {
                 Ok(PathBuf::from("/x/libonnxruntime.so.1.31.1"))
@@ -263,6 +275,17 @@ mod tests {
         assert_eq!(r.auto_cpu, Method::Fp32);
         assert!(line(&r, Method::Ort).available);
         assert!(r.to_string().ends_with("which this CPU lacks)"), "{r}");
+        assert!(r.to_string().contains("fp32 with Winograd's"), "{r}");
+        // Neither AVX-512 nor AVX2/FMA: plain libtorch fp32.
+        let r = assess(&Probes {
+            cpu_avx512: false,
+            cpu_winograd: false,
+            ..facts(0, true, false)
+        });
+        assert!(
+            r.to_string().contains("auto on the CPU: fp32 (auto_cpu"),
+            "{r}"
+        );
         // TensorRT installed but no GPU: named as such.
         let r = assess(&facts(0, true, true));
         assert!(!line(&r, Method::TrtFp16).available);

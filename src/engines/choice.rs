@@ -68,6 +68,9 @@ pub struct EngineChoice {
     pub torch: Method,
     /// Why the requested method does not run as asked (recorded in the request's report).
     pub fallbacks: Vec<Fallback>,
+    /// Whether libtorch fp32 on the CPU uses Winograd's 3x3x3 convolutions (`auto` only, see
+    /// [`AutoCpu::winograd`]).
+    pub winograd: bool,
 }
 
 impl EngineChoice {
@@ -77,6 +80,7 @@ impl EngineChoice {
             engine: None,
             torch,
             fallbacks: Vec::new(),
+            winograd: false,
         }
     }
 
@@ -92,6 +96,7 @@ impl fmt::Debug for EngineChoice {
             .field("engine", &self.engine.as_ref().map(|e| e.method()))
             .field("torch", &self.torch)
             .field("fallbacks", &self.fallbacks)
+            .field("winograd", &self.winograd)
             .finish()
     }
 }
@@ -186,6 +191,7 @@ fn choose_with(
                         engine: Some(engine),
                         torch: m.torch_fallback(cuda),
                         fallbacks,
+                        winograd: false,
                     }
                 }
                 Err(e) => {
@@ -226,12 +232,19 @@ fn choose_with(
                 engine: None,
                 torch: Method::Fp32,
                 fallbacks,
+                winograd: false,
             };
         } else {
+            // `auto` ends here on a CPU with libtorch fp32: Winograd's convolutions where `auto_cpu` says so.
+            let winograd = requested == Method::Auto
+                && !cuda
+                && m == Method::Fp32
+                && auto_cpu.winograd(crate::runtime::cpu_has_avx512());
             return EngineChoice {
                 engine: None,
                 torch: m,
                 fallbacks,
+                winograd,
             };
         }
     }
@@ -240,6 +253,7 @@ fn choose_with(
         engine: None,
         torch: requested.torch_fallback(cuda),
         fallbacks,
+        winograd: false,
     }
 }
 
@@ -341,6 +355,32 @@ mod tests {
             &mut opener(Vec::new(), &mut tried),
         );
         assert_eq!(c.method(), Method::Ort);
+    }
+
+    #[test]
+    fn only_auto_on_a_cpu_takes_winograd_convolutions() {
+        let mut tried = Vec::new();
+        let mut open = opener(Vec::new(), &mut tried);
+        let available = crate::model::winograd::available();
+        // auto_cpu = winograd: where the CPU can.
+        let c = choose_with(Method::Auto, false, AutoCpu::Winograd, &mut open);
+        assert_eq!((c.torch, c.winograd), (Method::Fp32, available));
+        // The reference (fp32 asked for, or auto_cpu = fp32) and GPUs keep libtorch's convolutions.
+        for (requested, cuda, auto_cpu) in [
+            (Method::Fp32, false, AutoCpu::Winograd),
+            (Method::Auto, false, AutoCpu::Fp32),
+            (Method::Auto, true, AutoCpu::Winograd),
+            (Method::Bf16, false, AutoCpu::Winograd),
+        ] {
+            let c = choose_with(requested, cuda, auto_cpu, &mut open);
+            assert!(!c.winograd, "{requested} cuda {cuda} {auto_cpu}");
+        }
+        // Detect: only where ONNX Runtime is not preferred (no AVX-512).
+        let c = choose_with(Method::Auto, false, AutoCpu::Detect, &mut open);
+        assert_eq!(
+            c.winograd,
+            available && !crate::runtime::cpu_has_avx512() && c.engine.is_none()
+        );
     }
 
     #[test]

@@ -94,19 +94,25 @@ impl Method {
     }
 }
 
-/// What `auto` runs on a CPU (`auto_cpu`): ONNX Runtime or libtorch fp32. Which is faster depends on the CPU
-/// (`benches/RESULTS.md`, "Which engine `auto` runs on a CPU"): ONNX Runtime was 1.1-1.9x faster than libtorch on
-/// an AVX-512 VM and 0.62-0.79x as fast on an AVX2-only one (AMD EPYC), so `detect` takes
-/// ONNX Runtime only where `/proc/cpuinfo` lists `avx512f`. The choice depends on the machine, never on its load.
+/// What `auto` runs on a CPU (`auto_cpu`). Which is faster depends on the CPU (`benches/RESULTS.md`, "Which engine
+/// `auto` runs on a CPU" and "Winograd convolutions"): ONNX Runtime was 1.1-1.9x faster than libtorch on an
+/// AVX-512 VM and 0.62-0.79x as fast on an AVX2-only one (AMD EPYC), where libtorch fp32 with Winograd's 3x3x3
+/// convolutions is the fastest. So `detect` takes ONNX Runtime where `/proc/cpuinfo` lists `avx512f`, else
+/// libtorch fp32 with Winograd's convolutions where the CPU has AVX2 and FMA, else plain libtorch fp32. The choice
+/// depends on the machine, never on its load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AutoCpu {
-    /// ONNX Runtime on CPUs with AVX-512, libtorch fp32 elsewhere.
+    /// ONNX Runtime on CPUs with AVX-512, else libtorch fp32 with Winograd's convolutions (AVX2 and FMA), else
+    /// libtorch fp32.
     #[default]
     Detect,
     /// ONNX Runtime (its export is made in the cache on first use), libtorch fp32 when it cannot run.
     Ort,
-    /// libtorch fp32.
+    /// libtorch fp32 with libtorch's own convolutions (MONAI's kernels: the reference's numbers bit for bit).
     Fp32,
+    /// libtorch fp32 with Winograd's 3x3x3 convolutions (`crate::model::winograd`) where the CPU has AVX2 and
+    /// FMA, else libtorch's own.
+    Winograd,
 }
 
 impl AutoCpu {
@@ -115,8 +121,19 @@ impl AutoCpu {
         match self {
             AutoCpu::Detect => avx512,
             AutoCpu::Ort => true,
-            AutoCpu::Fp32 => false,
+            AutoCpu::Fp32 | AutoCpu::Winograd => false,
         }
+    }
+
+    /// Whether libtorch fp32, when `auto` runs it on a CPU that has (`avx512`) or lacks AVX-512, uses Winograd's
+    /// convolutions (where the CPU can: [`crate::model::winograd::available`]).
+    pub fn winograd(self, avx512: bool) -> bool {
+        let wanted = match self {
+            AutoCpu::Detect => !avx512,
+            AutoCpu::Winograd => true,
+            AutoCpu::Ort | AutoCpu::Fp32 => false,
+        };
+        wanted && crate::model::winograd::available()
     }
 
     /// The name used in configs.
@@ -125,6 +142,7 @@ impl AutoCpu {
             AutoCpu::Detect => "detect",
             AutoCpu::Ort => "ort",
             AutoCpu::Fp32 => "fp32",
+            AutoCpu::Winograd => "winograd",
         }
     }
 }
@@ -136,8 +154,9 @@ impl FromStr for AutoCpu {
             "detect" => Ok(AutoCpu::Detect),
             "ort" | "onnxruntime" => Ok(AutoCpu::Ort),
             "fp32" | "torch_fp32" => Ok(AutoCpu::Fp32),
+            "winograd" => Ok(AutoCpu::Winograd),
             other => Err(format!(
-                "unknown auto_cpu '{other}': use detect, ort or fp32"
+                "unknown auto_cpu '{other}': use detect, ort, fp32 or winograd"
             )),
         }
     }

@@ -14,7 +14,7 @@ use crate::inference::network::{
     class_path_in_slabs, class_slabs, even_pieces, whole, SlabSink, WindowSlab,
 };
 use crate::inference::WindowNetwork;
-use crate::model::{ForwardArgs, Vista3d};
+use crate::model::{winograd, ForwardArgs, Vista3d};
 use crate::runtime::torch_switches;
 
 /// What a request asked for and what actually ran.
@@ -27,6 +27,9 @@ pub struct MethodReport {
     /// Why the requested method did not (fully) run, with the kind of each step down (each serialized as
     /// its one line, `<method> <kind>: <reason>`).
     pub fallbacks: Vec<Fallback>,
+    /// Whether libtorch fp32 windows ran with Winograd's 3x3x3 convolutions (`auto` on a CPU).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub winograd: bool,
 }
 
 impl MethodReport {
@@ -46,6 +49,8 @@ pub struct WindowRunner<'a> {
     torch_method: Method,
     engine: RefCell<Option<Box<dyn WindowEngine>>>,
     report: RefCell<MethodReport>,
+    /// libtorch fp32 on the CPU with Winograd's convolutions (see [`EngineChoice::winograd`]).
+    winograd: bool,
 }
 
 impl<'a> WindowRunner<'a> {
@@ -65,6 +70,7 @@ impl<'a> WindowRunner<'a> {
             Method::Tf32 => torch_switches::lease_tf32(true, true),
             _ => torch_switches::lease_tf32(true, false),
         });
+        let winograd = choice.winograd && !cuda && torch_method == Method::Fp32;
         Self {
             _tf32: tf32,
             net,
@@ -75,7 +81,9 @@ impl<'a> WindowRunner<'a> {
                 requested: Some(requested),
                 used: Vec::new(),
                 fallbacks: choice.fallbacks,
+                winograd: false,
             }),
+            winograd,
         }
     }
 
@@ -103,6 +111,7 @@ impl<'a> WindowRunner<'a> {
             engine: self.engine.into_inner(),
             torch: self.torch_method,
             fallbacks: report.fallbacks.clone(),
+            winograd: self.winograd,
         };
         (choice, report)
     }
@@ -154,8 +163,17 @@ impl<'a> WindowRunner<'a> {
         match self.torch_method {
             Method::Amp if cuda => Ok(torch_switches::with_cuda_autocast(f)?.to_kind(Kind::Float)),
             Method::Bf16 => Ok(torch_switches::with_bf16_autocast(cuda, f)?.to_kind(Kind::Float)),
-            _ => f(),
+            _ => self.with_convolutions(f),
         }
+    }
+
+    /// Runs `f` with this request's convolutions: Winograd's on this thread while it runs, if chosen.
+    fn with_convolutions<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.winograd {
+            self.report.borrow_mut().winograd = true;
+        }
+        let _convolutions = winograd::enable(self.winograd);
+        f()
     }
 
     fn torch_forward(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
@@ -288,7 +306,11 @@ impl WindowNetwork for WindowRunner<'_> {
         }
         let shared = self.net.concurrent()?;
         self.report.borrow_mut().mark_used(self.torch_method);
-        Some(shared)
+        if !self.winograd {
+            return Some(shared);
+        }
+        self.report.borrow_mut().winograd = true;
+        Some(Box::new(WinogradWindows(shared)))
     }
 
     fn reduced_precision(&self) -> bool {
@@ -300,6 +322,27 @@ impl WindowNetwork for WindowRunner<'_> {
                 _ => false,
             },
         }
+    }
+}
+
+/// A network shared by window workers, each window with Winograd's convolutions on the thread that runs it.
+struct WinogradWindows<'a>(Box<dyn WindowNetwork + Sync + 'a>);
+
+impl WindowNetwork for WinogradWindows<'_> {
+    fn forward_window(&self, input: &Tensor, args: &ForwardArgs) -> Result<Tensor> {
+        let _convolutions = winograd::enable(true);
+        self.0.forward_window(input, args)
+    }
+
+    fn forward_window_in_slabs(
+        &self,
+        input: &Tensor,
+        args: &ForwardArgs,
+        slab_x: usize,
+        sink: &mut SlabSink<'_>,
+    ) -> Result<()> {
+        let _convolutions = winograd::enable(true);
+        self.0.forward_window_in_slabs(input, args, slab_x, sink)
     }
 }
 
@@ -385,6 +428,7 @@ mod tests {
             engine: Some(Box::new(engine)),
             torch,
             fallbacks,
+            winograd: false,
         }
     }
 

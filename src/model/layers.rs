@@ -22,6 +22,31 @@ pub fn conv3d(
     nn::conv3d(p, c_in, c_out, k, cfg)
 }
 
+/// A 3x3x3 convolution, stride 1, padding 1, no bias (the residual blocks' convolutions, most of a window's
+/// arithmetic): libtorch's, or Winograd's where the running thread enabled it (see [`super::winograd`]).
+#[derive(Debug)]
+pub struct Conv3x3 {
+    conv: nn::Conv3D,
+    winograd: super::winograd::Filters,
+}
+
+impl Conv3x3 {
+    pub fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
+        Self {
+            conv: conv3d(p, c_in, c_out, 3, 1, 1, false),
+            winograd: Default::default(),
+        }
+    }
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.winograd
+            .conv3x3(x, &self.conv.ws)
+            .unwrap_or_else(|| self.conv.forward(x))
+    }
+}
+
 /// ConvTranspose3d with kernel 3, stride 2, padding 1, output padding 1: doubles every spatial dim.
 pub fn upsample_conv3d(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> nn::ConvTranspose3D {
     let cfg = nn::ConvTransposeConfig {
@@ -85,18 +110,18 @@ impl Module for InstanceNorm {
 #[derive(Debug)]
 pub struct SegResBlock {
     norm1: InstanceNorm,
-    conv1: nn::Conv3D,
+    conv1: Conv3x3,
     norm2: InstanceNorm,
-    conv2: nn::Conv3D,
+    conv2: Conv3x3,
 }
 
 impl SegResBlock {
     pub fn new(p: nn::Path, channels: i64) -> Self {
         Self {
             norm1: InstanceNorm::affine(&p / "norm1", channels),
-            conv1: conv3d(&p / "conv1", channels, channels, 3, 1, 1, false),
+            conv1: Conv3x3::new(&p / "conv1", channels, channels),
             norm2: InstanceNorm::affine(&p / "norm2", channels),
-            conv2: conv3d(&p / "conv2", channels, channels, 3, 1, 1, false),
+            conv2: Conv3x3::new(&p / "conv2", channels, channels),
         }
     }
 }
@@ -119,8 +144,8 @@ impl Module for SegResBlock {
 /// conv -> IN -> LeakyReLU(0.01) -> conv -> IN, plus input, LeakyReLU(0.01).
 #[derive(Debug)]
 pub struct UnetResBlock {
-    conv1: nn::Conv3D,
-    conv2: nn::Conv3D,
+    conv1: Conv3x3,
+    conv2: Conv3x3,
     norm: InstanceNorm,
 }
 
@@ -129,24 +154,8 @@ impl UnetResBlock {
     pub fn new(p: nn::Path, channels: i64) -> Self {
         let layer = &p / "layer";
         Self {
-            conv1: conv3d(
-                &layer / "conv1" / "conv",
-                channels,
-                channels,
-                3,
-                1,
-                1,
-                false,
-            ),
-            conv2: conv3d(
-                &layer / "conv2" / "conv",
-                channels,
-                channels,
-                3,
-                1,
-                1,
-                false,
-            ),
+            conv1: Conv3x3::new(&layer / "conv1" / "conv", channels, channels),
+            conv2: Conv3x3::new(&layer / "conv2" / "conv", channels, channels),
             norm: InstanceNorm::plain(),
         }
     }

@@ -9,6 +9,7 @@ mod encoder;
 mod layers;
 mod point_head;
 mod weights;
+pub mod winograd;
 
 use std::ops::Range;
 

@@ -118,6 +118,11 @@ pub fn request_identity_for(
     // What `auto` runs on a CPU is a setting too (an explicit method ignores it).
     if method == crate::engines::Method::Auto {
         identity["settings"]["auto_cpu"] = json!(c.auto_cpu);
+        // Winograd's convolutions round differently from libtorch's: recorded where `auto` takes them.
+        let cpu = crate::runtime::parse_device(&c.device).is_ok_and(|d| d == tch::Device::Cpu);
+        if cpu && c.auto_cpu.winograd(crate::runtime::cpu_has_avx512()) {
+            identity["settings"]["convolutions"] = json!("winograd");
+        }
     }
     identity
 }

@@ -408,6 +408,7 @@ fn merge(into: &mut MethodReport, from: &MethodReport) {
             into.fallbacks.push(f.clone());
         }
     }
+    into.winograd |= from.winograd;
 }
 
 /// The windows of one request, sent to the executor (a [`WindowBackend`] for [`crate::segmenter::RequestPath`]).

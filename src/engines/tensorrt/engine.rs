@@ -942,6 +942,7 @@ mod tests {
                     engine: Some(Box::new(engine)),
                     torch: Method::Fp32,
                     fallbacks: Vec::new(),
+                    winograd: false,
                 },
             );
             let out = tch::no_grad(|| runner.forward_window(&windows, &args)).unwrap();
