@@ -255,18 +255,23 @@ fn info_engines_says_what_runs_here_and_why_not() {
         ort.contains(" yes ") && ort.contains("libonnxruntime"),
         "{ort}"
     );
-    // auto_cpu = detect: ONNX Runtime where the CPU has AVX-512, libtorch fp32 elsewhere.
-    let auto = if vista3d::runtime::cpu_has_avx512() {
-        "ort"
+    // auto_cpu = detect: ONNX Runtime where the CPU has AVX-512, libtorch fp32 elsewhere (with Winograd's
+    // convolutions where the CPU has AVX2 and FMA).
+    let avx512 = vista3d::runtime::cpu_has_avx512();
+    let auto = if avx512 { "ort" } else { "fp32" };
+    let winograd = !avx512 && vista3d::model::winograd::available();
+    let said = if winograd {
+        format!("auto on the CPU: {auto} with Winograd's 3x3x3 convolutions")
     } else {
-        "fp32"
+        format!("auto on the CPU: {auto} (")
     };
-    assert!(out.contains(&format!("auto on the CPU: {auto} (")), "{out}");
+    assert!(out.contains(&said), "{out}");
     // JSON for scripts.
     let o = vista3d(&["info", "--engines", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(json["auto_cpu"], auto);
+    assert_eq!(json["auto_cpu_winograd"], winograd);
     assert_eq!(json["cpu_avx512"], vista3d::runtime::cpu_has_avx512());
     assert_eq!(json["tensorrt_shim_compiled"], trt::shim_compiled());
     let methods = json["methods"].as_array().unwrap();
