@@ -7,6 +7,7 @@ mod class_head;
 pub mod components;
 mod encoder;
 mod layers;
+mod openmp;
 mod point_head;
 mod weights;
 pub mod winograd;

@@ -12,6 +12,7 @@
 //! libtorch's convolutions.
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
@@ -125,20 +126,34 @@ impl Filters {
         cout: usize,
         cin: usize,
     ) -> Option<Arc<TransformedWeights>> {
-        let raw: Vec<f32> = Vec::try_from(weight.contiguous().view(-1)).ok()?;
+        let weight = weight.contiguous();
+        let len = cout * cin * 27;
+        if weight.numel() != len {
+            return None;
+        }
+        // SAFETY: `conv3x3` checked that `weight` is a float32 CPU tensor of `[cout, cin, 3, 3, 3]`; the
+        // contiguous copy holds `len` elements and outlives the slice.
+        let raw = unsafe { std::slice::from_raw_parts(weight.data_ptr() as *const f32, len) };
         let mut cache = self
             .cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((from, transformed)) = cache.as_ref() {
-            if *from == raw {
+            // Compared bit for bit (a memcmp, unlike f32's element-wise `==`, which is also never true for NaN).
+            if as_bits(from) == as_bits(raw) {
                 return Some(Arc::clone(transformed));
             }
         }
-        let transformed = Arc::new(TransformedWeights::new(&raw, cout, cin));
-        *cache = Some((raw, Arc::clone(&transformed)));
+        let transformed = Arc::new(TransformedWeights::new(raw, cout, cin));
+        *cache = Some((raw.to_vec(), Arc::clone(&transformed)));
         Some(transformed)
     }
+}
+
+/// The bits of `values`, to compare floats as memory.
+fn as_bits(values: &[f32]) -> &[u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is a valid u32.
+    unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u32, values.len()) }
 }
 
 /// Filters transformed (`G g G^T` along each axis), `[64][cin][cout]`.
@@ -220,19 +235,36 @@ fn convolve(
         yp: 2 * tiles_y + 2,
         xp: 16 * vectors_x + 2,
     };
-    // Zero-padded copy (one voxel before, the tiles' extent after), so that tiles never test bounds.
-    let mut padded = vec![0f32; weights.cin * g.zp * g.yp * g.xp];
-    let planes: Vec<(usize, &mut [f32])> = padded.chunks_mut(g.yp * g.xp).enumerate().collect();
+    // Zero-padded copy (one voxel before, the tiles' extent after), so that tiles never test bounds. Every element
+    // is written once by the threads, borders included: no serial memset of the whole buffer first.
+    let len = weights.cin * g.zp * g.yp * g.xp;
+    let mut padded: Vec<f32> = Vec::with_capacity(len);
+    let zero = MaybeUninit::new(0f32);
+    let planes: Vec<(usize, &mut [MaybeUninit<f32>])> = padded.spare_capacity_mut()[..len]
+        .chunks_mut(g.yp * g.xp)
+        .enumerate()
+        .collect();
     for_each_share(planes, threads, |(index, plane)| {
         let (c, zp) = (index / g.zp, index % g.zp);
         if zp == 0 || zp > d {
+            plane.fill(zero);
             return;
         }
-        for y in 0..h {
-            plane[(y + 1) * g.xp + 1..][..w]
-                .copy_from_slice(&x[((c * d + zp - 1) * h + y) * w..][..w]);
+        for (yp, row) in plane.chunks_mut(g.xp).enumerate() {
+            if yp == 0 || yp > h {
+                row.fill(zero);
+                continue;
+            }
+            let from = &x[((c * d + zp - 1) * h + yp - 1) * w..][..w];
+            row[0] = zero;
+            for (to, &value) in row[1..=w].iter_mut().zip(from) {
+                *to = MaybeUninit::new(value);
+            }
+            row[w + 1..].fill(zero);
         }
     });
+    // SAFETY: the planes cover the first `len` elements and each was written above.
+    unsafe { padded.set_len(len) };
     let rows = tiles_z * tiles_y;
     let out = SharedOut(out.as_mut_ptr());
     let per = rows.div_ceil(threads.max(1));
@@ -266,19 +298,35 @@ impl SharedOut {
 // SAFETY: see `convolve`: the threads write disjoint elements and the buffer outlives the scope.
 unsafe impl Sync for SharedOut {}
 
-/// Runs `f` on every item, the items split into `threads` contiguous shares run at once.
+/// Runs `f` on every item, the items split into `threads` contiguous shares run at once: on libtorch's OpenMP
+/// team (whose workers are already awake from the operator before: [`super::openmp`]), or on scoped threads
+/// where no OpenMP runtime is loaded.
 fn for_each_share<T: Send>(mut items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
     if threads <= 1 || items.len() <= 1 {
         items.into_iter().for_each(f);
         return;
     }
     let per = items.len().div_ceil(threads);
+    let mut shares = Vec::with_capacity(threads);
+    while !items.is_empty() {
+        let rest = items.split_off(per.min(items.len()));
+        shares.push(Mutex::new(Some(std::mem::replace(&mut items, rest))));
+    }
+    let take = |share: usize| {
+        shares[share]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    };
+    let run_share = |share: usize| take(share).into_iter().for_each(&f);
+    if super::openmp::run(shares.len(), &run_share) {
+        return;
+    }
     std::thread::scope(|s| {
-        while !items.is_empty() {
-            let rest = items.split_off(per.min(items.len()));
-            let mine = std::mem::replace(&mut items, rest);
-            let f = &f;
-            s.spawn(move || mine.into_iter().for_each(f));
+        for share in 0..shares.len() {
+            let run_share = &run_share;
+            s.spawn(move || run_share(share));
         }
     });
 }
@@ -579,6 +627,37 @@ mod tests {
                 rel < 2e-6,
                 "{n} x {cin} -> {cout} at {dims:?}: relative difference {rel:e}"
             );
+        }
+    }
+
+    #[test]
+    fn every_split_among_threads_gives_the_same_bits() {
+        if !available() {
+            return;
+        }
+        tch::manual_seed(5);
+        let (cin, cout, dims) = (8, 16, [17usize, 18, 35]);
+        let [d, h, w] = dims;
+        let x = Tensor::randn(
+            [cin as i64, d as i64, h as i64, w as i64],
+            (Kind::Float, Device::Cpu),
+        );
+        let weight = Tensor::randn(
+            [cout as i64, cin as i64, 3, 3, 3],
+            (Kind::Float, Device::Cpu),
+        );
+        let x: Vec<f32> = Vec::try_from(x.view(-1)).unwrap();
+        let raw: Vec<f32> = Vec::try_from(weight.view(-1)).unwrap();
+        let transformed = TransformedWeights::new(&raw, cout, cin);
+        let run = |threads: usize| {
+            let mut out = vec![f32::NAN; cout * d * h * w];
+            convolve(&x, dims, &transformed, &mut out, threads);
+            out
+        };
+        let one = run(1);
+        assert!(one.iter().all(|v| v.is_finite()), "every output written");
+        for threads in [2, 3, 8] {
+            assert_eq!(as_bits(&run(threads)), as_bits(&one), "{threads} threads");
         }
     }
 
