@@ -95,7 +95,7 @@ impl Method {
 }
 
 /// What `auto` runs on a CPU (`auto_cpu`). Which is faster depends on the CPU (`benches/RESULTS.md`, "Which engine
-/// `auto` runs on a CPU" and "Winograd convolutions"): ONNX Runtime was 1.1-1.9x faster than libtorch on an
+/// `auto` runs on a CPU" and "Winograd's convolutions on the CPU"): ONNX Runtime was 1.1-1.9x faster than libtorch on an
 /// AVX-512 VM and 0.62-0.79x as fast on an AVX2-only one (AMD EPYC), where libtorch fp32 with Winograd's 3x3x3
 /// convolutions is the fastest. So `detect` takes ONNX Runtime where `/proc/cpuinfo` lists `avx512f`, else
 /// libtorch fp32 with Winograd's convolutions where the CPU has AVX2 and FMA, else plain libtorch fp32. The choice
