@@ -152,6 +152,31 @@ mod tests {
     }
 
     #[test]
+    fn callers_on_several_threads_each_get_their_own_team() {
+        // As window workers do: each thread enters its own parallel regions, many times, at the same time.
+        let totals: Vec<usize> = std::thread::scope(|s| {
+            let callers: Vec<_> = (0..3)
+                .map(|caller| {
+                    s.spawn(move || {
+                        let sum = AtomicUsize::new(0);
+                        for _ in 0..200 {
+                            assert!(run(2, &|share| {
+                                sum.fetch_add(caller * 10 + share + 1, Ordering::SeqCst);
+                            }));
+                        }
+                        sum.load(Ordering::SeqCst)
+                    })
+                })
+                .collect();
+            callers.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let want: Vec<usize> = (0..3)
+            .map(|c| 200 * ((c * 10 + 1) + (c * 10 + 2)))
+            .collect();
+        assert_eq!(totals, want);
+    }
+
+    #[test]
     fn a_panicking_share_resumes_on_the_caller() {
         let ran = AtomicUsize::new(0);
         let caught = catch_unwind(AssertUnwindSafe(|| {
