@@ -3,6 +3,8 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::fused_norm::{instance_norm_act, Activation};
+
 /// Conv3d with a cubic kernel, MONAI/PyTorch parameter names (`weight`, optional `bias`).
 pub fn conv3d(
     p: nn::Path,
@@ -91,6 +93,65 @@ impl InstanceNorm {
     }
 }
 
+impl InstanceNorm {
+    const EPS: f64 = 1e-5;
+
+    /// `act(norm(x))` into a new tensor: fused where the thread runs vista3d's own CPU kernels
+    /// ([`super::fused_norm`]), else libtorch's operators as MONAI's (activation in place).
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Tensor {
+        instance_norm_act(
+            x,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            Self::EPS,
+            None,
+            act,
+            false,
+        )
+        .unwrap_or_else(|| activate(self.forward(x), act))
+    }
+
+    /// `act(norm(x) + residual)` written over `x`, which the caller hands over (nothing else reads its
+    /// storage): fused as [`InstanceNorm::forward_act`], else libtorch's operators as MONAI's.
+    pub fn forward_act_over(
+        &self,
+        x: Tensor,
+        residual: Option<&Tensor>,
+        act: Activation,
+    ) -> Tensor {
+        instance_norm_act(
+            &x,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            Self::EPS,
+            residual,
+            act,
+            true,
+        )
+        .unwrap_or_else(|| {
+            let mut y = self.forward(&x);
+            if let Some(r) = residual {
+                y += r;
+            }
+            activate(y, act)
+        })
+    }
+}
+
+/// `act` applied in place.
+fn activate(mut y: Tensor, act: Activation) -> Tensor {
+    match act {
+        Activation::Relu => {
+            let _ = y.relu_();
+        }
+        Activation::LeakyRelu(slope) => {
+            let _ = y.leaky_relu_();
+            debug_assert_eq!(slope, 0.01, "libtorch's leaky_relu_ has slope 0.01");
+        }
+    }
+    y
+}
+
 impl Module for InstanceNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         x.instance_norm(
@@ -100,7 +161,7 @@ impl Module for InstanceNorm {
             None::<&Tensor>,
             true,
             0.1,
-            1e-5,
+            Self::EPS,
             true,
         )
     }
@@ -130,15 +191,18 @@ impl Module for SegResBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
         // In-place activations and residual as MONAI (ReLU(inplace=True), `x += identity`): same values, less
         // memory traffic.
-        let mut y = self.norm1.forward(x);
-        let _ = y.relu_();
-        let mut y = self.norm2.forward(&self.conv1.forward(&y));
-        let _ = y.relu_();
+        let y = self.norm1.forward_act(x, Activation::Relu);
+        let y = self
+            .norm2
+            .forward_act_over(self.conv1.forward(&y), None, Activation::Relu);
         let mut y = self.conv2.forward(&y);
         y += x;
         y
     }
 }
+
+/// MONAI's LeakyReLU (negative slope 0.01, libtorch's default).
+const LEAKY: Activation = Activation::LeakyRelu(0.01);
 
 /// MONAI `UnetResBlock` (inside `UnetrBasicBlock(res_block=True)`, same in/out channels, stride 1):
 /// conv -> IN -> LeakyReLU(0.01) -> conv -> IN, plus input, LeakyReLU(0.01).
@@ -164,11 +228,10 @@ impl UnetResBlock {
 impl Module for UnetResBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
         // In place as MONAI (LeakyReLU(inplace=True), `out += residual`).
-        let mut y = self.norm.forward(&self.conv1.forward(x));
-        let _ = y.leaky_relu_();
-        let mut y = self.norm.forward(&self.conv2.forward(&y));
-        y += x;
-        let _ = y.leaky_relu_();
-        y
+        let y = self
+            .norm
+            .forward_act_over(self.conv1.forward(x), None, LEAKY);
+        self.norm
+            .forward_act_over(self.conv2.forward(&y), Some(x), LEAKY)
     }
 }

@@ -6,6 +6,7 @@
 mod class_head;
 pub mod components;
 mod encoder;
+mod fused_norm;
 mod layers;
 mod openmp;
 mod point_head;

@@ -115,6 +115,39 @@ pub fn run(shares: usize, work: &(dyn Fn(usize) + Sync)) -> bool {
     true
 }
 
+/// Runs `f` on every item, the items split into `threads` contiguous shares run at once: on libtorch's OpenMP
+/// team (whose workers are already awake from the operator before), or on scoped threads
+/// where no OpenMP runtime is loaded.
+pub fn for_each_share<T: Send>(mut items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
+    if threads <= 1 || items.len() <= 1 {
+        items.into_iter().for_each(f);
+        return;
+    }
+    let per = items.len().div_ceil(threads);
+    let mut shares = Vec::with_capacity(threads);
+    while !items.is_empty() {
+        let rest = items.split_off(per.min(items.len()));
+        shares.push(Mutex::new(Some(std::mem::replace(&mut items, rest))));
+    }
+    let take = |share: usize| {
+        shares[share]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    };
+    let run_share = |share: usize| take(share).into_iter().for_each(&f);
+    if run(shares.len(), &run_share) {
+        return;
+    }
+    std::thread::scope(|s| {
+        for share in 0..shares.len() {
+            let run_share = &run_share;
+            s.spawn(move || run_share(share));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

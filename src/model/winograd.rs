@@ -15,6 +15,8 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
+use super::openmp::for_each_share;
+
 use tch::{Device, Kind, Tensor};
 
 thread_local! {
@@ -56,9 +58,23 @@ pub fn available() -> bool {
     }
 }
 
-/// The smallest spatial size (each of D, H, W) that takes the path: below it a vector of eight tiles along x is
-/// mostly padding (VISTA3D's deepest levels, 8^3 and 4^3, stay with libtorch).
-pub const MIN_SIZE: i64 = 16;
+/// The smallest spatial size (each of D, H, W) that takes the path: below it libtorch's convolution is as fast
+/// (VISTA3D's deepest level, 4^3, stays with libtorch).
+pub const MIN_SIZE: i64 = 8;
+
+/// Below this width (W) the tiles of the whole volume are transformed at once and each of the 64 products is one
+/// matrix product over all of them ([`Layout::AllTiles`]): a vector of eight tiles along x would be mostly padding,
+/// and the transformed filters, large next to such a volume, are read once instead of once per row of tiles.
+const ALL_TILES_BELOW: usize = 16;
+
+/// How a convolution's tiles are batched for the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// One row of tiles (fixed z and y) at a time, eight consecutive tiles along x per vector.
+    Rows,
+    /// Every tile of the volume at once, eight tiles in x-fastest order per vector.
+    AllTiles,
+}
 
 /// One convolution's filters for the Winograd path, transformed on first use and again whenever the weights
 /// change (they are compared with the copy the transform was made from: cheap next to the convolution).
@@ -215,13 +231,30 @@ struct Geometry {
     xp: usize,
 }
 
-/// `out` `[cout][d][h][w]` from `x` `[cin][d][h][w]` on `threads` threads (rows of tiles split among them).
+/// `out` `[cout][d][h][w]` from `x` `[cin][d][h][w]` on `threads` threads, in the layout that suits the size.
 fn convolve(
     x: &[f32],
     dims: [usize; 3],
     weights: &TransformedWeights,
     out: &mut [f32],
     threads: usize,
+) {
+    let layout = if dims[2] < ALL_TILES_BELOW {
+        Layout::AllTiles
+    } else {
+        Layout::Rows
+    };
+    convolve_as(x, dims, weights, out, threads, layout);
+}
+
+/// [`convolve`] in the given layout.
+fn convolve_as(
+    x: &[f32],
+    dims: [usize; 3],
+    weights: &TransformedWeights,
+    out: &mut [f32],
+    threads: usize,
+    layout: Layout,
 ) {
     let [d, h, w] = dims;
     let (tiles_z, tiles_y, vectors_x) = (d.div_ceil(2), h.div_ceil(2), w.div_ceil(16));
@@ -265,8 +298,30 @@ fn convolve(
     });
     // SAFETY: the planes cover the first `len` elements and each was written above.
     unsafe { padded.set_len(len) };
-    let rows = tiles_z * tiles_y;
-    let out = SharedOut(out.as_mut_ptr());
+    let out = SharedPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    match layout {
+        Layout::Rows => by_rows(&padded, &g, weights, &out, threads, tiles_z * tiles_y),
+        Layout::AllTiles => all_tiles(&padded, &g, weights, &out, threads),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (&out, layout);
+        unreachable!("the Winograd path runs only where available() is true")
+    }
+}
+
+/// [`Layout::Rows`]: the rows of tiles split among the threads, each transforming, multiplying and writing back
+/// its own rows.
+#[cfg(target_arch = "x86_64")]
+fn by_rows(
+    padded: &[f32],
+    g: &Geometry,
+    weights: &TransformedWeights,
+    out: &SharedPtr,
+    threads: usize,
+    rows: usize,
+) {
     let per = rows.div_ceil(threads.max(1));
     let shares: Vec<std::ops::Range<usize>> = (0..rows)
         .step_by(per.max(1))
@@ -275,67 +330,83 @@ fn convolve(
     for_each_share(shares, threads, |range| {
         // SAFETY: `available()` was checked by the caller; each row of tiles writes only its own output rows
         // (z in 2 tz..2 tz+2, y in 2 ty..2 ty+2), so the shares never write the same element.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            avx2::rows(&padded, &g, weights, range, out.ptr())
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (&range, &out);
-            unreachable!("the Winograd path runs only where available() is true")
-        }
+        unsafe { avx2::rows(padded, g, weights, range, out.ptr()) }
     });
 }
 
-/// The output's pointer, shared by threads that write disjoint rows.
-struct SharedOut(*mut f32);
+/// [`Layout::AllTiles`] in three steps, each split among the threads: the input transform by input channel, the
+/// 64 products by position, the output transform by output channel.
+#[cfg(target_arch = "x86_64")]
+fn all_tiles(
+    padded: &[f32],
+    g: &Geometry,
+    weights: &TransformedWeights,
+    out: &SharedPtr,
+    threads: usize,
+) {
+    let (cin, cout) = (weights.cin, weights.cout);
+    let tiles = g.d.div_ceil(2) * g.tiles_y * g.w.div_ceil(2);
+    let vectors = tiles.div_ceil(8);
+    // Transformed inputs [64][cin][8 * vectors] and products [64][cout][8 * vectors], each position's stride padded
+    // by a cache line (as in `avx2::rows`). Every element that is read was written first.
+    let (v_stride, m_stride) = (cin * 8 * vectors + 16, cout * 8 * vectors + 16);
+    let mut v = Scratch::new(64 * v_stride);
+    let mut m = Scratch::new(64 * m_stride);
+    let (vp, mp) = (SharedPtr(v.ptr()), SharedPtr(m.ptr()));
+    // SAFETY (the three steps): `available()` was checked by the caller; each input channel writes only its own
+    // rows of `v`, each position only its own block of `m`, each output channel only its own part of `out`; each
+    // step reads only what the step before wrote, and `for_each_share` returns when every share is done.
+    for_each_share((0..cin).collect(), threads, |ci| unsafe {
+        avx2::input_tiles(padded, g, ci, vectors, vp.ptr(), v_stride)
+    });
+    for_each_share((0..64).collect(), threads, |k| unsafe {
+        avx2::products(
+            vp.ptr().add(k * v_stride),
+            weights.u.as_ptr().add(k * cin * cout),
+            mp.ptr().add(k * m_stride),
+            cin,
+            cout,
+            vectors,
+        )
+    });
+    for_each_share((0..cout).collect(), threads, |co| unsafe {
+        avx2::output_tiles(mp.ptr(), m_stride, g, co, vectors, out.ptr())
+    });
+    drop((v, m));
+}
 
-impl SharedOut {
+/// A buffer of floats that is written before it is read, so never zeroed.
+struct Scratch(Vec<MaybeUninit<f32>>);
+
+impl Scratch {
+    fn new(len: usize) -> Self {
+        let mut buffer = Vec::with_capacity(len);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { buffer.set_len(len) };
+        Self(buffer)
+    }
+
+    fn ptr(&mut self) -> *mut f32 {
+        self.0.as_mut_ptr() as *mut f32
+    }
+}
+
+/// A buffer's pointer, shared by threads that write disjoint elements of it.
+struct SharedPtr(*mut f32);
+
+impl SharedPtr {
     fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
-// SAFETY: see `convolve`: the threads write disjoint elements and the buffer outlives the scope.
-unsafe impl Sync for SharedOut {}
-
-/// Runs `f` on every item, the items split into `threads` contiguous shares run at once: on libtorch's OpenMP
-/// team (whose workers are already awake from the operator before: [`super::openmp`]), or on scoped threads
-/// where no OpenMP runtime is loaded.
-fn for_each_share<T: Send>(mut items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
-    if threads <= 1 || items.len() <= 1 {
-        items.into_iter().for_each(f);
-        return;
-    }
-    let per = items.len().div_ceil(threads);
-    let mut shares = Vec::with_capacity(threads);
-    while !items.is_empty() {
-        let rest = items.split_off(per.min(items.len()));
-        shares.push(Mutex::new(Some(std::mem::replace(&mut items, rest))));
-    }
-    let take = |share: usize| {
-        shares[share]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_default()
-    };
-    let run_share = |share: usize| take(share).into_iter().for_each(&f);
-    if super::openmp::run(shares.len(), &run_share) {
-        return;
-    }
-    std::thread::scope(|s| {
-        for share in 0..shares.len() {
-            let run_share = &run_share;
-            s.spawn(move || run_share(share));
-        }
-    });
-}
+// SAFETY: see `by_rows` and `all_tiles`: the threads write disjoint elements and the buffer outlives them.
+unsafe impl Sync for SharedPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Geometry, TransformedWeights};
+    use super::{Geometry, Scratch, TransformedWeights};
 
     /// Even and odd elements of the 16 floats `a, b`, each in order.
     #[inline(always)]
@@ -387,8 +458,9 @@ mod avx2 {
         // Transformed inputs [64][cin][tiles] and products [64][cout][tiles] of one row of tiles; each position's
         // stride is padded by a cache line, so that the 64 positions do not crowd into a few cache sets.
         let (v_stride, m_stride) = (cin * tiles + 16, cout * tiles + 16);
-        let mut v = vec![0f32; 64 * v_stride];
-        let mut m = vec![0f32; 64 * m_stride];
+        let (mut v_buffer, mut m_buffer) =
+            (Scratch::new(64 * v_stride), Scratch::new(64 * m_stride));
+        let (v, m) = (v_buffer.ptr(), m_buffer.ptr());
         let (plane, channel) = (g.yp * g.xp, g.zp * g.yp * g.xp);
         for row in rows {
             let (tz, ty) = (row / g.tiles_y, row % g.tiles_y);
@@ -409,7 +481,7 @@ mod avx2 {
                         }
                     }
                     // Along y and z one x position at a time, in registers.
-                    let to = v.as_mut_ptr().add(ci * tiles + 8 * tv);
+                    let to = v.add(ci * tiles + 8 * tv);
                     for l in 0..4 {
                         let mut c = [_mm256_setzero_ps(); 16];
                         for i in 0..4 {
@@ -428,9 +500,9 @@ mod avx2 {
             }
             for k in 0..64 {
                 products(
-                    v.as_ptr().add(k * v_stride),
+                    v.add(k * v_stride),
                     weights.u.as_ptr().add(k * cin * cout),
-                    m.as_mut_ptr().add(k * m_stride),
+                    m.add(k * m_stride),
                     cin,
                     cout,
                     vectors,
@@ -439,7 +511,7 @@ mod avx2 {
             let stride = m_stride;
             for co in 0..cout {
                 for tv in 0..vectors {
-                    let from = m.as_ptr().add(co * tiles + 8 * tv);
+                    let from = m.add(co * tiles + 8 * tv);
                     let mut along_x = [_mm256_setzero_ps(); 32];
                     for ij in 0..16 {
                         let k = ij * 4;
@@ -506,9 +578,142 @@ mod avx2 {
         }
     }
 
+    /// The tile at `index` of the whole volume (x fastest): its first voxel in a channel of `padded`.
+    fn tile_origin(g: &Geometry, index: usize) -> (usize, usize, usize) {
+        let tiles_x = g.w.div_ceil(2);
+        let (tz, rest) = (index / (g.tiles_y * tiles_x), index % (g.tiles_y * tiles_x));
+        (2 * tz, 2 * (rest / tiles_x), 2 * (rest % tiles_x))
+    }
+
+    /// [`super::Layout::AllTiles`]: transforms channel `ci` of every tile into `v [64][cin][8 * vectors]` (stride
+    /// `v_stride` per position), eight tiles per vector, tiles past the last zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `v` holds `64 * v_stride` floats; no other thread writes channel `ci` of `v`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // positions are computed from the indices, as in the paper's notation
+    pub(super) unsafe fn input_tiles(
+        padded: &[f32],
+        g: &Geometry,
+        ci: usize,
+        vectors: usize,
+        v: *mut f32,
+        v_stride: usize,
+    ) {
+        let tiles = g.d.div_ceil(2) * g.tiles_y * g.w.div_ceil(2);
+        let (plane, channel) = (g.yp * g.xp, g.zp * g.yp * g.xp);
+        for tv in 0..vectors {
+            // The 4x4x4 inputs of eight tiles, one tile per lane.
+            let mut lanes = [[0f32; 8]; 64];
+            for lane in 0..8.min(tiles - 8 * tv) {
+                let (z, y, x) = tile_origin(g, 8 * tv + lane);
+                let base = ci * channel + z * plane + y * g.xp + x;
+                for i in 0..4 {
+                    for j in 0..4 {
+                        let row = &padded[base + i * plane + j * g.xp..][..4];
+                        for (l, &value) in row.iter().enumerate() {
+                            lanes[(i * 4 + j) * 4 + l][lane] = value;
+                        }
+                    }
+                }
+            }
+            let mut b = [_mm256_setzero_ps(); 64];
+            for (k, values) in lanes.iter().enumerate() {
+                b[k] = _mm256_loadu_ps(values.as_ptr());
+            }
+            // Along x, y and z in turn (position (i * 4 + j) * 4 + l: z, y, x).
+            for ij in 0..16 {
+                let r = input_1d([b[ij * 4], b[ij * 4 + 1], b[ij * 4 + 2], b[ij * 4 + 3]]);
+                b[ij * 4..ij * 4 + 4].copy_from_slice(&r);
+            }
+            for i in 0..4 {
+                for l in 0..4 {
+                    let k = |j: usize| (i * 4 + j) * 4 + l;
+                    let r = input_1d([b[k(0)], b[k(1)], b[k(2)], b[k(3)]]);
+                    for j in 0..4 {
+                        b[k(j)] = r[j];
+                    }
+                }
+            }
+            for j in 0..4 {
+                for l in 0..4 {
+                    let k = |i: usize| (i * 4 + j) * 4 + l;
+                    let r = input_1d([b[k(0)], b[k(1)], b[k(2)], b[k(3)]]);
+                    for i in 0..4 {
+                        b[k(i)] = r[i];
+                    }
+                }
+            }
+            let to = v.add(ci * 8 * vectors + 8 * tv);
+            for (k, value) in b.iter().enumerate() {
+                _mm256_storeu_ps(to.add(k * v_stride), *value);
+            }
+        }
+    }
+
+    /// [`super::Layout::AllTiles`]: output channel `co` of every tile from the products `m [64][cout][8 *
+    /// vectors]` (stride `m_stride` per position) into `out [cout][d][h][w]`, voxels past the edges left out.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `m` holds the products; `out` has the size `g` gives and no other thread writes
+    /// its channel `co`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn output_tiles(
+        m: *const f32,
+        m_stride: usize,
+        g: &Geometry,
+        co: usize,
+        vectors: usize,
+        out: *mut f32,
+    ) {
+        let tiles = g.d.div_ceil(2) * g.tiles_y * g.w.div_ceil(2);
+        for tv in 0..vectors {
+            let from = m.add(co * 8 * vectors + 8 * tv);
+            let at = |k: usize| _mm256_loadu_ps(from.add(k * m_stride));
+            // Along x: [z][y][x'] with x' in 0..2.
+            let mut along_x = [_mm256_setzero_ps(); 32];
+            for ij in 0..16 {
+                let k = ij * 4;
+                let r = output_1d([at(k), at(k + 1), at(k + 2), at(k + 3)]);
+                along_x[ij * 2..ij * 2 + 2].copy_from_slice(&r);
+            }
+            // Along y: [z][y'][x'].
+            let mut along_y = [_mm256_setzero_ps(); 16];
+            for i in 0..4 {
+                for l in 0..2 {
+                    let k = |j: usize| (i * 4 + j) * 2 + l;
+                    let r = output_1d([along_x[k(0)], along_x[k(1)], along_x[k(2)], along_x[k(3)]]);
+                    along_y[(i * 2) * 2 + l] = r[0];
+                    along_y[(i * 2 + 1) * 2 + l] = r[1];
+                }
+            }
+            // Along z: [z'][y'][x'], eight tiles per vector.
+            let mut outputs = [[0f32; 8]; 8];
+            for b in 0..2 {
+                for l in 0..2 {
+                    let k = |i: usize| (i * 2 + b) * 2 + l;
+                    let r = output_1d([along_y[k(0)], along_y[k(1)], along_y[k(2)], along_y[k(3)]]);
+                    for (a, value) in r.iter().enumerate() {
+                        _mm256_storeu_ps(outputs[(a * 2 + b) * 2 + l].as_mut_ptr(), *value);
+                    }
+                }
+            }
+            for lane in 0..8.min(tiles - 8 * tv) {
+                let (z0, y0, x0) = tile_origin(g, 8 * tv + lane);
+                for (abl, values) in outputs.iter().enumerate() {
+                    let (z, y, x) = (z0 + abl / 4, y0 + (abl / 2) % 2, x0 + abl % 2);
+                    if z < g.d && y < g.h && x < g.w {
+                        *out.add(((co * g.d + z) * g.h + y) * g.w + x) = values[lane];
+                    }
+                }
+            }
+        }
+    }
+
     /// `m [cout][tiles] = u^T v` for `u [cin][cout]`, `v [cin][tiles]`, in register blocks of 8-12 accumulators.
-    #[inline(always)]
-    unsafe fn products(
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn products(
         v: *const f32,
         u: *const f32,
         m: *mut f32,
@@ -610,6 +815,10 @@ mod tests {
             (1, 24, 48, [16, 17, 33]),
             (1, 3, 16, [16, 18, 64]),
             (1, 8, 96, [16, 16, 16]),
+            // Narrower than 16: every tile at once (Layout::AllTiles), odd sizes, one vector and several.
+            (1, 16, 24, [8, 8, 8]),
+            (2, 8, 16, [9, 10, 11]),
+            (1, 24, 8, [8, 9, 15]),
         ] {
             let x = Tensor::randn(
                 [n, cin, dims[0], dims[1], dims[2]],
@@ -631,6 +840,36 @@ mod tests {
     }
 
     #[test]
+    fn both_layouts_give_the_same_bits() {
+        if !available() {
+            return;
+        }
+        tch::manual_seed(7);
+        // Wide enough for rows of tiles, odd on every axis, a partial last vector either way.
+        let (cin, cout, dims) = (8, 16, [9usize, 11, 21]);
+        let [d, h, w] = dims;
+        let x: Vec<f32> = Vec::try_from(Tensor::randn(
+            [(cin * d * h * w) as i64],
+            (Kind::Float, Device::Cpu),
+        ))
+        .unwrap();
+        let raw: Vec<f32> = Vec::try_from(Tensor::randn(
+            [(cout * cin * 27) as i64],
+            (Kind::Float, Device::Cpu),
+        ))
+        .unwrap();
+        let transformed = TransformedWeights::new(&raw, cout, cin);
+        let run = |layout: Layout| {
+            let mut out = vec![f32::NAN; cout * d * h * w];
+            convolve_as(&x, dims, &transformed, &mut out, 2, layout);
+            out
+        };
+        let rows = run(Layout::Rows);
+        assert!(rows.iter().all(|v| v.is_finite()), "every output written");
+        assert_eq!(as_bits(&run(Layout::AllTiles)), as_bits(&rows));
+    }
+
+    #[test]
     fn every_split_among_threads_gives_the_same_bits() {
         if !available() {
             return;
@@ -649,15 +888,24 @@ mod tests {
         let x: Vec<f32> = Vec::try_from(x.view(-1)).unwrap();
         let raw: Vec<f32> = Vec::try_from(weight.view(-1)).unwrap();
         let transformed = TransformedWeights::new(&raw, cout, cin);
-        let run = |threads: usize| {
-            let mut out = vec![f32::NAN; cout * d * h * w];
-            convolve(&x, dims, &transformed, &mut out, threads);
-            out
-        };
-        let one = run(1);
-        assert!(one.iter().all(|v| v.is_finite()), "every output written");
-        for threads in [2, 3, 8] {
-            assert_eq!(as_bits(&run(threads)), as_bits(&one), "{threads} threads");
+        for layout in [Layout::Rows, Layout::AllTiles] {
+            let run = |threads: usize| {
+                let mut out = vec![f32::NAN; cout * d * h * w];
+                convolve_as(&x, dims, &transformed, &mut out, threads, layout);
+                out
+            };
+            let one = run(1);
+            assert!(
+                one.iter().all(|v| v.is_finite()),
+                "{layout:?}: every output written"
+            );
+            for threads in [2, 3, 8] {
+                assert_eq!(
+                    as_bits(&run(threads)),
+                    as_bits(&one),
+                    "{layout:?}, {threads} threads"
+                );
+            }
         }
     }
 
@@ -688,13 +936,13 @@ mod tests {
         assert!(conv(&x, &w).is_none(), "off unless enabled");
         let _on = enable(true);
         assert_eq!(conv(&x, &w).is_some(), available());
-        // Output channels not a multiple of 8, float64, 1x1 kernels, a side under 16: libtorch's.
+        // Output channels not a multiple of 8, float64, 1x1 kernels, a side under MIN_SIZE: libtorch's.
         let w12 = Tensor::randn([12, 8, 3, 3, 3], (Kind::Float, Device::Cpu));
         assert!(conv(&x, &w12).is_none());
         assert!(conv(&x.to_kind(Kind::Double), &w.to_kind(Kind::Double)).is_none());
         let w1 = Tensor::randn([8, 8, 1, 1, 1], (Kind::Float, Device::Cpu));
         assert!(conv(&x, &w1).is_none());
-        let small = Tensor::randn([1, 8, 16, 8, 16], (Kind::Float, Device::Cpu));
+        let small = Tensor::randn([1, 8, 16, 4, 16], (Kind::Float, Device::Cpu));
         assert!(conv(&small, &w).is_none());
         {
             let _off = enable(false);
