@@ -196,7 +196,7 @@ impl std::fmt::Display for EngineReport {
             "auto on the CPU: {}{} (auto_cpu = detect: ONNX Runtime only with AVX-512, which this CPU {})",
             self.auto_cpu,
             if self.auto_cpu_winograd {
-                " with Winograd's 3x3x3 convolutions (AVX2 and FMA)"
+                " with Winograd's 3x3x3 convolutions and fused instance norms (AVX2 and FMA)"
             } else {
                 ""
             },

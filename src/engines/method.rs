@@ -110,8 +110,8 @@ pub enum AutoCpu {
     Ort,
     /// libtorch fp32 with libtorch's own convolutions (MONAI's kernels: the reference's numbers bit for bit).
     Fp32,
-    /// libtorch fp32 with Winograd's 3x3x3 convolutions (`crate::model::winograd`) where the CPU has AVX2 and
-    /// FMA, else libtorch's own.
+    /// libtorch fp32 with Winograd's 3x3x3 convolutions (`crate::model::winograd`) and instance norms fused with
+    /// their activation (`crate::model::fused_norm`) where the CPU has AVX2 and FMA, else libtorch's own kernels.
     Winograd,
 }
 

@@ -167,7 +167,8 @@ impl<'a> WindowRunner<'a> {
         }
     }
 
-    /// Runs `f` with this request's convolutions: Winograd's on this thread while it runs, if chosen.
+    /// Runs `f` with this request's CPU kernels: Winograd's convolutions and the fused instance norm on this thread
+    /// while it runs, if chosen.
     fn with_convolutions<T>(&self, f: impl FnOnce() -> T) -> T {
         if self.winograd {
             self.report.borrow_mut().winograd = true;

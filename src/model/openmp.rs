@@ -1,4 +1,4 @@
-//! libtorch's OpenMP thread team, for this crate's own CPU kernels ([`super::winograd`]).
+//! libtorch's OpenMP thread team, for this crate's own CPU kernels ([`super::winograd`], [`super::fused_norm`]).
 //!
 //! libtorch runs its CPU operators on an OpenMP team whose idle workers keep spinning for a while after each
 //! operator (libgomp's default wait policy). A kernel that brought its own threads would compete with those

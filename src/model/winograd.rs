@@ -7,9 +7,14 @@
 //! convolution by rounding alone (about 3e-7 relative here: tests below); they are not libtorch's bit for bit, so
 //! the path is a choice of the request (`cpu_convolution`), recorded in its identity.
 //!
+//! Two layouts batch the tiles for the products ([`Layout`]): rows of tiles, eight consecutive tiles along x per
+//! vector, for volumes at least 16 wide; every tile of the volume at once below that (VISTA3D's 8^3 level), where
+//! a vector along x would be mostly padding and the filters would be read once per row.
+//!
 //! The switch is per thread ([`enable`]), like libtorch's thread count and grad mode: a request turns it on
 //! for the threads that run its windows, and everything else (training, export, other requests) keeps
-//! libtorch's convolutions.
+//! libtorch's kernels. The same switch takes the fused instance norm ([`super::fused_norm`]): it is the
+//! switch for vista3d's own CPU kernels.
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
