@@ -9,7 +9,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::openmp::for_each_share;
+use super::openmp::{for_each_share, SharedPtr};
 use super::winograd;
 
 /// The activation after the normalization (and the residual, if any).
@@ -79,10 +79,10 @@ pub fn instance_norm_act(
         x.empty_like()
     };
     let (from, to) = (
-        Shared(x.data_ptr() as *mut f32),
-        Shared(out.data_ptr() as *mut f32),
+        SharedPtr(x.data_ptr() as *mut f32),
+        SharedPtr(out.data_ptr() as *mut f32),
     );
-    let residual = residual.map(|r| Shared(r.data_ptr() as *mut f32));
+    let residual = residual.map(|r| SharedPtr(r.data_ptr() as *mut f32));
     let threads = tch::get_num_threads().max(1) as usize;
     for_each_share((0..planes).collect(), threads, |p| {
         let offset = p * plane;
@@ -106,17 +106,6 @@ pub fn instance_norm_act(
     });
     Some(out)
 }
-
-/// A tensor's data pointer, shared by threads that touch disjoint planes.
-struct Shared(*mut f32);
-
-impl Shared {
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: see `instance_norm_act`: each thread reads and writes only its own planes.
-unsafe impl Sync for Shared {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {

@@ -115,6 +115,19 @@ pub fn run(shares: usize, work: &(dyn Fn(usize) + Sync)) -> bool {
     true
 }
 
+/// A buffer's pointer, shared by the shares of [`for_each_share`] that read or write disjoint elements of it
+/// (the kernels' safety comments say which).
+pub struct SharedPtr(pub *mut f32);
+
+impl SharedPtr {
+    pub fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: a raw pointer; every user makes its threads touch disjoint elements of a buffer that outlives them.
+unsafe impl Sync for SharedPtr {}
+
 /// Runs `f` on every item, the items split into `threads` contiguous shares run at once: on libtorch's OpenMP
 /// team (whose workers are already awake from the operator before), or on scoped threads
 /// where no OpenMP runtime is loaded.

@@ -20,7 +20,7 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
-use super::openmp::for_each_share;
+use super::openmp::{for_each_share, SharedPtr};
 
 use tch::{Device, Kind, Tensor};
 
@@ -395,17 +395,6 @@ impl Scratch {
         self.0.as_mut_ptr() as *mut f32
     }
 }
-
-/// A buffer's pointer, shared by threads that write disjoint elements of it.
-struct SharedPtr(*mut f32);
-
-impl SharedPtr {
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: see `by_rows` and `all_tiles`: the threads write disjoint elements and the buffer outlives them.
-unsafe impl Sync for SharedPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
